@@ -1,0 +1,421 @@
+"""Run configuration: nested stdlib dataclasses, YAML overrides, `key.sub=value` overrides.
+
+Reads: a YAML file of sparse overrides and command-line `key=value` strings.
+Writes: nothing; `to_dict` gives the resolved config that the run folder stores.
+
+Every field has a docstring (the string literal under it); `field_docs` reads them back with
+`ast` so the README's config reference and error messages come from one place. Bad input
+raises `ConfigError` whose message is one line naming the key; the CLI turns it into exit 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value. The message is one line and names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    """Run name; empty means the config file's stem (e.g. `quickstart`)."""
+    dir: str = ""
+    """Run folder; empty means `runs/<name>`, or `runs/<name>-N` when that one already holds a run."""
+    overwrite: bool = False
+    """Allow writing into an explicit `run.dir` that already holds a run (its files are replaced)."""
+    seed: int = 0
+    """Seed for prompts, sampling and initialisation."""
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 128
+    """Width of the character-level Llama built when `model.path` is empty."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads."""
+    intermediate_size: int = 352
+    """MLP width."""
+    sft_lr: float = 3e-3
+    """Learning rate of the brief supervised warm-up."""
+    sft_batch_size: int = 64
+    """Supervised examples per step."""
+    sft_max_steps: int = 3000
+    """Hard cap on supervised steps."""
+    sft_target_accuracy: float = 0.3
+    """Stop supervising once greedy accuracy on a probe set reaches this (base pass rate target)."""
+    sft_check_every: int = 25
+    """Steps between probe-set checks."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """A Hugging Face causal-LM folder; empty builds (and caches) the tiny model for `env.name`."""
+    cache_dir: str = ""
+    """Where built tiny models are cached; empty means $OFFPOLICY_CACHE or ~/.cache/offpolicy."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Recipe of the tiny base model (part of its cache key)."""
+
+
+@dataclass
+class EnvConfig:
+    name: str = "addition"
+    """Registered environment (see `offpolicy.envs.ENVS`)."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for the environment's constructor (e.g. `digits: 3`)."""
+    eval_size: int = 200
+    """Held-out eval problems (fixed; never used for training)."""
+
+
+@dataclass
+class EngineConfig:
+    name: Literal["hf"] = "hf"
+    """Generation engine: `hf` (transformers)."""
+    temperature: float = 1.0
+    """Sampling temperature; the learner divides logits by the same value."""
+    top_p: float = 1.0
+    """Nucleus sampling; below 1 the behaviour distribution is truncated (IS corrects for it)."""
+    max_new_tokens: int = 8
+    """Longest completion in tokens; longer ones end with finish_reason `length`."""
+
+
+@dataclass
+class RolloutConfig:
+    num_actors: int = 1
+    """Rollout actors generating in parallel."""
+    group_size: int = 8
+    """Completions per prompt (a GRPO group)."""
+    prompts_per_batch: int = 32
+    """Prompts per engine call; an actor pushes this many groups at once."""
+
+
+@dataclass
+class BufferConfig:
+    max_staleness: int = 4
+    """Largest allowed (learner version - token version); enforced by admission, then eviction."""
+    capacity: int = 100_000
+    """Trajectories kept; the oldest are evicted (counted) beyond it."""
+
+
+@dataclass
+class LearnerConfig:
+    steps: int = 300
+    """Optimizer steps in the run (the final policy version)."""
+    batch_groups: int = 32
+    """Groups per learner step (batch size = batch_groups * rollout.group_size)."""
+    lr: float = 2e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    sync_every: int = 1
+    """Publish weights every this many steps."""
+    advantage: str = "grpo"
+    """Advantage estimator (see `offpolicy.advantages.ADVANTAGES`)."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "tis"
+    """Policy loss (see `offpolicy.losses.LOSSES`)."""
+    params: dict = field(default_factory=dict)
+    """Keyword arguments of the loss (e.g. `cap: 2.0` for `tis`)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 25
+    """Evaluate greedy accuracy on the held-out set every this many steps (and at start and end)."""
+
+
+@dataclass
+class ResourcesConfig:
+    learner_cpus: float = 1.0
+    """Ray CPUs reserved for the learner."""
+    actor_cpus: float = 1.0
+    """Ray CPUs reserved for each rollout actor."""
+    torch_threads: int = 1
+    """torch threads per role process (several processes share the machine's cores)."""
+    num_cpus: int = 0
+    """CPUs for a local Ray instance; 0 means all of this machine's."""
+
+
+@dataclass
+class LogConfig:
+    progress_every_s: float = 2.0
+    """Seconds between progress lines."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run name, folder and seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Task."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Generation engine and sampling."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout actors."""
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    """Replay buffer."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Learner."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Policy loss and its off-policy correction."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Processes and CPUs."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Field docs
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls`, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def reference_rows(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf field, for the README's config reference."""
+    rows = []
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        default = _default_of(f)
+        if dataclasses.is_dataclass(default):
+            rows += reference_rows(type(default), key + ".")
+        else:
+            rows.append((key, repr(default), docs.get(f.name, "")))
+    return rows
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file's keys, then `key.sub=value` strings; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        apply_dict(cfg, data)
+        if not cfg.run.name:
+            cfg.run.name = path.stem
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    if not cfg.run.name:
+        cfg.run.name = "run"
+    validate(cfg)
+    return cfg
+
+
+def apply_dict(obj: Any, data: dict, prefix: str = "") -> None:
+    """Set nested keys of `data` on dataclass `obj`; unknown keys are errors."""
+    for key, value in data.items():
+        if isinstance(value, dict) and _is_section(obj, str(key)):
+            apply_dict(getattr(obj, key), value, f"{prefix}{key}.")
+        else:
+            set_key(obj, f"{prefix}{key}", value, root_prefix=prefix)
+
+
+def set_key(root: Any, dotted: str, value: Any, root_prefix: str = "") -> None:
+    """Set `a.b.c = value` on the dataclass tree, coercing to the field's type."""
+    parts = dotted[len(root_prefix):].split(".") if root_prefix else dotted.split(".")
+    obj = root
+    for i, name in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if name not in names:
+            where = root_prefix + ".".join(parts[:i]) or "the top level"
+            raise ConfigError(
+                f"unknown config key '{dotted}'; valid keys in {where}: {', '.join(names)}")
+        if i < len(parts) - 1:
+            if isinstance(getattr(obj, name), dict):  # free-form dicts: loss.params.cap=2
+                _set_nested(getattr(obj, name), parts[i + 1:], value)
+                return
+            obj = getattr(obj, name)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"config key '{dotted}': '{name}' has no sub-keys")
+    f = next(f for f in dataclasses.fields(obj) if f.name == parts[-1])
+    if dataclasses.is_dataclass(getattr(obj, f.name)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{dotted}' is a section; set its sub-keys")
+        apply_dict(getattr(obj, f.name), value, dotted + ".")
+        return
+    hint = typing.get_type_hints(type(obj))[f.name]
+    setattr(obj, f.name, _coerce(value, hint, dotted))
+
+
+def _set_nested(d: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def _is_section(obj: Any, key: str) -> bool:
+    return hasattr(obj, key) and dataclasses.is_dataclass(getattr(obj, key))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert a YAML value to the annotated type; one-line error naming the key."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: '{value}' is not a valid choice; valid: {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    expected = origin or hint
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif expected in (list, dict):
+        if isinstance(value, expected):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks and registry names; raises ConfigError with a one-line message."""
+    from offpolicy.advantages import ADVANTAGES
+    from offpolicy.envs import ENVS
+    from offpolicy.losses import LOSSES, check_loss_params
+
+    def choice(key: str, value: str, registry: dict) -> None:
+        _check(value in registry,
+               f"{key}: unknown '{value}'; valid: {', '.join(sorted(registry))}")
+
+    choice("loss.name", cfg.loss.name, LOSSES)
+    choice("learner.advantage", cfg.learner.advantage, ADVANTAGES)
+    choice("env.name", cfg.env.name, ENVS)
+    positive = {
+        "learner.steps": cfg.learner.steps, "learner.batch_groups": cfg.learner.batch_groups,
+        "learner.sync_every": cfg.learner.sync_every, "rollout.num_actors": cfg.rollout.num_actors,
+        "rollout.group_size": cfg.rollout.group_size, "buffer.capacity": cfg.buffer.capacity,
+        "rollout.prompts_per_batch": cfg.rollout.prompts_per_batch,
+        "engine.max_new_tokens": cfg.engine.max_new_tokens, "eval.every": cfg.eval.every,
+        "env.eval_size": cfg.env.eval_size, "resources.torch_threads": cfg.resources.torch_threads,
+    }
+    for key, value in positive.items():
+        _check(value > 0, f"{key}: must be > 0, got {value}")
+    _check(cfg.learner.lr > 0, f"learner.lr: must be > 0, got {cfg.learner.lr}")
+    _check(cfg.engine.temperature > 0,
+           f"engine.temperature: must be > 0, got {cfg.engine.temperature}")
+    _check(0 < cfg.engine.top_p <= 1, f"engine.top_p: must be in (0, 1], got {cfg.engine.top_p}")
+    _check(cfg.buffer.max_staleness >= 0,
+           f"buffer.max_staleness: must be >= 0, got {cfg.buffer.max_staleness}")
+    # Actors hold at best the last published version, which trails the learner by up to
+    # sync_every - 1 steps; a tighter bound could never admit any work.
+    _check(cfg.buffer.max_staleness >= cfg.learner.sync_every - 1,
+           f"buffer.max_staleness: must be >= learner.sync_every - 1 "
+           f"({cfg.learner.sync_every - 1}), got {cfg.buffer.max_staleness}")
+    _check(len(cfg.learner.betas) == 2, "learner.betas: expected a list of two floats")
+    _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
+           "buffer.capacity: must hold at least one learner batch "
+           f"({cfg.learner.batch_groups * cfg.rollout.group_size} trajectories)")
+    _check(cfg.resources.learner_cpus >= 0 and cfg.resources.actor_cpus >= 0,
+           "resources.learner_cpus/actor_cpus: must be >= 0")
+    if cfg.model.path:
+        p = Path(cfg.model.path).expanduser()
+        _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")
+        _check((p / "config.json").is_file(),
+               f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
+    check_loss_params(cfg.loss.name, cfg.loss.params)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain data (for config.yaml in the run folder)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Inverse of `to_dict` (used by roles that receive the config through Ray)."""
+    cfg = Config()
+    apply_dict(cfg, data)
+    return cfg

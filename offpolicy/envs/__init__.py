@@ -1,0 +1,98 @@
+"""Environment API, registry and the single-turn task helper.
+
+Reads: nothing. Writes: nothing. An environment is `reset(seed) -> prompt text` then
+`step(text) -> (observation or None, reward, done, info)`; a single-turn task is one step.
+A task is a data source (seed -> prompt and answer) plus a plain reward function; wrap the two
+in `SingleTurnEnv` and call `register_env`. Built-in tasks register themselves on import.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Protocol
+
+
+class Env(Protocol):
+    def reset(self, seed: int) -> str: ...
+
+    def step(self, text: str) -> tuple[str | None, float, bool, dict]: ...
+
+
+EnvFactory = Callable[..., Env]
+ENVS: dict[str, EnvFactory] = {}
+
+
+def register_env(name: str, factory: EnvFactory) -> None:
+    """Make `factory(split=..., **env.kwargs)` available as `env.name: <name>`."""
+    ENVS[name] = factory
+
+
+def make_env(name: str, split: str = "train", **kwargs: Any) -> Env:
+    if name not in ENVS:
+        raise KeyError(f"unknown env '{name}'; valid: {', '.join(sorted(ENVS))}")
+    return ENVS[name](split=split, **kwargs)
+
+
+def env_from_config(env_cfg, split: str = "train") -> Env:
+    """The environment `env.name` with `env.kwargs` and `env.eval_size` from an EnvConfig."""
+    return make_env(env_cfg.name, split, eval_size=env_cfg.eval_size, **env_cfg.kwargs)
+
+
+class SingleTurnEnv:
+    """One prompt, one answer, one reward.
+
+    problems(rng) -> {"prompt": str, "answer": Any} draws a problem; reward(text, answer) scores
+    a completion. The eval split is a fixed list of `eval_size` problems drawn with a seed of its
+    own, and the train split never yields one of them, so eval rewards are held out.
+    `solution(answer) -> str`, if given, is the target text used to warm up a tiny base model.
+    """
+
+    def __init__(self, name: str, problems: Callable[[random.Random], dict],
+                 reward: Callable[[str, Any], float], split: str = "train",
+                 eval_size: int = 200, solution: Callable[[Any], str] | None = None):
+        self.name, self.problems, self.reward_fn = name, problems, reward
+        self.split, self.solution_fn = split, solution
+        self.eval_set, self._eval_prompts = _eval_problems(name, problems, eval_size)
+        self.current: dict | None = None
+
+    def reset(self, seed: int) -> str:
+        if self.split == "eval":
+            self.current = self.eval_set[seed % len(self.eval_set)]
+        else:
+            rng = random.Random(seed)
+            while True:  # rejection keeps eval problems out of training
+                self.current = self.problems(rng)
+                if self.current["prompt"] not in self._eval_prompts:
+                    break
+        return self.current["prompt"]
+
+    def step(self, text: str) -> tuple[None, float, bool, dict]:
+        assert self.current is not None, "step() before reset()"
+        return None, float(self.reward_fn(text, self.current["answer"])), True, {}
+
+    def solution(self) -> str:
+        """The reference completion for the current problem (for supervised warm-up)."""
+        if self.solution_fn is None:
+            raise NotImplementedError(f"env '{self.name}' has no reference solutions")
+        return self.solution_fn(self.current["answer"])
+
+
+_EVAL_CACHE: dict[tuple, tuple[list[dict], set[str]]] = {}
+
+
+def _eval_problems(name: str, problems: Callable, size: int) -> tuple[list[dict], set[str]]:
+    """The fixed eval problems of a task and the set of their prompts (built once per process)."""
+    key = (name, size)
+    if key not in _EVAL_CACHE:
+        rng = random.Random(f"eval/{name}")
+        seen: dict[str, dict] = {}
+        for _ in range(size * 100):
+            p = problems(rng)
+            seen.setdefault(p["prompt"], p)
+            if len(seen) == size:
+                break
+        _EVAL_CACHE[key] = list(seen.values()), set(seen)
+    return _EVAL_CACHE[key]
+
+
+from offpolicy.envs import addition  # noqa: E402,F401  (registers built-in tasks)

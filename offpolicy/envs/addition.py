@@ -1,0 +1,31 @@
+"""Built-in task `addition`: add two n-digit numbers, answer written least-significant digit first.
+
+Reads/writes nothing. Prompt "47+85=", target "231" (132 reversed), then end-of-sequence.
+Reversed digits let a tiny model produce each digit from the carry it just wrote, which makes
+the task learnable on a CPU in minutes; the plain order takes many times longer.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+
+from offpolicy.envs import SingleTurnEnv, register_env
+
+
+def addition_problem(rng: random.Random, digits: int = 2) -> dict:
+    a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b)[::-1]}
+
+
+def exact_match(text: str, answer: str) -> float:
+    """1.0 when the completion, stripped of surrounding whitespace, is exactly the answer."""
+    return float(text.strip() == answer)
+
+
+def make_addition(split: str = "train", digits: int = 2, eval_size: int = 200) -> SingleTurnEnv:
+    return SingleTurnEnv(f"addition{digits}", partial(addition_problem, digits=digits),
+                         exact_match, split=split, eval_size=eval_size, solution=str)
+
+
+register_env("addition", make_addition)

@@ -1,0 +1,183 @@
+"""The one place that knows every role: starts Ray, places the roles, drives the run.
+
+Reads: a validated Config. Writes: the run folder (config.yaml, metrics.jsonl, summary.json).
+
+Processes (one Ray actor each): the replay buffer (threaded: actors block in `admit` while the
+learner blocks in `sample`), a weight store, the learner, and `rollout.num_actors` rollout
+actors. Roles are plain classes; `Remote` lets them call each other's Ray actors like local
+objects, so the same classes run without Ray in tests. The driver only asks the learner for
+steps, evaluations and writes metrics; data never passes through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import yaml
+
+from offpolicy.config import Config, ConfigError, to_dict
+from offpolicy.metrics import MetricsWriter, write_summary
+
+
+class Remote:
+    """Call a Ray actor like a local object: `proxy.m(*a)` is `ray.get(handle.m.remote(*a))`.
+
+    Methods named in `fire_and_forget` return at once; the previous such call is awaited first,
+    which bounds the calls in flight to one and surfaces a failure on the next call.
+    """
+
+    def __init__(self, handle, fire_and_forget: tuple[str, ...] = ()):
+        self._handle, self._ff, self._pending = handle, fire_and_forget, None
+
+    def __getattr__(self, name: str):
+        import ray
+
+        method = getattr(self._handle, name)
+        if name in self._ff:
+            def call(*args, **kwargs):
+                if self._pending is not None:
+                    ray.get(self._pending)
+                self._pending = method.remote(*args, **kwargs)
+            return call
+        return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+
+    def __getstate__(self):
+        return {"_handle": self._handle, "_ff": self._ff, "_pending": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run folder; never silently mixes two runs' files."""
+    if cfg.run.dir:
+        run_dir = Path(cfg.run.dir)
+        if (run_dir / "config.yaml").exists():
+            if not cfg.run.overwrite:
+                raise ConfigError(f"run.dir: {run_dir} already holds a run; choose another "
+                                  "folder or set run.overwrite=true")
+            for name in ("metrics.jsonl", "summary.json"):
+                (run_dir / name).unlink(missing_ok=True)
+    else:
+        base = Path("runs") / cfg.run.name
+        run_dir, n = base, 2
+        while (run_dir / "config.yaml").exists():
+            run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+        cfg.run.dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return run_dir
+
+
+def start_ray(cfg: Config) -> None:
+    import ray
+
+    num_cpus = cfg.resources.num_cpus or os.cpu_count()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=True, configure_logging=True)
+    need = cfg.resources.learner_cpus + cfg.rollout.num_actors * cfg.resources.actor_cpus
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise ConfigError(
+            f"resources: the learner ({cfg.resources.learner_cpus}) and {cfg.rollout.num_actors} "
+            f"actors x {cfg.resources.actor_cpus} need {need} CPUs but Ray has {have}; lower "
+            "resources.actor_cpus or rollout.num_actors")
+
+
+def start_roles(cfg: Config, model_path: str) -> dict:
+    """Create buffer, weight store, learner and actors as Ray actors; returns their handles."""
+    import ray
+
+    from offpolicy.actors.rollout import RolloutActor
+    from offpolicy.buffer.replay import ReplayBuffer
+    from offpolicy.learner.learner import Learner
+    from offpolicy.weights import ObjectStoreSync, WeightStore
+
+    n = cfg.rollout.num_actors
+    buffer = ray.remote(ReplayBuffer).options(num_cpus=0, max_concurrency=2 * n + 8).remote(
+        cfg.learner.batch_groups, cfg.buffer.max_staleness, cfg.buffer.capacity)
+    store = ray.remote(WeightStore).options(num_cpus=0).remote()
+    sync = ObjectStoreSync(store)
+    learner = ray.remote(Learner).options(num_cpus=cfg.resources.learner_cpus).remote(
+        cfg, model_path, Remote(buffer), sync)
+    actors = [ray.remote(RolloutActor).options(num_cpus=cfg.resources.actor_cpus).remote(
+        cfg, i, model_path, Remote(buffer, fire_and_forget=("add",)), sync) for i in range(n)]
+    return {"buffer": buffer, "store": store, "learner": learner, "actors": actors}
+
+
+def train(cfg: Config, log=print) -> dict:
+    """Run `offpolicy train`: build/load the base model, start roles, train, write the run folder."""
+    import ray
+    import torch
+
+    t_start = time.perf_counter()
+    run_dir = prepare_run_dir(cfg)
+    log(f"run folder: {run_dir}")
+    from offpolicy.models import ensure_base_model
+
+    model_path = str(ensure_base_model(cfg, log=log))
+    torch.set_num_threads(1)  # the driver only coordinates from here on
+    summary = {"run_dir": str(run_dir), "model_path": model_path, "interrupted": False}
+    restore = signal.signal(signal.SIGTERM, _raise_interrupt)
+    writer = None
+    try:
+        start_ray(cfg)
+        roles = start_roles(cfg, model_path)
+        learner, buffer = roles["learner"], roles["buffer"]
+        runs = [a.run.remote() for a in roles["actors"]]
+        log(f"started learner, buffer and {len(runs)} rollout actor(s); "
+            f"base model {model_path}")
+        summary["base_eval_reward"] = ray.get(learner.evaluate.remote())
+        log(f"base eval reward {summary['base_eval_reward']:.3f}")
+        writer = MetricsWriter(run_dir, cfg.learner.steps, cfg.log.progress_every_s)
+        t_loop = time.perf_counter()
+        summary.update(_train_loop(cfg, learner, runs, writer, t_start))
+        summary["train_s"] = time.perf_counter() - t_loop
+        summary["buffer"] = ray.get(buffer.stats.remote())
+        ray.get(buffer.close.remote())
+        summary["actors"] = ray.get(runs)
+    except KeyboardInterrupt:
+        summary["interrupted"] = True
+        log("interrupted: stopping all roles")
+    finally:
+        if writer is not None:
+            writer.close()
+        signal.signal(signal.SIGTERM, restore)
+        ray.shutdown()
+    summary["wall_s"] = time.perf_counter() - t_start
+    write_summary(run_dir, summary)
+    return summary
+
+
+def _train_loop(cfg: Config, learner, runs: list, writer: MetricsWriter, t_start: float) -> dict:
+    """Ask the learner for `learner.steps` updates; evaluate every `eval.every`; write metrics."""
+    import ray
+
+    out = {"steps": 0, "samples": 0, "final_eval_reward": None}
+    staleness = []
+    for step in range(1, cfg.learner.steps + 1):
+        ref = learner.step.remote()
+        done, _ = ray.wait([ref] + runs, num_returns=1)
+        if done[0] is not ref:  # an actor's loop ended: re-raise its error, or say it stopped
+            ray.get(done[0])
+            raise RuntimeError("a rollout actor stopped before the run ended")
+        m = ray.get(ref)
+        if step % cfg.eval.every == 0 or step == cfg.learner.steps:
+            m["eval/reward"] = ray.get(learner.evaluate.remote())
+            out["final_eval_reward"] = m["eval/reward"]
+        m["time/elapsed_s"] = time.perf_counter() - t_start
+        writer.write(m)
+        staleness.append(m["staleness/mean"])
+        out["steps"], out["samples"] = step, out["samples"] + m["learner/batch_size"]
+        out["samples_per_s"] = m["throughput/samples_per_s"]
+        out["staleness_max"] = max(out.get("staleness_max", 0), m["staleness/max"])
+    out["staleness_mean"] = sum(staleness) / max(len(staleness), 1)
+    return out
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

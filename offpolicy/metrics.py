@@ -1,0 +1,55 @@
+"""Run folder writers: metrics.jsonl (one line per learner step), summary.json, progress lines.
+
+Reads: metric dicts from the learner. Writes: `runs/<name>/metrics.jsonl`, `summary.json`,
+and a progress line on stdout every `log.progress_every_s` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf
+    return value
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, total_steps: int, progress_every_s: float = 2.0, out=None):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", buffering=1)  # line-buffered: a crash keeps every line
+        self.total, self.every = total_steps, progress_every_s
+        self.out = out or sys.stdout
+        self.last_print = 0.0
+        self.last_eval = None
+
+    def write(self, metrics: dict) -> None:
+        self.file.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
+        if "eval/reward" in metrics:
+            self.last_eval = metrics["eval/reward"]
+        now = time.monotonic()
+        if now - self.last_print >= self.every or metrics["step"] == self.total:
+            self.last_print = now
+            self.out.write(progress_line(metrics, self.total, self.last_eval) + "\n")
+            self.out.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def progress_line(m: dict, total: int, last_eval: float | None) -> str:
+    ev = f"{last_eval:.2f}" if last_eval is not None else "  - "
+    return (f"step {m['step']:>4}/{total} | reward {m['rollout/reward_mean']:.2f} | eval {ev} | "
+            f"staleness {m['staleness/mean']:.1f} (max {m['staleness/max']:.0f}) | "
+            f"IS ratio {m['is/ratio_mean']:.3f} | {m['throughput/samples_per_s']:.0f} samples/s | "
+            f"{m['time/elapsed_s']:.0f}s")
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    (run_dir / "summary.json").write_text(
+        json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")

@@ -1,0 +1,209 @@
+"""Base models: the tiny character-level Llama (built, warmed up, cached) and HF loading.
+
+Reads: `model.path` (any Hugging Face causal-LM folder) or the cache of built tiny models.
+Writes: `<cache>/tiny-<recipe hash>/` (a normal HF folder: config, safetensors, tokenizer).
+
+Without a GPU or hub access RL needs a base model that already succeeds sometimes: RL mostly
+amplifies behaviour the base model has. So the tiny model is supervised on the task's reference
+solutions only until its greedy accuracy on a probe set reaches `sft_target_accuracy`, then
+saved. The cache key hashes the recipe (architecture, warm-up settings, task, RECIPE_VERSION),
+so a changed recipe rebuilds and an unchanged one loads in a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import string
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from offpolicy.config import Config, ConfigError
+from offpolicy.envs import env_from_config
+
+RECIPE_VERSION = 1
+"""Bump when the build code changes in a way that changes the model."""
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHARS = list(string.digits + string.ascii_letters + string.punctuation + " \n")
+
+
+def char_tokenizer():
+    """A character-level tokenizer (one token per printable ASCII char) as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    # BPE with no merges splits text into single characters; Fuse joins them back on decode.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_llama(vocab_size: int, cfg: Config, tokenizer) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = cfg.model.tiny
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(cfg.run.seed)
+    return LlamaForCausalLM(config)
+
+
+def cache_root(cfg: Config) -> Path:
+    root = cfg.model.cache_dir or os.environ.get("OFFPOLICY_CACHE") or "~/.cache/offpolicy"
+    return Path(root).expanduser()
+
+
+def recipe_key(cfg: Config) -> str:
+    recipe = {"version": RECIPE_VERSION, "tiny": asdict(cfg.model.tiny), "env": cfg.env.name,
+              "env_kwargs": cfg.env.kwargs, "eval_size": cfg.env.eval_size, "seed": cfg.run.seed,
+              "torch": torch.__version__.split("+")[0]}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_base_model(cfg: Config, log=print) -> Path:
+    """The base model folder: `model.path` if set, else the cached tiny model (built if needed)."""
+    if cfg.model.path:
+        return Path(cfg.model.path).expanduser()
+    out = cache_root(cfg) / f"tiny-{cfg.env.name}-{recipe_key(cfg)}"
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (tests, a quickstart) may ask at once: one builds, the others wait.
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").is_file():
+            tmp = out.parent / f"{out.name}.tmp{os.getpid()}"
+            build_tiny_model(cfg, tmp, log)
+            os.replace(tmp, out)  # atomic: a half-built model is never picked up
+    return out
+
+
+def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
+    """Supervise a fresh tiny Llama on reference solutions until the probe accuracy target."""
+    t = cfg.model.tiny
+    tokenizer = char_tokenizer()
+    model = tiny_llama(len(tokenizer), cfg, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"building tiny base model ({n_params / 1e6:.2f}M params) for env '{cfg.env.name}' "
+        f"until greedy accuracy >= {t.sft_target_accuracy} -> {out}")
+    env = env_from_config(cfg.env)
+    try:
+        env.reset(0)
+        env.solution()
+    except (NotImplementedError, AttributeError):
+        raise ConfigError(f"model.path: env '{cfg.env.name}' has no reference solutions to "
+                          "build a tiny model from; set model.path to a model folder") from None
+    probe = [cfg.run.seed * 7919 + 10_000_000 + i for i in range(200)]
+    opt = torch.optim.AdamW(model.parameters(), lr=t.sft_lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.run.seed)
+    start, acc, step = time.time(), 0.0, 0
+    for step in range(1, t.sft_max_steps + 1):
+        seeds = rng.integers(0, 2**31, size=t.sft_batch_size)
+        loss = _sft_loss(model, tokenizer, env, seeds)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % t.sft_check_every == 0:
+            acc = evaluate(model, tokenizer, cfg.env, probe, cfg.engine.max_new_tokens,
+                           split="train")
+            log(f"  sft step {step}: loss {loss.item():.3f}, probe greedy accuracy {acc:.2f} "
+                f"({time.time() - start:.0f}s)")
+            if acc >= t.sft_target_accuracy:
+                break
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = {"recipe": recipe_key(cfg), "sft_steps": step, "probe_accuracy": acc,
+            "build_s": round(time.time() - start, 1), "params": n_params}
+    (out / "offpolicy_build.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _sft_loss(model, tokenizer, env, seeds) -> torch.Tensor:
+    """Cross-entropy on the solution tokens (and end-of-sequence) only."""
+    rows, starts = [], []
+    for s in seeds:
+        prompt = tokenizer(env.reset(int(s)))["input_ids"]
+        answer = tokenizer(env.solution(), add_special_tokens=False)["input_ids"]
+        rows.append(prompt + answer + [tokenizer.eos_token_id])
+        starts.append(len(prompt))
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), L), -100)
+    for i, (row, p) in enumerate(zip(rows, starts)):
+        ids[i, :len(row)] = torch.tensor(row)
+        labels[i, p:len(row)] = torch.tensor(row[p:])
+    logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def load_policy(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a HF folder; a one-line ConfigError when it is not loadable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path: cannot load {path}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ConfigError(f"model.path: tokenizer of {path} has {len(tokenizer)} tokens but the "
+                          f"model only {model.get_input_embeddings().num_embeddings} embeddings")
+    return model, tokenizer
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, L-1) log-prob of each next token under `model`, logits divided by `temperature`."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    logits = logits.float() / temperature
+    # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the (B, L, V) log-softmax.
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, env_cfg, seeds: list[int], max_new_tokens: int,
+             split: str = "eval", batch_size: int = 256) -> float:
+    """Mean reward of greedy completions on the problems `seeds` pick from `split`."""
+    was_training = model.training
+    model.eval()
+    env = env_from_config(env_cfg, split)
+    total = 0.0
+    for i in range(0, len(seeds), batch_size):
+        chunk = seeds[i:i + batch_size]
+        prompts = [env.reset(s) for s in chunk]
+        texts = greedy_generate(model, tokenizer, prompts, max_new_tokens)
+        for s, text in zip(chunk, texts):
+            env.reset(s)
+            total += env.step(text)[1]
+    model.train(was_training)
+    return total / max(len(seeds), 1)
+
+
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

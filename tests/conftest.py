@@ -1,0 +1,28 @@
+"""Shared fixtures: a small random-weight model folder (no warm-up), and a fast config."""
+
+import pytest
+import torch
+
+from offpolicy.config import load_config
+from offpolicy.models import char_tokenizer, tiny_llama
+
+
+def fast_config(model_dir, *overrides):
+    """A config for seconds-long runs on the random model: small batches, few steps."""
+    return load_config(None, [f"model.path={model_dir}", "rollout.prompts_per_batch=4",
+                              "rollout.group_size=4", "learner.batch_groups=4",
+                              "learner.lr=1e-3", "eval.every=2", "env.eval_size=16",
+                              "resources.actor_cpus=0.5", "resources.learner_cpus=0.5",
+                              *overrides])
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model")
+    cfg = load_config(None, ["model.tiny.hidden_size=32", "model.tiny.num_layers=2",
+                             "model.tiny.intermediate_size=64"])
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    tiny_llama(len(tok), cfg, tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,75 @@
+"""Replay buffer: whole groups, staleness eviction, admission control, capacity."""
+
+import threading
+
+import numpy as np
+
+from offpolicy.buffer.replay import ReplayBuffer
+from offpolicy.types import Trajectory
+
+
+def group(version, gid, size=2):
+    return [Trajectory(id=f"{gid}-{k}", group_id=gid, prompt_ids=np.array([1], np.int32),
+                       completion_ids=np.array([5, 2], np.int32), loss_mask=np.ones(2, np.int8),
+                       behavior_logprobs=np.zeros(2, np.float32),
+                       versions=np.full(2, version, np.int32), reward=float(k), env="x",
+                       finish_reason="stop") for k in range(size)]
+
+
+def test_sample_returns_whole_groups_fifo():
+    buf = ReplayBuffer(batch_groups=2, max_staleness=4, capacity=100)
+    buf.add([group(0, "a"), group(0, "b"), group(0, "c")])
+    batch = buf.sample(version=0, timeout=0)
+    assert [t.group_id for t in batch.trajectories] == ["a", "a", "b", "b"]
+    assert batch.version == 0 and batch.stats["buffer/size"] == 2
+
+
+def test_stale_groups_are_evicted_and_counted():
+    buf = ReplayBuffer(batch_groups=1, max_staleness=2, capacity=100)
+    buf.add([group(0, "old"), group(1, "ok"), group(3, "new")])
+    batch = buf.sample(version=3, timeout=0)  # oldest allowed version: 3 - 2 = 1
+    assert batch.trajectories[0].group_id == "ok"
+    assert buf.stats()["buffer/evicted_staleness"] == 2  # both trajectories of "old"
+
+
+def test_sample_times_out_empty_and_close_releases():
+    buf = ReplayBuffer(batch_groups=1, max_staleness=0, capacity=10)
+    assert buf.sample(version=0, timeout=0.01) is None
+    buf.close()
+    assert buf.admit(0, 1)["stop"] is True
+
+
+def test_capacity_evicts_oldest():
+    buf = ReplayBuffer(batch_groups=1, max_staleness=10, capacity=4)
+    buf.add([group(0, "a"), group(0, "b"), group(0, "c")])
+    s = buf.stats()
+    assert s["buffer/size"] == 4 and s["buffer/evicted_capacity"] == 2
+    assert buf.sample(0, timeout=0).trajectories[0].group_id == "b"
+
+
+def test_admission_predicts_the_consuming_version():
+    # Batches of 2 groups, bound 1. Next update is version 0.
+    buf = ReplayBuffer(batch_groups=2, max_staleness=1, capacity=100)
+    assert buf.admit(version=0, n_groups=2, timeout=0)["admitted"]   # consumed at 0: staleness 0
+    buf.add([group(0, "a"), group(0, "b")], reserved=2)
+    assert buf.admit(version=0, n_groups=2, timeout=0)["admitted"]   # consumed at 1: staleness 1
+    buf.add([group(0, "c"), group(0, "d")], reserved=2)
+    # A third batch from version 0 would be consumed at version 2: staleness 2 > 1.
+    assert not buf.admit(version=0, n_groups=2, timeout=0)["admitted"]
+    # Once weights 1 are published an actor loading them would be 1 behind: admitted.
+    buf.publish(1)
+    decision = buf.admit(version=0, n_groups=2, timeout=0)
+    assert decision["admitted"] and decision["published"] == 1
+
+
+def test_blocked_admission_wakes_when_the_learner_consumes():
+    buf = ReplayBuffer(batch_groups=1, max_staleness=0, capacity=100)
+    assert buf.admit(0, 1, timeout=0)["admitted"]
+    buf.add([group(0, "a")], reserved=1)
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(buf.admit(0, 1, timeout=30)))
+    waiter.start()
+    buf.sample(version=0, timeout=0)   # the learner takes version 0's batch ...
+    buf.publish(1)                     # ... and publishes version 1
+    waiter.join(timeout=30)
+    assert result["admitted"] and result["published"] == 1

@@ -1,0 +1,64 @@
+"""Config: YAML and command-line overrides, one-line errors, docs for every field."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from offpolicy.config import Config, ConfigError, field_docs, load_config, reference_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learner:\n  lr: 1.0e-3\n  steps: 10\nloss:\n  params: {cap: 3}\n")
+    cfg = load_config(path, ["learner.lr=5e-4", "rollout.group_size=4", "buffer.max_staleness=2"])
+    assert cfg.learner.lr == 5e-4 and cfg.learner.steps == 10
+    assert cfg.rollout.group_size == 4 and cfg.loss.params == {"cap": 3}
+    assert cfg.run.name == "c"  # from the file name
+
+
+@pytest.mark.parametrize("override, words", [
+    ("learner.nope=1", ["learner.nope", "lr", "steps"]),
+    ("nope=1", ["nope", "learner"]),
+    ("learner.lr=abc", ["learner.lr", "float"]),
+    ("learner.steps=1.5", ["learner.steps", "int"]),
+    ("loss.name=foo", ["loss.name", "tis", "pg"]),
+    ("engine.name=bar", ["engine.name", "hf"]),
+    ("buffer.max_staleness=-1", ["buffer.max_staleness", ">= 0"]),
+    ("loss.params.bogus=1", ["loss.params.bogus", "cap"]),
+    ("model.path=/does/not/exist", ["model.path", "/does/not/exist"]),
+    ("learner", ["learner", "key.sub=value"]),
+])
+def test_bad_input_names_the_key(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "quickstart.yaml", [override])
+    msg = str(err.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_every_field_has_a_docstring():
+    def walk(cls):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if dataclasses.is_dataclass(default):
+                walk(type(default))
+    walk(Config)
+    keys = [k for k, _, _ in reference_rows()]
+    assert "learner.lr" in keys and "model.tiny.hidden_size" in keys
+
+
+def test_cli_unknown_key_exits_2_with_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "offpolicy.cli", "train", str(ROOT / "configs/quickstart.yaml"),
+         "learner.nope=1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "learner.nope" in lines[0] and "Traceback" not in proc.stderr
