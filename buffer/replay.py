@@ -8,7 +8,7 @@ consumes it minus the version that produced it. `max_staleness` is enforced
   1. by admission: before an actor starts a batch it asks `admit`, which predicts the version at
      which that batch will be consumed (queued and reserved groups go first, FIFO) and blocks
      while the prediction exceeds the bound, so actors do not generate work that would be
-     thrown away; and
+     thrown away (n_groups is kept for the interface; the prediction is for the first group);
   2. by eviction: at `sample(version)`, groups whose oldest token is older than
      version - max_staleness are dropped and counted.
 
@@ -28,8 +28,10 @@ Group = list[Trajectory]
 
 
 class ReplayBuffer:
-    def __init__(self, batch_groups: int, max_staleness: int, capacity: int):
+    def __init__(self, batch_groups: int, max_staleness: int, capacity: int,
+                 drop_uniform_groups: bool = False):
         self.batch_groups = batch_groups
+        self.drop_uniform_groups = drop_uniform_groups
         self.max_staleness = max_staleness
         self.capacity = capacity
         self._groups: deque[Group] = deque()
@@ -39,7 +41,7 @@ class ReplayBuffer:
         self.published = 0             # newest weights actors can load
         self.reserved = 0              # groups admitted but not yet added
         self.closed = False
-        self.counts = {"added": 0, "sampled": 0, "evicted_staleness": 0,
+        self.counts = {"added": 0, "filtered": 0, "sampled": 0, "evicted_staleness": 0,
                        "evicted_capacity": 0, "admission_waits": 0}
 
     # -- actors ---------------------------------------------------------------------------------
@@ -64,8 +66,15 @@ class ReplayBuffer:
             return {"admitted": admitted, "published": self.published, "stop": self.closed}
 
     def _predicted_staleness(self, version: int, n_groups: int) -> int:
+        """Staleness at which the first group of a new batch would be consumed.
+
+        Predicting the first group (not the last) keeps the loop live: while the learner waits
+        for data (fewer than batch_groups queued), a new batch is consumed at the version the
+        learner waits at, so it is always admitted. Later groups of a large batch may end up
+        older than the bound; eviction catches and counts them.
+        """
         ahead = len(self._groups) + self.reserved
-        consumed_at = self.next_version + (ahead + n_groups - 1) // self.batch_groups
+        consumed_at = self.next_version + ahead // self.batch_groups
         return consumed_at - max(version, self.published)
 
     def add(self, groups: list[Group], reserved: int = 0) -> int:
@@ -73,9 +82,12 @@ class ReplayBuffer:
         with self._cond:
             self.reserved = max(0, self.reserved - reserved)
             for g in groups:
+                self.counts["added"] += len(g)
+                if self.drop_uniform_groups and len({t.reward for t in g}) == 1:
+                    self.counts["filtered"] += len(g)  # every advantage would be zero
+                    continue
                 self._groups.append(g)
                 self._size += len(g)
-                self.counts["added"] += len(g)
             while self._size > self.capacity:  # oldest first
                 old = self._groups.popleft()
                 self._size -= len(old)
@@ -145,7 +157,7 @@ class ReplayBuffer:
         c = self.counts
         return {"buffer/size": self._size, "buffer/groups": len(self._groups),
                 "buffer/reserved_groups": self.reserved, "buffer/added": c["added"],
-                "buffer/sampled": c["sampled"],
+                "buffer/filtered": c["filtered"], "buffer/sampled": c["sampled"],
                 "buffer/evicted_staleness": c["evicted_staleness"],
                 "buffer/evicted_capacity": c["evicted_capacity"],
                 "buffer/admission_waits": c["admission_waits"]}

@@ -97,6 +97,11 @@ class Learner:
         self.weights.publish(cpu_state(self.model), self.version)
         self.buffer.publish(self.version)
 
+    def save(self, path: str) -> None:
+        """Write the current policy as a Hugging Face folder (loadable as `model.path`)."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
     def evaluate(self) -> float:
         """Greedy reward on the fixed held-out eval set with the current weights."""
         return evaluate(self.model, self.tokenizer, self.cfg.env,

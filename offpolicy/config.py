@@ -57,7 +57,7 @@ class TinyModelConfig:
     """Hard cap on supervised steps."""
     sft_target_accuracy: float = 0.3
     """Stop supervising once greedy accuracy on a probe set reaches this (base pass rate target)."""
-    sft_check_every: int = 25
+    sft_check_every: int = 10
     """Steps between probe-set checks."""
 
 
@@ -77,6 +77,9 @@ class EnvConfig:
     """Registered environment (see `offpolicy.envs.ENVS`)."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for the environment's constructor (e.g. `digits: 3`)."""
+    module: str = ""
+    """Python module imported in every process before `env.name` is looked up (it calls
+    `register_env`); must be importable from the working directory or the environment."""
     eval_size: int = 200
     """Held-out eval problems (fixed; never used for training)."""
 
@@ -109,6 +112,9 @@ class BufferConfig:
     """Largest allowed (learner version - token version); enforced by admission, then eviction."""
     capacity: int = 100_000
     """Trajectories kept; the oldest are evicted (counted) beyond it."""
+    drop_uniform_groups: bool = False
+    """Drop groups whose rewards are all equal (zero advantage, no signal) on arrival, counted
+    as `buffer/filtered` (DAPO's dynamic sampling)."""
 
 
 @dataclass
@@ -364,13 +370,14 @@ def _check(ok: bool, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks and registry names; raises ConfigError with a one-line message."""
     from offpolicy.advantages import ADVANTAGES
-    from offpolicy.envs import ENVS
+    from offpolicy.envs import ENVS, import_env_module
     from offpolicy.losses import LOSSES, check_loss_params
 
     def choice(key: str, value: str, registry: dict) -> None:
         _check(value in registry,
                f"{key}: unknown '{value}'; valid: {', '.join(sorted(registry))}")
 
+    import_env_module(cfg.env.module)
     choice("loss.name", cfg.loss.name, LOSSES)
     choice("learner.advantage", cfg.learner.advantage, ADVANTAGES)
     choice("env.name", cfg.env.name, ENVS)

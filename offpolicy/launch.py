@@ -77,8 +77,11 @@ def start_ray(cfg: Config) -> None:
     import ray
 
     num_cpus = cfg.resources.num_cpus or os.cpu_count()
+    # Workers import the user's task module (env.module) from the driver's working directory.
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=True, configure_logging=True)
+             log_to_driver=True, configure_logging=True,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
     need = cfg.resources.learner_cpus + cfg.rollout.num_actors * cfg.resources.actor_cpus
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
@@ -99,7 +102,8 @@ def start_roles(cfg: Config, model_path: str) -> dict:
 
     n = cfg.rollout.num_actors
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0, max_concurrency=2 * n + 8).remote(
-        cfg.learner.batch_groups, cfg.buffer.max_staleness, cfg.buffer.capacity)
+        cfg.learner.batch_groups, cfg.buffer.max_staleness, cfg.buffer.capacity,
+        cfg.buffer.drop_uniform_groups)
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     sync = ObjectStoreSync(store)
     learner = ray.remote(Learner).options(num_cpus=cfg.resources.learner_cpus).remote(
@@ -137,6 +141,7 @@ def train(cfg: Config, log=print) -> dict:
         t_loop = time.perf_counter()
         summary.update(_train_loop(cfg, learner, runs, writer, t_start))
         summary["train_s"] = time.perf_counter() - t_loop
+        ray.get(learner.save.remote(str(run_dir / "checkpoints" / "final")))
         summary["buffer"] = ray.get(buffer.stats.remote())
         ray.get(buffer.close.remote())
         summary["actors"] = ray.get(runs)

@@ -25,11 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
 
 from offpolicy.config import Config, ConfigError
 from offpolicy.envs import env_from_config
 
-RECIPE_VERSION = 1
+hf_logging.disable_progress_bar()  # per-file load/save bars would drown the progress lines
+
+RECIPE_VERSION = 2
 """Bump when the build code changes in a way that changes the model."""
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -128,6 +131,9 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
                 f"({time.time() - start:.0f}s)")
             if acc >= t.sft_target_accuracy:
                 break
+    if acc < t.sft_target_accuracy:
+        log(f"WARNING: tiny model reached only {acc:.2f} greedy accuracy after {step} steps "
+            f"(target {t.sft_target_accuracy}); RL may have too little to amplify")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

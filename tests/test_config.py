@@ -62,3 +62,21 @@ def test_cli_unknown_key_exits_2_with_one_line():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "learner.nope" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_env_module_registers_a_user_task(tmp_path, monkeypatch):
+    (tmp_path / "my_tasks_for_test.py").write_text(
+        "from offpolicy.envs import SingleTurnEnv, register_env\n"
+        "register_env('times_test', lambda split='train', eval_size=200: SingleTurnEnv(\n"
+        "    'times_test', lambda rng: {'prompt': f'{rng.randrange(9)}*3=', 'answer': '6'},\n"
+        "    lambda text, answer: float(text == answer), split=split, eval_size=2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="env.name: unknown 'times_test'"):
+        load_config(None, ["env.name=times_test"])
+    cfg = load_config(None, ["env.module=my_tasks_for_test", "env.name=times_test"])
+    from offpolicy.envs import env_from_config
+    env = env_from_config(cfg.env)
+    assert env.reset(0).endswith('*3=') and len(env.eval_set) == 2
+    assert env.step('6')[1] == float(env.current['answer'] == '6')
+    with pytest.raises(ConfigError, match="env.module: cannot import 'no_such_module_x'"):
+        load_config(None, ["env.module=no_such_module_x"])

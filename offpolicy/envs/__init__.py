@@ -8,6 +8,7 @@ in `SingleTurnEnv` and call `register_env`. Built-in tasks register themselves o
 
 from __future__ import annotations
 
+import importlib
 import random
 from typing import Any, Callable, Protocol
 
@@ -33,8 +34,21 @@ def make_env(name: str, split: str = "train", **kwargs: Any) -> Env:
     return ENVS[name](split=split, **kwargs)
 
 
+def import_env_module(module: str) -> None:
+    """Import the user's task module (which registers its envs); a one-line error if missing."""
+    if not module:
+        return
+    from offpolicy.config import ConfigError
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"env.module: cannot import '{module}': {e}") from None
+
+
 def env_from_config(env_cfg, split: str = "train") -> Env:
     """The environment `env.name` with `env.kwargs` and `env.eval_size` from an EnvConfig."""
+    import_env_module(env_cfg.module)
     return make_env(env_cfg.name, split, eval_size=env_cfg.eval_size, **env_cfg.kwargs)
 
 
@@ -60,10 +74,14 @@ class SingleTurnEnv:
             self.current = self.eval_set[seed % len(self.eval_set)]
         else:
             rng = random.Random(seed)
-            while True:  # rejection keeps eval problems out of training
+            for _ in range(1000):  # rejection keeps eval problems out of training
                 self.current = self.problems(rng)
                 if self.current["prompt"] not in self._eval_prompts:
                     break
+            else:
+                raise ValueError(f"env '{self.name}': 1000 draws all hit the {len(self.eval_set)} "
+                                 "eval problems; the task has too few distinct problems for "
+                                 "env.eval_size")
         return self.current["prompt"]
 
     def step(self, text: str) -> tuple[None, float, bool, dict]:

@@ -2,7 +2,9 @@
 
 Reads/writes nothing. Prompt "47+85=", target "231" (132 reversed), then end-of-sequence.
 Reversed digits let a tiny model produce each digit from the carry it just wrote, which makes
-the task learnable on a CPU in minutes; the plain order takes many times longer.
+the task learnable on a CPU in minutes; the plain order takes many times longer. With `pad`
+(the default) operands are zero-padded to `digits` and the answer to `digits + 1` characters
+("07+45=" -> "250"), so every digit sits at a fixed position: a tiny model learns it faster.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from functools import partial
 from offpolicy.envs import SingleTurnEnv, register_env
 
 
-def addition_problem(rng: random.Random, digits: int = 2) -> dict:
+def addition_problem(rng: random.Random, digits: int = 2, pad: bool = True) -> dict:
     a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
+    if pad:
+        return {"prompt": f"{a:0{digits}d}+{b:0{digits}d}=",
+                "answer": f"{a + b:0{digits + 1}d}"[::-1]}
     return {"prompt": f"{a}+{b}=", "answer": str(a + b)[::-1]}
 
 
@@ -23,8 +28,10 @@ def exact_match(text: str, answer: str) -> float:
     return float(text.strip() == answer)
 
 
-def make_addition(split: str = "train", digits: int = 2, eval_size: int = 200) -> SingleTurnEnv:
-    return SingleTurnEnv(f"addition{digits}", partial(addition_problem, digits=digits),
+def make_addition(split: str = "train", digits: int = 2, pad: bool = True,
+                  eval_size: int = 200) -> SingleTurnEnv:
+    return SingleTurnEnv(f"addition{digits}{'p' if pad else ''}",
+                         partial(addition_problem, digits=digits, pad=pad),
                          exact_match, split=split, eval_size=eval_size, solution=str)
 
 

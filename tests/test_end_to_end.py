@@ -1,0 +1,22 @@
+"""A short quickstart run on Ray must learn: held-out greedy reward rises."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from offpolicy.config import load_config
+from offpolicy.launch import train
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+@pytest.mark.slow
+def test_short_quickstart_run_learns(tmp_path):
+    cfg = load_config(QUICKSTART, [f"run.dir={tmp_path / 'run'}", "learner.steps=200",
+                                   "eval.every=100"])
+    summary = train(cfg, log=print)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["final_eval_reward"] == summary["final_eval_reward"]
+    assert 0.1 <= summary["base_eval_reward"] <= 0.5
+    assert summary["final_eval_reward"] >= summary["base_eval_reward"] + 0.1
