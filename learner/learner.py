@@ -48,8 +48,11 @@ class Learner:
 
         logprobs = token_logprobs(self.model, d["input_ids"], d["attention_mask"], d["targets"],
                                   cfg.engine.temperature)                       # (B, T)
+        # One optimizer step per batch: the weights at the start of the step (the proximal
+        # policy of decoupled losses) are the current ones, so no second forward is needed.
         inputs = LossInputs(logprobs=logprobs, behavior_logprobs=d["behavior_logprobs"],
-                            advantages=adv[:, None].expand_as(logprobs), mask=mask)
+                            advantages=adv[:, None].expand_as(logprobs), mask=mask,
+                            proximal_logprobs=logprobs.detach())
         loss, loss_metrics = self.loss_fn(inputs, **cfg.loss.params)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -75,6 +78,8 @@ class Learner:
             "staleness/min": staleness.min().item(),
             "staleness/mean": staleness.mean().item(),
             "staleness/max": staleness.max().item(),
+            "staleness/hist": {str(int(k)): int(n) for k, n in
+                               zip(*torch.unique(staleness, return_counts=True))},
             **importance_diagnostics(logprobs.detach(), d["behavior_logprobs"], mask),
             **loss_metrics,
             **batch.stats,

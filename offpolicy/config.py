@@ -140,9 +140,10 @@ class LearnerConfig:
 @dataclass
 class LossConfig:
     name: str = "tis"
-    """Policy loss (see `offpolicy.losses.LOSSES`)."""
+    """Policy loss and off-policy correction: pg, ppo_clip, tis, seq_mask_is, icepop, vtrace,
+    decoupled_ppo, m2po, cispo, gspo, topr (docs/losses.md)."""
     params: dict = field(default_factory=dict)
-    """Keyword arguments of the loss (e.g. `cap: 2.0` for `tis`)."""
+    """Parameters of the loss (e.g. `cap: 2.0` for `tis`); unset ones take the loss's defaults."""
 
 
 @dataclass

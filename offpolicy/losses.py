@@ -78,6 +78,180 @@ def tis(inputs: LossInputs, cap: float = 2.0) -> tuple[torch.Tensor, dict]:
     return loss, {"is/clip_frac": clipped.item()}
 
 
+def _ratio(inputs: LossInputs) -> torch.Tensor:
+    """(B, T) pi/mu with gradient through pi; 1 on masked positions (log-ratio zeroed there)."""
+    return torch.exp((inputs.logprobs - inputs.behavior_logprobs) * inputs.mask)
+
+
+def _seq_log_ratio(inputs: LossInputs, mean: bool) -> torch.Tensor:
+    """(B,) sum (or length-normalised mean) of log pi/mu over each sequence's tokens."""
+    log_r = ((inputs.logprobs - inputs.behavior_logprobs) * inputs.mask).sum(-1)
+    return log_r / inputs.mask.sum(-1).clamp(min=1.0) if mean else log_r
+
+
+def _dual_clip(obj: torch.Tensor, adv: torch.Tensor, c: float) -> torch.Tensor:
+    """For negative advantages floor the objective at c * A (no gradient there); c <= 0: off."""
+    if c <= 0:
+        return obj
+    return torch.where(adv < 0, torch.maximum(obj, c * adv), obj)
+
+
+@register_loss("ppo_clip")
+def ppo_clip(inputs: LossInputs, eps_low: float = 0.2, eps_high: float = 0.28,
+             dual_clip: float = 3.0):
+    """-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) with r = pi/mu; for A < 0 the objective
+    is also floored at dual_clip * A, so a huge ratio cannot pass through the unclipped branch.
+
+    The behaviour policy plays PPO's old policy. Sources: Schulman et al. 2017 (PPO, eps 0.2);
+    Yu et al. 2025 (DAPO, clip-higher eps_high = 0.28); Ye et al. 2020 (dual-clip, c = 3).
+    """
+    r, adv = _ratio(inputs), inputs.advantages
+    clipped = r.clamp(1 - eps_low, 1 + eps_high) * adv
+    obj = _dual_clip(torch.minimum(r * adv, clipped), adv, dual_clip)
+    frac = masked_mean((clipped < r * adv).float(), inputs.mask)
+    return masked_mean(-obj, inputs.mask), {"is/clip_frac": frac.item()}
+
+
+@register_loss("seq_mask_is")
+def seq_mask_is(inputs: LossInputs, low: float = 0.5, high: float = 2.0):
+    """Drop whole sequences whose geometric-mean ratio exp(mean log r) leaves [low, high];
+    the kept ones get token weights r (no gradient through r).
+
+    Source: Liu, Li et al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the
+    Training-Inference Mismatch" (sequence-level masked IS, geometric-mean variant).
+    """
+    seq_r = torch.exp(_seq_log_ratio(inputs, mean=True)).detach()                  # (B,)
+    keep = ((seq_r >= low) & (seq_r <= high)).float()[:, None] * inputs.mask      # (B, T)
+    w = _ratio(inputs).detach()
+    loss = masked_mean(-w * keep * inputs.advantages * inputs.logprobs, inputs.mask)
+    return loss, {"is/clip_frac": 1 - (keep.sum() / inputs.mask.sum().clamp(min=1)).item()}
+
+
+@register_loss("icepop")
+def icepop(inputs: LossInputs, low: float = 0.5, high: float = 5.0):
+    """Mask tokens whose ratio r = pi/mu leaves [low, high]; kept tokens get weight r.
+
+    Source: Ling Team 2025, "Every Step Evolves: Scaling RL for Trillion-Scale Thinking Model"
+    (IcePop, alpha = 0.5, beta = 5).
+    """
+    w = _ratio(inputs).detach()
+    keep = ((w >= low) & (w <= high)).float() * inputs.mask
+    loss = masked_mean(-w * keep * inputs.advantages * inputs.logprobs, inputs.mask)
+    return loss, {"is/clip_frac": 1 - (keep.sum() / inputs.mask.sum().clamp(min=1)).item()}
+
+
+@register_loss("vtrace")
+def vtrace(inputs: LossInputs, rho_bar: float = 1.0, c_bar: float = 1.0):
+    """Token weight min(r_t, rho_bar) * prod_{i > t} min(r_i, c_bar): V-trace's truncated rho on
+    the token times the truncated traces of the tokens after it in the sequence.
+
+    With a terminal reward and a constant baseline the V-trace target of token t is reached
+    only through the later tokens, each cut at c_bar. Source: Espeholt et al. 2018 (IMPALA,
+    rho_bar = c_bar = 1).
+    """
+    r = _ratio(inputs).detach()
+    log_c = torch.log(r.clamp(max=c_bar)) * inputs.mask                          # (B, T)
+    # Sum of log c over positions after t: reverse cumulative sum, minus the position itself.
+    after = log_c.flip(-1).cumsum(-1).flip(-1) - log_c
+    w = r.clamp(max=rho_bar) * torch.exp(after)
+    loss = masked_mean(-w * inputs.advantages * inputs.logprobs, inputs.mask)
+    return loss, {"is/clip_frac": masked_mean((r > rho_bar).float(), inputs.mask).item()}
+
+
+@register_loss("decoupled_ppo")
+def decoupled_ppo(inputs: LossInputs, eps: float = 0.2, behav_cap: float = 0.0):
+    """-(pi_prox / mu) * min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi / pi_prox.
+
+    The proximal policy is the learner's weights at the start of the step: the clip keeps the
+    update near it, and the behaviour weight pi_prox/mu (capped at behav_cap when > 0) corrects
+    for stale samples. Source: Fu et al. 2025 (AReaL, decoupled PPO objective, eps 0.2).
+    """
+    prox = inputs.proximal_logprobs
+    if prox is None:  # one update per batch: the step-start weights are the current ones
+        prox = inputs.logprobs.detach()
+    behav = torch.exp((prox - inputs.behavior_logprobs) * inputs.mask)
+    if behav_cap > 0:
+        behav = behav.clamp(max=behav_cap)
+    r = torch.exp((inputs.logprobs - prox) * inputs.mask)
+    adv = inputs.advantages
+    clipped = r.clamp(1 - eps, 1 + eps) * adv
+    obj = behav * torch.minimum(r * adv, clipped)
+    frac = masked_mean((clipped < r * adv).float(), inputs.mask)
+    return masked_mean(-obj, inputs.mask), {"is/clip_frac": frac.item()}
+
+
+@register_loss("m2po")
+def m2po(inputs: LossInputs, tau: float = 0.04):
+    """Mask the tokens with the largest (log r)^2 until the kept tokens' mean (log r)^2 (the
+    second moment) is at most tau; kept tokens use the unclipped surrogate r A.
+
+    Source: Zheng et al. 2025, "Prosperity before Collapse: How Far Can Off-Policy RL Reach
+    with Stale Data on LLMs?" (M2PO, tau = 0.04).
+    """
+    with torch.no_grad():
+        sq = ((inputs.logprobs - inputs.behavior_logprobs) ** 2)[inputs.mask.bool()]  # (N,)
+        order = sq.sort(descending=True).values
+        n = len(order)
+        # Keeping the n - k smallest: their mean is tail_sum[k] / (n - k).
+        tail = order.flip(0).cumsum(0).flip(0)
+        counts = torch.arange(n, 0, -1, dtype=sq.dtype)
+        ok = (tail / counts) <= tau
+        k = int(ok.float().argmax().item()) if ok.any() else n
+        cut = order[k - 1] if k > 0 else float("inf")
+        drop = ((inputs.logprobs - inputs.behavior_logprobs) ** 2 >= cut) & inputs.mask.bool()
+        keep = inputs.mask * (~drop).float()
+    r = torch.exp((inputs.logprobs - inputs.behavior_logprobs) * keep)
+    loss = masked_mean(-r * inputs.advantages * keep, inputs.mask)
+    return loss, {"is/clip_frac": 1 - (keep.sum() / inputs.mask.sum().clamp(min=1)).item()}
+
+
+@register_loss("cispo")
+def cispo(inputs: LossInputs, eps_low: float = 1.0, eps_high: float = 0.28):
+    """-clip(r, 1 - eps_low, 1 + eps_high) * A * log pi, the clipped weight without gradient:
+    every token keeps a gradient, only its IS weight is bounded.
+
+    Source: MiniMax 2025 (MiniMax-M1, CISPO; no lower bound in practice, eps_low = 1).
+    """
+    r = _ratio(inputs).detach()
+    w = r.clamp(1 - eps_low, 1 + eps_high)
+    loss = masked_mean(-w * inputs.advantages * inputs.logprobs, inputs.mask)
+    return loss, {"is/clip_frac": masked_mean((w != r).float(), inputs.mask).item()}
+
+
+@register_loss("gspo")
+def gspo(inputs: LossInputs, eps_low: float = 3e-4, eps_high: float = 4e-4,
+         dual_clip: float = 3.0):
+    """Sequence-level PPO on s = exp(mean_t log r_t) (length-normalised ratio), averaged over
+    sequences: -mean_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i), with the same
+    dual-clip floor as `ppo_clip` for negative advantages.
+
+    Source: Zheng et al. 2025 (Qwen, GSPO, eps 3e-4 / 4e-4); Ye et al. 2020 (dual-clip).
+    """
+    has = (inputs.mask.sum(-1) > 0).float()                                       # (B,)
+    s = torch.exp(_seq_log_ratio(inputs, mean=True))                              # (B,)
+    adv = (inputs.advantages * inputs.mask).sum(-1) / inputs.mask.sum(-1).clamp(min=1)
+    clipped = s.clamp(1 - eps_low, 1 + eps_high) * adv
+    obj = _dual_clip(torch.minimum(s * adv, clipped), adv, dual_clip)
+    n = has.sum().clamp(min=1)
+    frac = ((clipped < s * adv).float() * has).sum() / n
+    return (-obj * has).sum() / n, {"is/clip_frac": frac.item()}
+
+
+@register_loss("topr")
+def topr(inputs: LossInputs):
+    """Tapered off-policy REINFORCE: sequences with A >= 0 get weight 1 (no IS), sequences with
+    A < 0 get the sequence ratio clipped to [0, 1]; the weight carries no gradient.
+
+    Source: Le Roux et al. 2025, "Tapered Off-Policy REINFORCE" (TOPR).
+    """
+    seq_r = torch.exp(_seq_log_ratio(inputs, mean=False).clamp(max=0.0)).detach()  # (B,) <= 1
+    negative = (inputs.advantages < 0).float()
+    w = negative * seq_r[:, None] + (1 - negative)
+    loss = masked_mean(-w * inputs.advantages * inputs.logprobs, inputs.mask)
+    return loss, {"is/clip_frac": masked_mean(negative * (seq_r[:, None] < 1).float(),
+                                                   inputs.mask).item()}
+
+
 def importance_diagnostics(logprobs: torch.Tensor, behavior_logprobs: torch.Tensor,
                            mask: torch.Tensor) -> dict[str, float]:
     """`is/` metrics of the ratio pi/mu over policy tokens: mean, max, ESS fraction, KL."""

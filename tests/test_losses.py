@@ -41,16 +41,76 @@ def test_tis_truncates_the_weight_at_cap():
     assert metrics["is/clip_frac"] == pytest.approx(1 / 3)  # only the ratio-4 token
 
 
+LN2, LN4 = math.log(2), math.log(4)
+# Ratios [[0.5, 0.25], [0.5, -]]: V-trace's traces then matter for the first token.
+BEHAVIOR_V = [[-1.0 + LN2, -2.0 + LN4], [-0.5 + LN2, -3.0]]
+
+
+# Policy tokens: t1 (lp -1, A 2, r 1), t2 (lp -2, A 2, r 4), t3 (lp -0.5, A -1, r 0.5); N = 3.
+@pytest.mark.parametrize("name, params, behavior, loss, grad, frac", [
+    # min(rA, clip(r, 0.8, 1.28) A): t1 2, t2 clipped 2.56, t3 clipped -0.8; only t1 has grad
+    ("ppo_clip", {}, BEHAVIOR, -(2 + 2.56 - 0.8) / 3, [[-2 / 3, 0], [0, 0]], 2 / 3),
+    # sequence geometric ratios 2 and 0.5; band [0.5, 1.5] drops sequence 1
+    ("seq_mask_is", {"high": 1.5}, BEHAVIOR, -0.25 / 3, [[0, 0], [1 / 6, 0]], 2 / 3),
+    # band [0.5, 2] masks t2 (r 4); weights r on the rest
+    ("icepop", {"high": 2.0}, BEHAVIOR, 1.75 / 3, [[-2 / 3, 0], [1 / 6, 0]], 1 / 3),
+    # ratios 0.5, 0.25 | 0.5: weights t1 0.5 * 0.25 (trace of t2), t2 0.25, t3 0.5
+    ("vtrace", {}, BEHAVIOR_V, 1 / 3, [[-1 / 12, -1 / 6], [1 / 6, 0]], 0.0),
+    # proximal = current: r = 1, behaviour weights 1, 4, 0.5 (cap 2 -> 1, 2, 0.5)
+    ("decoupled_ppo", {}, BEHAVIOR, -9.5 / 3, [[-2 / 3, -8 / 3], [1 / 6, 0]], 0.0),
+    ("decoupled_ppo", {"behav_cap": 2.0}, BEHAVIOR, -5.5 / 3, [[-2 / 3, -4 / 3], [1 / 6, 0]], 0.0),
+    # (log r)^2 = 0, 1.92, 0.48: tau 0.04 keeps t1 only; tau 0.25 drops t2 only
+    ("m2po", {}, BEHAVIOR, -2 / 3, [[-2 / 3, 0], [0, 0]], 2 / 3),
+    ("m2po", {"tau": 0.25}, BEHAVIOR, -1.5 / 3, [[-2 / 3, 0], [1 / 6, 0]], 1 / 3),
+    # weights clip(r, 0, 1.28) = 1, 1.28, 0.5
+    ("cispo", {}, BEHAVIOR, 6.87 / 3, [[-2 / 3, -2.56 / 3], [1 / 6, 0]], 1 / 3),
+    # s = 2 (A 2) and 0.5 (A -1) inside [0.4, 2.5]: -(4 - 0.5) / 2; d/dlp = -s A / (2 |y|)
+    ("gspo", {"eps_low": 0.6, "eps_high": 1.5}, BEHAVIOR, -1.75, [[-1, -1], [0.25, 0]], 0.0),
+    # A >= 0 weight 1; A < 0 weight min(sequence ratio, 1) = 0.5
+    ("topr", {}, BEHAVIOR, 5.75 / 3, [[-2 / 3, -2 / 3], [1 / 6, 0]], 1 / 3),
+])
+def test_loss_by_hand(name, params, behavior, loss, grad, frac):
+    x, lp = inputs(behavior)
+    value, metrics = LOSSES[name](x, **params)
+    assert value.item() == pytest.approx(loss, abs=1e-5)
+    value.backward()
+    assert torch.allclose(lp.grad, torch.tensor(grad), atol=1e-5)
+    assert metrics.get("is/clip_frac", 0.0) == pytest.approx(frac, abs=1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_on_policy_gradient_is_a_positive_multiple_of_pg(name):
-    on_policy = [row[:] for row in LP]  # behaviour == current: every ratio is 1
-    x, lp = inputs(behavior=on_policy)
-    LOSSES[name](x)[0].backward()
-    y, lp_pg = inputs(behavior=on_policy)
-    LOSSES["pg"](y)[0].backward()
-    scale = (lp.grad * lp_pg.grad).sum() / (lp_pg.grad ** 2).sum()
+    # behaviour == current (every ratio 1), all tokens count (GSPO weighs tokens by 1/length,
+    # which equals pg's token mean when lengths are equal)
+    def grad(loss_name):
+        lp = torch.tensor(LP, requires_grad=True)
+        x = LossInputs(logprobs=lp, behavior_logprobs=torch.tensor(LP),
+                       advantages=torch.tensor(ADV), mask=torch.ones(2, 2))
+        LOSSES[loss_name](x)[0].backward()
+        return lp.grad
+    g, g_pg = grad(name), grad("pg")
+    scale = (g * g_pg).sum() / (g_pg ** 2).sum()
     assert scale > 0
-    assert torch.allclose(lp.grad, scale * lp_pg.grad, atol=1e-6)
+    assert torch.allclose(g, scale * g_pg, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_masked_tokens_get_zero_gradient(name):
+    x, lp = inputs()
+    LOSSES[name](x)[0].backward()
+    assert lp.grad[1, 1].item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["tis", "ppo_clip", "seq_mask_is", "icepop", "vtrace",
+                                  "decoupled_ppo", "m2po", "cispo", "gspo", "topr"])
+def test_huge_ratios_give_finite_bounded_gradients(name):
+    # ratios 1e6, e^18, e^27.5: a truncating or masking loss must not pass them through
+    x, lp = inputs(behavior=[[-1.0 - math.log(1e6), -20.0], [-30.0, -3.0]])
+    params = {"behav_cap": 5.0} if name == "decoupled_ppo" else {}
+    value, _ = LOSSES[name](x, **params)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(lp.grad).all()
+    assert lp.grad.abs().max().item() <= 5.0 * 2.0
 
 
 def test_tis_gradient_stays_bounded_for_huge_ratios():
