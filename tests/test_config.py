@@ -80,3 +80,9 @@ def test_env_module_registers_a_user_task(tmp_path, monkeypatch):
     assert env.step('6')[1] == float(env.current['answer'] == '6')
     with pytest.raises(ConfigError, match="env.module: cannot import 'no_such_module_x'"):
         load_config(None, ["env.module=no_such_module_x"])
+
+
+def test_every_loss_is_selectable_in_the_quickstart():
+    from offpolicy.losses import LOSSES
+    for name in LOSSES:
+        assert load_config(ROOT / "configs" / "quickstart.yaml", [f"loss.name={name}"]).loss.name == name

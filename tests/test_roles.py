@@ -1,12 +1,14 @@
 """Roles without Ray: the HF engine's log-probs, a rollout actor, a learner step."""
 
 import numpy as np
+import pytest
 import torch
 
 from offpolicy.actors.hf import HFEngine, SamplingParams
 from offpolicy.actors.rollout import RolloutActor
 from offpolicy.buffer.replay import ReplayBuffer
 from offpolicy.learner.learner import Learner
+from offpolicy.losses import LOSSES
 from offpolicy.models import token_logprobs
 from offpolicy.types import Batch, Trajectory
 from offpolicy.weights import LocalSync, cpu_state
@@ -54,8 +56,9 @@ def test_rollout_actor_tags_versions_and_loads_weights(model_dir):
     assert versions == [0, 3]
 
 
-def test_learner_step_changes_parameters_and_publishes(model_dir):
-    cfg = fast_config(model_dir)
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_learner_step_changes_parameters_and_publishes(model_dir, loss):
+    cfg = fast_config(model_dir, f"loss.name={loss}")
     buf, sync = ReplayBuffer(4, max_staleness=2, capacity=1000), LocalSync()
     actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
     learner = Learner(cfg, str(model_dir), buf, sync)
