@@ -8,7 +8,7 @@ consumes it minus the version that produced it. `max_staleness` is enforced
   1. by admission: before an actor starts a batch it asks `admit`, which predicts the version at
      which that batch will be consumed (queued and reserved groups go first, FIFO) and blocks
      while the prediction exceeds the bound, so actors do not generate work that would be
-     thrown away (n_groups is kept for the interface; the prediction is for the first group);
+     thrown away (the prediction is for the batch's first group; see `_predicted_staleness`);
   2. by eviction: at `sample(version)`, groups whose oldest token is older than
      version - max_staleness are dropped and counted.
 
@@ -56,7 +56,7 @@ class ReplayBuffer:
         """
         with self._cond:
             ok = self._cond.wait_for(
-                lambda: self.closed or self._predicted_staleness(version, n_groups) <= self.max_staleness,
+                lambda: self.closed or self._predicted_staleness(version) <= self.max_staleness,
                 timeout=timeout)
             admitted = bool(ok) and not self.closed
             if admitted:
@@ -65,7 +65,7 @@ class ReplayBuffer:
                 self.counts["admission_waits"] += 1
             return {"admitted": admitted, "published": self.published, "stop": self.closed}
 
-    def _predicted_staleness(self, version: int, n_groups: int) -> int:
+    def _predicted_staleness(self, version: int) -> int:
         """Staleness at which the first group of a new batch would be consumed.
 
         Predicting the first group (not the last) keeps the loop live: while the learner waits

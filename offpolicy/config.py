@@ -420,10 +420,3 @@ def validate(cfg: Config) -> None:
 def to_dict(cfg: Any) -> dict:
     """The resolved config as plain data (for config.yaml in the run folder)."""
     return dataclasses.asdict(cfg)
-
-
-def from_dict(data: dict) -> Config:
-    """Inverse of `to_dict` (used by roles that receive the config through Ray)."""
-    cfg = Config()
-    apply_dict(cfg, data)
-    return cfg

@@ -45,11 +45,6 @@ class Trajectory:
         policy = self.versions[self.loss_mask.astype(bool)]
         return int(policy.min()) if len(policy) else int(self.versions.max(initial=0))
 
-    def nbytes(self) -> int:
-        arrays = (self.prompt_ids, self.completion_ids, self.loss_mask,
-                  self.behavior_logprobs, self.versions)
-        return sum(a.nbytes for a in arrays) + 256
-
 
 @dataclass
 class Batch:
