@@ -10,9 +10,11 @@ divided by the temperature, after top-p), so it is exactly the distribution that
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from offpolicy.models import load_policy
 
@@ -23,6 +25,8 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 8
     greedy: bool = False
+    stop: tuple[str, ...] = ()
+    """Strings that end a completion (the string's tokens are kept); end-of-sequence always does."""
 
 
 @dataclass
@@ -33,6 +37,8 @@ class Completion:
     """(T,) float32 log-prob of each token under the sampling distribution."""
     finish_reason: str
     """`stop` or `length`."""
+    versions: np.ndarray
+    """(T,) int32 policy version of the weights that produced each token."""
 
 
 class HFEngine:
@@ -46,14 +52,26 @@ class HFEngine:
         self.generator_seed = seed
         torch.manual_seed(seed)
 
-    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> None:
-        """Swap in the learner's weights for `version` (called between batches only)."""
-        self.model.load_state_dict(state)
+    def load_weights(self, version: int, source: str | dict[str, torch.Tensor]) -> None:
+        """Swap in the learner's weights for `version` (called between batches only).
+
+        `source` is a state dict or a folder holding `model.safetensors` (`FileSync`).
+        """
+        if not isinstance(source, dict):
+            source = load_file(str(Path(source) / "model.safetensors"))
+        self.model.load_state_dict(source)
         self.version = version
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
-        """Complete each prompt (token ids, special tokens included) once."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 between_steps=None) -> list[Completion]:
+        """Complete each prompt (token ids, special tokens included) once.
+
+        HF `generate` runs to the end in one call, so weights never change mid-batch here and
+        `between_steps` (the vLLM engine's in-flight update hook) is not supported.
+        """
+        if between_steps is not None:
+            raise ValueError("engine.inflight_updates needs engine.name=vllm")
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -63,6 +81,8 @@ class HFEngine:
         sample_args = ({"do_sample": False} if sampling.greedy else
                        {"do_sample": True, "temperature": sampling.temperature,
                         "top_p": sampling.top_p, "top_k": 0})
+        if sampling.stop:
+            sample_args.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         out = self.model.generate(
             input_ids=ids, attention_mask=attn, max_new_tokens=sampling.max_new_tokens,
             eos_token_id=self.eos_id, pad_token_id=self.pad_id, output_scores=True,
@@ -74,6 +94,18 @@ class HFEngine:
         for row, lp in zip(tokens.numpy(), logprobs.numpy()):
             ends = np.flatnonzero(row == self.eos_id)
             n = int(ends[0]) + 1 if len(ends) else len(row)
+            done = len(ends) > 0
+            if not done and sampling.stop:  # a row ended by a stop string is padded after it
+                n = int(np.flatnonzero(row != self.pad_id)[-1]) + 1
+                done = _ends_with(self.tokenizer, row[:n], sampling.stop)
             completions.append(Completion(row[:n].astype(np.int32), lp[:n].astype(np.float32),
-                                          "stop" if len(ends) else "length"))
+                                          "stop" if done else "length",
+                                          np.full(n, self.version, dtype=np.int32)))
         return completions
+
+
+def _ends_with(tokenizer, ids: np.ndarray, stop: tuple[str, ...]) -> bool:
+    if not stop:
+        return False
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return any(text.endswith(s) for s in stop)

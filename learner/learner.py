@@ -9,6 +9,7 @@ A plain class: `offpolicy/launch.py` wraps it as a Ray actor; tests call `step()
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -27,7 +28,10 @@ class Learner:
         torch.manual_seed(cfg.run.seed)
         self.cfg, self.buffer, self.weights = cfg, buffer, weights
         self.model, self.tokenizer = load_policy(model_path)
-        self.model.train()
+        # A GPU when Ray gave this role one (resources.learner_gpus), else the CPU.
+        self.device = torch.device("cuda" if cfg.resources.learner_gpus > 0
+                                   and torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).train()
         lc = cfg.learner
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
                                      weight_decay=lc.weight_decay)
@@ -35,6 +39,13 @@ class Learner:
         self.version = 0  # optimizer steps taken; the base model is version 0
         self.samples = 0
         self.started = time.perf_counter()
+        # Published weights by version, for the engine/learner log-prob parity check: tokens
+        # are re-scored with the exact weights that generated them (a shadow model).
+        self.history: dict[int, dict[str, torch.Tensor]] = {}
+        self.shadow = None
+        if cfg.engine.logprob_check_every:
+            self.history[0] = cpu_state(self.model)
+            self.shadow = copy.deepcopy(self.model).eval()
 
     def step(self) -> dict:
         """One update. Blocks in the buffer until a batch for this version is ready."""
@@ -46,16 +57,11 @@ class Learner:
         mask = d["loss_mask"]                                                   # (B, T)
         adv = torch.from_numpy(self.advantage_fn(batch.rewards(), batch.group_index()))  # (B,)
 
-        logprobs = token_logprobs(self.model, d["input_ids"], d["attention_mask"], d["targets"],
-                                  cfg.engine.temperature)                       # (B, T)
-        # One optimizer step per batch: the weights at the start of the step (the proximal
-        # policy of decoupled losses) are the current ones, so no second forward is needed.
-        inputs = LossInputs(logprobs=logprobs, behavior_logprobs=d["behavior_logprobs"],
-                            advantages=adv[:, None].expand_as(logprobs), mask=mask,
-                            proximal_logprobs=logprobs.detach())
-        loss, loss_metrics = self.loss_fn(inputs, **cfg.loss.params)
+        parity = {}
+        if cfg.engine.logprob_check_every and self.version % cfg.engine.logprob_check_every == 0:
+            parity = self._logprob_parity(d)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, logprobs, loss_metrics = self._backward(d, adv)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.learner.grad_clip if cfg.learner.grad_clip > 0 else float("inf"))
         self.opt.step()
@@ -69,7 +75,7 @@ class Learner:
         rewards = batch.rewards()
         metrics = {
             "step": self.version,
-            "learner/loss": loss.item(),
+            "learner/loss": loss,
             "learner/grad_norm": grad_norm.item(),
             "learner/tokens": int(mask.sum().item()),
             "learner/batch_size": len(batch),
@@ -80,14 +86,45 @@ class Learner:
             "staleness/max": staleness.max().item(),
             "staleness/hist": {str(int(k)): int(n) for k, n in
                                zip(*torch.unique(staleness, return_counts=True))},
-            **importance_diagnostics(logprobs.detach(), d["behavior_logprobs"], mask),
+            **importance_diagnostics(logprobs, d["behavior_logprobs"], mask),
             **loss_metrics,
+            **parity,
             **batch.stats,
             "time/wait_s": t1 - t0,
             "time/update_s": t2 - t1,
             "throughput/samples_per_s": self.samples / (time.perf_counter() - self.started),
         }
         return metrics
+
+    def _backward(self, d: dict[str, torch.Tensor], adv: torch.Tensor):
+        """Loss and gradients for the batch, `learner.micro_batch` rows at a time.
+
+        Each chunk's loss is weighted by its share of the batch's loss tokens, so token-mean
+        losses (most of them) get exactly the full-batch gradient; sequence-mean ones (gspo,
+        seq_mask_is) are close when chunks hold similar token counts.
+        Returns (loss value, (B, T) detached log-probs on CPU, weighted loss metrics).
+        """
+        B, cfg = len(d["input_ids"]), self.cfg
+        size = cfg.learner.micro_batch or B
+        total = d["loss_mask"].sum().clamp(min=1)
+        loss_sum, metrics, logprobs = 0.0, {}, []
+        for lo in range(0, B, size):
+            c = {k: v[lo:lo + size].to(self.device) for k, v in d.items()}
+            lp = token_logprobs(self.model, c["input_ids"], c["attention_mask"], c["targets"],
+                                cfg.engine.temperature)                         # (b, T)
+            # One optimizer step per batch: the weights at the start of the step (the proximal
+            # policy of decoupled losses) are the current ones, so no second forward is needed.
+            inputs = LossInputs(logprobs=lp, behavior_logprobs=c["behavior_logprobs"],
+                                advantages=adv[lo:lo + size, None].to(self.device).expand_as(lp),
+                                mask=c["loss_mask"], proximal_logprobs=lp.detach())
+            loss, m = self.loss_fn(inputs, **cfg.loss.params)
+            w = (c["loss_mask"].sum() / total).item()
+            (loss * w).backward()
+            loss_sum += loss.item() * w
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) * w
+            logprobs.append(lp.detach().cpu())
+        return loss_sum, torch.cat(logprobs), metrics
 
     def _next_batch(self) -> Batch:
         while True:
@@ -97,10 +134,47 @@ class Learner:
             if self.buffer.is_closed():
                 raise RuntimeError("buffer closed while the learner waited for data")
 
+    @torch.no_grad()
+    def _logprob_parity(self, d: dict[str, torch.Tensor], rows: int = 8) -> dict:
+        """Mean |engine log-prob - learner log-prob| over tokens of a few batch rows, each row
+        re-scored with the weights of the version that generated it.
+
+        After an in-flight update the engine's cached keys/values of a row's earlier tokens come
+        from the old weights, so only tokens before a row's first version change are exactly
+        reproducible; later ones are left out of the check.
+        """
+        idx = torch.arange(0, len(d["input_ids"]), max(1, len(d["input_ids"]) // rows))
+        mask, versions = d["loss_mask"][idx].bool(), d["versions"][idx]         # (R, T)
+        first = versions.gather(1, mask.float().argmax(1, keepdim=True))        # (R, 1)
+        exact = mask & (versions == first)
+        diffs = []
+        for v in first.unique().tolist():
+            if v not in self.history:
+                continue
+            sel = idx[first.squeeze(1) == v]
+            self.shadow.load_state_dict(self.history[v])
+            lp = token_logprobs(self.shadow, *(d[k][sel].to(self.device) for k in
+                                               ("input_ids", "attention_mask", "targets")),
+                                self.cfg.engine.temperature).cpu()
+            keep = exact[first.squeeze(1) == v]
+            diffs.append((lp - d["behavior_logprobs"][sel])[keep].abs())
+        if not diffs:
+            return {}
+        diffs = torch.cat(diffs)
+        return {"engine/logprob_abs_diff": diffs.mean().item(),
+                "engine/logprob_max_abs_diff": diffs.max().item(),
+                "engine/logprob_checked_tokens": len(diffs)}
+
     def publish(self) -> None:
         """Send the weights for `self.version` to actors; then tell the buffer (admission)."""
-        self.weights.publish(cpu_state(self.model), self.version)
+        state = cpu_state(self.model)
+        self.weights.publish(state, self.version)
         self.buffer.publish(self.version)
+        if self.shadow is not None:
+            self.history[self.version] = state
+            oldest = self.version - self.cfg.buffer.max_staleness - self.cfg.learner.sync_every
+            for v in [v for v in self.history if v < oldest]:
+                del self.history[v]
 
     def save(self, path: str) -> None:
         """Write the current policy as a Hugging Face folder (loadable as `model.path`)."""

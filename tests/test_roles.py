@@ -9,7 +9,7 @@ from offpolicy.actors.rollout import RolloutActor
 from offpolicy.buffer.replay import ReplayBuffer
 from offpolicy.learner.learner import Learner
 from offpolicy.losses import LOSSES
-from offpolicy.models import token_logprobs
+from offpolicy.models import load_policy, token_logprobs
 from offpolicy.types import Batch, Trajectory
 from offpolicy.weights import LocalSync, cpu_state
 
@@ -74,3 +74,48 @@ def test_learner_step_changes_parameters_and_publishes(model_dir, loss):
     assert metrics["staleness/max"] == 0 and metrics["rollout/reward_mean"] == 0.25
     # Same weights sampled and scored the batch: every IS ratio is 1 up to float error.
     assert abs(metrics["is/ratio_mean"] - 1.0) < 1e-4 and metrics["is/ratio_max"] < 1.001
+
+
+@pytest.mark.parametrize("loss", ["tis", "pg", "m2po"])
+def test_micro_batches_give_the_full_batch_gradient(model_dir, loss):
+    """Token-mean losses: accumulating chunks weighted by their token share is exact."""
+    grads = []
+    for micro in (0, 3):
+        cfg = fast_config(model_dir, f"loss.name={loss}", f"learner.micro_batch={micro}")
+        buf, sync = ReplayBuffer(4, max_staleness=2, capacity=1000), LocalSync()
+        actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
+        learner = Learner(cfg, str(model_dir), buf, sync)
+        torch.manual_seed(1)
+        groups = actor.rollout_batch()
+        for g in groups:
+            g[0].reward = 1.0
+        buf.add(groups)
+        learner.opt.step = lambda: None  # keep the weights: compare gradients only
+        learner.step()
+        grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters()]))
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_file_sync_round_trip_keeps_tied_weights(model_dir, tmp_path):
+    """Learner -> safetensors folder -> HF engine: both names of the tied embedding are written
+    and come back tied and equal; the newest `keep` versions stay on disk."""
+    from offpolicy.weights import FileSync, WeightStore
+
+    engine = HFEngine(str(model_dir))
+    model = load_policy(model_dir)[0]
+    sync = FileSync(WeightStore(), tmp_path, keep=2)
+    for version in (1, 2, 3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * version)
+        state = cpu_state(model)
+        assert state["lm_head.weight"] is state["model.embed_tokens.weight"]
+        sync.publish(state, version)
+    sync._cleaner.join()  # old versions are deleted in the background
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v00000002", "v00000003"]
+    assert sync.fetch(3) is None
+    engine.load_weights(*sync.fetch(0))
+    got = engine.model.state_dict()
+    assert engine.version == 3 and all(torch.equal(got[k], state[k]) for k in state)
+    assert got["lm_head.weight"].data_ptr() == got["model.embed_tokens.weight"].data_ptr()

@@ -113,4 +113,4 @@ def _eval_problems(name: str, problems: Callable, size: int) -> tuple[list[dict]
     return _EVAL_CACHE[key]
 
 
-from offpolicy.envs import addition  # noqa: E402,F401  (registers built-in tasks)
+from offpolicy.envs import addition, gsm8k  # noqa: E402,F401  (registers built-in tasks)

