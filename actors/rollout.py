@@ -73,19 +73,23 @@ class RolloutActor:
             decision = self.buffer.admit(self.engine.version, n)
             if decision["stop"]:
                 break
-            if decision["published"] > self.engine.version:
+            if "version" in decision:  # lag mode: a work order for exactly this version
+                if decision["version"] != self.engine.version:
+                    self.sync_weights(want=decision["version"])
+            elif decision["published"] > self.engine.version:
                 self.sync_weights()
             if not decision["admitted"]:
                 continue
-            groups = self.rollout_batch()
-            self.buffer.add(groups, n)
+            reserved = decision.get("n_groups", n)
+            groups = self.rollout_batch(reserved)
+            self.buffer.add(groups, reserved, self.engine.version)
             self.counts["batches"] += 1
         return self.counts
 
-    def sync_weights(self) -> bool:
-        """Load the newest published weights if they are newer than the engine's."""
+    def sync_weights(self, want: int | None = None) -> bool:
+        """Load the newest published weights if newer than the engine's (or exactly `want`)."""
         for _ in range(3):
-            got = self.weights.fetch(self.engine.version)
+            got = self.weights.fetch(self.engine.version, want)
             if got is None:
                 return False
             try:
@@ -131,10 +135,11 @@ class RolloutActor:
             if self.sync_weights():
                 self.counts["inflight_loads"] += 1
 
-    def rollout_batch(self) -> list[list[Trajectory]]:
-        """One engine call over prompts_per_batch x group_size; returns whole groups."""
+    def rollout_batch(self, n_prompts: int | None = None) -> list[list[Trajectory]]:
+        """One engine call over n_prompts (default prompts_per_batch) x group_size prompts;
+        returns whole groups."""
         cfg, G = self.cfg, self.cfg.rollout.group_size
-        seeds = self.rng.integers(0, 2**31, size=cfg.rollout.prompts_per_batch)
+        seeds = self.rng.integers(0, 2**31, size=n_prompts or cfg.rollout.prompts_per_batch)
         envs = [[self.make_env() for _ in range(G)] for _ in seeds]
         prompts = [[env.reset(int(s)) for env in group] for s, group in zip(seeds, envs)]
         prompt_ids = [self.tokenizer(p[0])["input_ids"] for p in prompts]

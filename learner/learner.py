@@ -15,7 +15,7 @@ import time
 import torch
 
 from offpolicy.advantages import ADVANTAGES
-from offpolicy.config import Config
+from offpolicy.config import Config, max_staleness
 from offpolicy.losses import LOSSES, LossInputs, importance_diagnostics
 from offpolicy.models import evaluate, load_policy, token_logprobs
 from offpolicy.types import Batch
@@ -48,6 +48,8 @@ class Learner:
         if cfg.engine.logprob_check_every:
             self.history[0] = cpu_state(self.model)
             self.shadow = copy.deepcopy(self.model).eval()
+        if cfg.staleness.mode == "lag":  # actors may be asked for version 0 after moving on
+            self.weights.publish(cpu_state(self.model), 0)
 
     def step(self) -> dict:
         """One update. Blocks in the buffer until a batch for this version is ready."""
@@ -176,7 +178,7 @@ class Learner:
         self.buffer.publish(self.version)
         if keep:
             self.history[self.version] = state
-            oldest = self.version - self.cfg.buffer.max_staleness - self.cfg.learner.sync_every
+            oldest = self.version - max_staleness(self.cfg) - self.cfg.learner.sync_every
             for v in [v for v in self.history if v < oldest]:
                 del self.history[v]
 

@@ -1,4 +1,5 @@
-"""Command line: `offpolicy train CONFIG [key=value ...]`, `offpolicy config-reference`.
+"""Command line: `offpolicy train CONFIG [key=value ...]`, `offpolicy ablate CONFIG [key=value]`,
+`offpolicy report RUN_DIR`, `offpolicy config-reference`.
 
 Reads: argv. Writes: a run folder (train), or the config reference as markdown (stdout).
 Bad input exits 2 with one line on stderr naming the problem, never a traceback.
@@ -18,8 +19,39 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train with a config (YAML) and key=value overrides")
     p_train.add_argument("config", help="YAML file of overrides of the defaults")
     p_train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p_ablate = sub.add_parser("ablate", help="one run per cell of the config's `ablate.grid`, "
+                              "then results.csv, results.md and plots")
+    p_ablate.add_argument("config", help="YAML with an `ablate:` section (configs/ablation.yaml)")
+    p_ablate.add_argument("overrides", nargs="*", help="key.sub=value overrides for every cell")
+    p_report = sub.add_parser("report", help="plots and a markdown summary of one run folder")
+    p_report.add_argument("run_dir")
     sub.add_parser("config-reference", help="print every config key with default and doc")
     args = parser.parse_args(argv)
+
+    if args.command == "ablate":
+        from offpolicy.ablate import ablate
+
+        try:
+            ablate(args.config, args.overrides)
+        except ConfigError as e:
+            print(f"offpolicy: error: {e}", file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            print(f"offpolicy: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted; rerun the same command to resume (finished cells are kept)")
+            return 130
+        return 0
+    if args.command == "report":
+        from offpolicy.report import report
+
+        try:
+            print(f"wrote {report(args.run_dir)} and report.png")
+        except FileNotFoundError as e:
+            print(f"offpolicy: error: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     if args.command == "config-reference":
         print("| key | default | meaning |\n|---|---|---|")

@@ -107,11 +107,13 @@ def start_roles(cfg: Config, model_path: str) -> dict:
     from offpolicy.weights import FileSync, NCCLSync, ObjectStoreSync, WeightStore
 
     n, res, kind = cfg.rollout.num_actors, cfg.resources, weight_sync_kind(cfg)
+    lag = cfg.staleness.k if cfg.staleness.mode == "lag" else None
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0, max_concurrency=2 * n + 8).remote(
         cfg.learner.batch_groups, cfg.buffer.max_staleness, cfg.buffer.capacity,
-        cfg.buffer.drop_uniform_groups)
-    store = ray.remote(WeightStore).options(num_cpus=0).remote()
-    sync = {"filesystem": lambda: FileSync(Remote(store), weights_dir(cfg)),
+        cfg.buffer.drop_uniform_groups, lag)
+    keep = 1 if lag is None else lag + 2  # lag mode: actors load the exact version asked for
+    store = ray.remote(WeightStore).options(num_cpus=0).remote(keep)
+    sync = {"filesystem": lambda: FileSync(Remote(store), weights_dir(cfg), keep=max(3, keep)),
             "object_store": lambda: ObjectStoreSync(store),
             "nccl": lambda: NCCLSync(Remote(store), [])}[kind]()
     # NCCL pushes weights into a running actor: a second thread takes those calls.

@@ -3,8 +3,9 @@
 Reads/writes: state dicts (name -> CPU tensor) tagged with the policy version.
 Protocol: the learner calls `publish(state, version)`; an actor calls `fetch(have_version)` at
 a safe point (between batches, or between engine steps with in-flight updates) and gets
-`(version, source)` when something newer exists; `source` is what the engine's `load_weights`
-takes: a state dict, or a folder holding `model.safetensors`.
+`(version, source)` when something newer exists, or `fetch(have_version, want=v)` for exactly
+version v (lag mode); `source` is what the engine's `load_weights` takes: a state dict, or a
+folder holding `model.safetensors`.
 
 - `LocalSync`: in-process, for tests and single-process use.
 - `ObjectStoreSync`: the learner `ray.put`s the state once; a tiny `WeightStore` actor holds the
@@ -20,7 +21,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 class WeightSync(Protocol):
     def publish(self, state: dict[str, torch.Tensor], version: int) -> None: ...
 
-    def fetch(self, have_version: int) -> tuple[int, dict[str, torch.Tensor]] | None: ...
+    def fetch(self, have_version: int, want: int | None = None) -> tuple[int, Any] | None: ...
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -45,30 +46,57 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class LocalSync:
-    def __init__(self) -> None:
-        self.version, self.state = -1, None
-
-    def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
-        self.version, self.state = version, state
-
-    def fetch(self, have_version: int):
-        return (self.version, self.state) if self.version > have_version else None
-
-
 class WeightStore:
-    """Holds the newest published object reference (a Ray actor in runs)."""
+    """The newest `keep` published versions' payloads (a Ray actor in runs). Lag mode keeps
+    k + 2 versions so actors can generate with the exact (older) version asked of them."""
 
-    def __init__(self) -> None:
-        self.version, self.refs = -1, []
+    def __init__(self, keep: int = 1) -> None:
+        self.keep, self.payloads = keep, {}  # version -> list (a Ray ref stays unresolved in it)
 
-    def put(self, version: int, refs: list) -> None:
-        # The reference arrives wrapped in a list so Ray passes it through unresolved.
-        if version > self.version:
-            self.version, self.refs = version, refs
+    def put(self, version: int, payload: list) -> None:
+        self.payloads[version] = payload
+        for v in sorted(self.payloads)[:-self.keep]:
+            del self.payloads[v]
 
     def latest(self) -> tuple[int, list]:
-        return self.version, self.refs
+        if not self.payloads:
+            return -1, []
+        v = max(self.payloads)
+        return v, self.payloads[v]
+
+    def get(self, version: int) -> list | None:
+        return self.payloads.get(version)
+
+    def pick(self, have_version: int, want: int | None) -> tuple[int, list] | None:
+        """`fetch`'s rule: the newest if newer than `have_version`, else version `want`."""
+        if want is None:
+            version, payload = self.latest()
+            return (version, payload) if version > have_version else None
+        if want == have_version:
+            return None
+        payload = self.get(want)
+        if payload is None:
+            raise RuntimeError(f"weights: version {want} is no longer kept (have "
+                               f"{sorted(self.payloads)[:1]}...); raise the store's keep")
+        return want, payload
+
+
+class LocalSync:
+    """In-process: the learner and actor share this object (tests, serial use)."""
+
+    def __init__(self, keep: int = 1) -> None:
+        self.store = WeightStore(keep)
+
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
+        self.store.put(version, [state])
+
+    def fetch(self, have_version: int, want: int | None = None):
+        got = self.store.pick(have_version, want)
+        return None if got is None else (got[0], got[1][0])
+
+    @property
+    def version(self) -> int:
+        return self.store.latest()[0]
 
 
 class ObjectStoreSync:
@@ -80,13 +108,11 @@ class ObjectStoreSync:
 
         ray.get(self.store.put.remote(version, [ray.put(state)]))
 
-    def fetch(self, have_version: int):
+    def fetch(self, have_version: int, want: int | None = None):
         import ray
 
-        version, refs = ray.get(self.store.latest.remote())
-        if version <= have_version:
-            return None
-        return version, ray.get(refs[0])
+        got = ray.get(self.store.pick.remote(have_version, want))
+        return None if got is None else (got[0], ray.get(got[1][0]))
 
 
 class FileSync:
@@ -122,9 +148,9 @@ class FileSync:
             target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in old], daemon=True)
         self._cleaner.start()
 
-    def fetch(self, have_version: int):
-        version, paths = self.store.latest()
-        return (version, paths[0]) if version > have_version else None
+    def fetch(self, have_version: int, want: int | None = None):
+        got = self.store.pick(have_version, want)
+        return None if got is None else (got[0], got[1][0])
 
 
 class NCCLSync:
@@ -162,7 +188,7 @@ class NCCLSync:
         self.engine.send_weights()
         self.store.put(version, [])
 
-    def fetch(self, have_version: int):
+    def fetch(self, have_version: int, want: int | None = None):
         return None
 
 

@@ -73,3 +73,54 @@ def test_blocked_admission_wakes_when_the_learner_consumes():
     buf.publish(1)                     # ... and publishes version 1
     waiter.join(timeout=30)
     assert result["admitted"] and result["published"] == 1
+
+
+def run_lag(k, steps, batch_groups=2, n_per_order=3, drop_every=0):
+    """A learner and one actor taking turns on a lag-mode buffer; returns per-step versions."""
+    buf = ReplayBuffer(batch_groups, max_staleness=0, capacity=10_000, drop_uniform_groups=True,
+                       lag=k)
+    seen, orders, made = [], [], 0
+    for t in range(steps):
+        while True:
+            batch = buf.sample(t, timeout=0)
+            if batch is not None:
+                break
+            order = buf.admit(0, n_per_order, timeout=0)
+            assert order["admitted"], f"no work offered at step {t} but no batch either"
+            orders.append(order["version"])
+            assert order["version"] <= buf.published  # only versions that exist
+            groups = []
+            for _ in range(order["n_groups"]):
+                made += 1
+                g = group(order["version"], f"g{made}")
+                if drop_every and made % drop_every == 0:
+                    for tr in g:
+                        tr.reward = 0.0  # uniform: filtered, the order must be re-issued
+                groups.append(g)
+            buf.add(groups, reserved=order["n_groups"], version=order["version"])
+        seen.append(sorted({int(v) for tr in batch.trajectories for v in tr.versions}))
+        buf.publish(t + 1)
+    return seen, orders, buf
+
+
+def test_lag_mode_trains_on_exactly_version_t_minus_k():
+    for k in (0, 1, 4):
+        seen, orders, buf = run_lag(k, steps=12, drop_every=5)
+        assert seen == [[max(0, t - k)] for t in range(12)], (k, seen)
+        assert orders == sorted(orders)  # work goes to the oldest version still short
+        assert buf.counts["filtered"] > 0
+        # Orders are sized to what is missing: at most one order's surplus per version.
+        assert buf.counts["evicted_staleness"] <= 12 * 3 * 2
+
+
+def test_lag_mode_k0_is_synchronous():
+    """k = 0: no work for version t + 1 is offered before the learner publishes it."""
+    buf = ReplayBuffer(2, max_staleness=0, capacity=100, lag=0)
+    order = buf.admit(0, 5, timeout=0)
+    assert order["version"] == 0 and order["n_groups"] == 2  # sized to one batch
+    assert not buf.admit(0, 5, timeout=0)["admitted"]  # version 0 is fully reserved
+    buf.add([group(0, "a"), group(0, "b")], reserved=2, version=0)
+    assert buf.sample(0, timeout=0).version == 0
+    assert not buf.admit(0, 5, timeout=0)["admitted"]  # version 1 not published yet
+    buf.publish(1)
+    assert buf.admit(1, 5, timeout=0)["version"] == 1

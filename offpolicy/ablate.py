@@ -1,0 +1,276 @@
+"""`offpolicy ablate CONFIG`: one training run per cell of a grid (e.g. staleness.k x loss.name x
+run.seed), run in parallel, resumable, then one table and two plots.
+
+Reads: a config YAML whose `ablate:` section holds `grid` ({key: [values]}), `parallel` and
+optionally `dir`; the rest of the file is the base config of every cell.
+Writes, in the ablation folder (default `ablations/<config stem>`): `base.yaml`, one normal run
+folder per cell (with its `train.log`), `results.csv`, `results.md`, `reward_vs_samples.png`,
+`final_vs_k.png`. A cell whose `summary.json` says it finished is skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from offpolicy.config import ConfigError, load_config
+from offpolicy.report import eval_curve, mean_of, read_metrics
+
+
+def load_ablation(path: str) -> tuple[dict, dict]:
+    """(base config dict, ablate section) from the YAML; one-line ConfigError on bad input."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    spec = data.pop("ablate", None)
+    if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
+        raise ConfigError(f"{path}: needs an `ablate:` section with `grid: {{key: [values]}}`")
+    unknown = set(spec) - {"grid", "parallel", "dir"}
+    if unknown:
+        raise ConfigError(f"ablate: unknown keys {sorted(unknown)}; valid: grid, parallel, dir")
+    for key, values in spec["grid"].items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"ablate.grid.{key}: expected a non-empty list")
+    return data, spec
+
+
+def cell_name(cell: dict) -> str:
+    """`k4_tis_seed0` for {staleness.k: 4, loss.name: tis, run.seed: 0}."""
+    parts = []
+    for key, value in cell.items():
+        last = key.split(".")[-1]
+        parts.append(str(value) if last == "name" else f"{last}{value}")
+    return "_".join(parts)
+
+
+def cell_done(run_dir: Path) -> bool:
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return not s.get("interrupted") and s.get("final_eval_reward") is not None
+
+
+def ablate(path: str, overrides: list[str], log=print) -> Path:
+    base, spec = load_ablation(path)
+    grid = spec["grid"]
+    stem = Path(path).stem
+    root = Path(spec.get("dir") or Path("ablations") / stem)
+    root.mkdir(parents=True, exist_ok=True)
+    base.setdefault("run", {})["name"] = stem
+    base_path = root / "base.yaml"
+    base_path.write_text(yaml.safe_dump(base, sort_keys=False))
+    cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    for cell in cells:  # every cell's config is checked before anything runs
+        load_config(base_path, [*overrides, *(f"{k}={v}" for k, v in cell.items())])
+    todo = [c for c in cells if not cell_done(root / cell_name(c))]
+    parallel = max(1, int(spec.get("parallel", 1)))
+    log(f"ablation {root}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
+        f"{len(todo)} to run, {parallel} at a time")
+    failed = _run_cells(root, base_path, overrides, todo, parallel, log)
+    rows = collect(root, cells)
+    write_results(root, grid, rows)
+    log(f"results: {root / 'results.csv'}, {root / 'results.md'}, plots in {root}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} cell(s) failed: {', '.join(failed)} "
+                           "(see their train.log); rerun to retry them")
+    return root
+
+
+def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dict],
+               parallel: int, log) -> list[str]:
+    """Run `offpolicy train` per cell, `parallel` at a time; progress every 10 s."""
+    pending, running, failed = list(todo), {}, []
+    start, last, finished = time.time(), 0.0, 0
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                cell = pending.pop(0)
+                name = cell_name(cell)
+                run_dir = root / name
+                run_dir.mkdir(exist_ok=True)
+                cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(base_path),
+                       *overrides, *(f"{k}={v}" for k, v in cell.items()),
+                       f"run.dir={run_dir}", "run.overwrite=true", "log.progress_every_s=30"]
+                out = open(run_dir / "train.log", "w")
+                running[name] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                                  start_new_session=True), out, run_dir)
+            for name, (proc, out, run_dir) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                out.close()
+                del running[name]
+                finished += 1
+                ok = proc.returncode == 0 and cell_done(run_dir)
+                if not ok:
+                    failed.append(name)
+                s = _summary(run_dir)
+                log(f"[{finished}/{len(todo)}] {name}: " + (
+                    f"eval {s.get('base_eval_reward', 0):.3f} -> {s['final_eval_reward']:.3f} "
+                    f"in {s.get('wall_s', 0):.0f}s" if ok else f"FAILED (exit {proc.returncode})"))
+            if time.time() - last >= 10 and running:
+                last = time.time()
+                elapsed = last - start
+                steps = ", ".join(f"{n} step {_steps(r)}" for n, (_, _, r) in running.items())
+                eta = elapsed / finished * (len(todo) - finished) if finished else None
+                log(f"  {finished}/{len(todo)} done, running: {steps}; {elapsed / 60:.1f} min"
+                    + (f", about {eta / 60:.0f} min left" if eta else ""))
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        for proc, out, _ in running.values():  # each run stops its own Ray roles on SIGINT
+            os.killpg(proc.pid, signal.SIGINT)
+        for proc, out, _ in running.values():
+            proc.wait(timeout=60)
+            out.close()
+        raise
+    return failed
+
+
+def _steps(run_dir: Path) -> int:
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def _summary(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def collect(root: Path, cells: list[dict]) -> list[dict]:
+    """One row per finished cell: its grid values and the run's results."""
+    rows = []
+    for cell in cells:
+        run_dir = root / cell_name(cell)
+        if not cell_done(run_dir):
+            continue
+        s, metrics = _summary(run_dir), read_metrics(run_dir)
+        samples, rewards = eval_curve(s, metrics)
+        auc = (sum((samples[i + 1] - samples[i]) * (rewards[i] + rewards[i + 1]) / 2
+                   for i in range(len(samples) - 1)) / samples[-1]) if samples[-1] else 0.0
+        rows.append({**cell, "final_eval_reward": s["final_eval_reward"],
+                     "base_eval_reward": s["base_eval_reward"], "eval_auc": auc,
+                     "samples": s["samples"], "wall_s": s["wall_s"],
+                     "staleness_mean": s["staleness_mean"],
+                     "ess_frac": mean_of(metrics, "is/ess_frac"),
+                     "clip_frac": mean_of(metrics, "is/clip_frac")})
+    return rows
+
+
+def write_results(root: Path, grid: dict, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(root / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    keys = list(grid)
+    down, across = keys[0], keys[1] if len(keys) > 1 else None
+    (root / "results.md").write_text(_table(rows, grid, down, across))
+    _plots(root, rows, grid, down, across)
+
+
+def _group(rows, **match):
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def _table(rows: list[dict], grid: dict, down: str, across: str | None) -> str:
+    """Final eval reward, mean +- spread over the other grid keys (seeds), `down` x `across`."""
+    cols = grid[across] if across else [None]
+    lines = [f"Final eval reward (mean ± std over {_others(grid, down, across)}; "
+             f"n = runs per cell). Rows: `{down}`; columns: `{across}`.", "",
+             f"| {down} | " + " | ".join(str(c) for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for d in grid[down]:
+        cells = []
+        for c in cols:
+            vals = [r["final_eval_reward"] for r in _group(rows, **{down: d}, **(
+                {across: c} if across else {}))]
+            cells.append(_fmt(vals))
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    lines += ["", "Area under the eval curve (mean eval reward over the run's samples):", "",
+              f"| {down} | " + " | ".join(str(c) for c in cols) + " |",
+              "|---|" + "---|" * len(cols)]
+    for d in grid[down]:
+        cells = [_fmt([r["eval_auc"] for r in _group(rows, **{down: d}, **(
+            {across: c} if across else {}))]) for c in cols]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _others(grid, down, across) -> str:
+    rest = [k for k in grid if k not in (down, across)]
+    return ", ".join(f"`{k}`" for k in rest) or "one run"
+
+
+def _fmt(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f} (n=1)"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} (n={len(vals)})"
+
+
+def _plots(root: Path, rows: list[dict], grid: dict, down: str, across: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = grid[across] if across else [None]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.6), squeeze=False,
+                             sharey=True)
+    for ax, c in zip(axes[0], cols):
+        for d in grid[down]:
+            curves = []
+            for r in _group(rows, **{down: d}, **({across: c} if across else {})):
+                run_dir = root / cell_name({k: r[k] for k in grid})
+                curves.append(eval_curve(_summary(run_dir), read_metrics(run_dir)))
+            if curves:
+                n = min(len(x) for x, _ in curves)
+                xs = curves[0][0][:n]
+                ys = [statistics.mean(y[i] for _, y in curves) for i in range(n)]
+                ax.plot(xs, ys, marker=".", label=f"{down.split('.')[-1]}={d}")
+        ax.set_title(f"{across}={c}" if across else "")
+        ax.set_xlabel("samples trained")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("eval reward (mean over seeds)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "reward_vs_samples.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    xs = list(range(len(grid[down])))
+    for c in cols:
+        means, errs = [], []
+        for d in grid[down]:
+            vals = [r["final_eval_reward"] for r in _group(rows, **{down: d}, **(
+                {across: c} if across else {}))]
+            means.append(statistics.mean(vals) if vals else float("nan"))
+            errs.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=str(c))
+    ax.set_xticks(xs, [str(d) for d in grid[down]])
+    ax.set_xlabel(down)
+    ax.set_ylabel("final eval reward")
+    ax.grid(alpha=0.3)
+    if across:
+        ax.legend(title=across, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "final_vs_k.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,101 @@
+"""`offpolicy report RUN_DIR`: plots and a markdown summary of one run.
+
+Reads: `RUN_DIR/metrics.jsonl`, `summary.json`. Writes: `RUN_DIR/report.png` (reward and eval,
+staleness, importance-sampling diagnostics, throughput, over steps) and `RUN_DIR/report.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text()
+                .splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def mean_of(metrics: list[dict], key: str) -> float | None:
+    vals = [m[key] for m in metrics if isinstance(m.get(key), (int, float))]
+    return statistics.mean(vals) if vals else None
+
+
+def eval_curve(summary: dict, metrics: list[dict]) -> tuple[list[float], list[float]]:
+    """(samples trained, eval reward) at each evaluation, starting from the base model at 0."""
+    xs, ys, samples = [0.0], [summary.get("base_eval_reward") or 0.0], 0
+    for m in metrics:
+        samples += m.get("learner/batch_size", 0)
+        if m.get("eval/reward") is not None:
+            xs.append(float(samples))
+            ys.append(m["eval/reward"])
+    return xs, ys
+
+
+def report(run_dir: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    if not metrics:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl with any step (not a run folder?)")
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        summary = {}  # a run still going, or killed: plot what is there
+    steps = [m["step"] for m in metrics]
+
+    def series(key):
+        return [m.get(key) for m in metrics]
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    ax = axes[0][0]
+    ax.plot(steps, series("rollout/reward_mean"), lw=0.6, alpha=0.6, label="batch reward")
+    ev = [(m["step"], m["eval/reward"]) for m in metrics if m.get("eval/reward") is not None]
+    if ev:
+        ax.plot(*zip(*ev), marker="o", label="held-out eval (greedy)")
+    ax.set_title("reward")
+    ax.legend(fontsize=8)
+    ax = axes[0][1]
+    for key in ("staleness/min", "staleness/mean", "staleness/max"):
+        ax.plot(steps, series(key), lw=0.8, label=key.split("/")[1])
+    ax.set_title("staleness (learner version - token version)")
+    ax.legend(fontsize=8)
+    ax = axes[1][0]
+    for key in ("is/ess_frac", "is/clip_frac", "is/ratio_mean"):
+        if any(v is not None for v in series(key)):
+            ax.plot(steps, series(key), lw=0.8, label=key)
+    ax.set_title("importance sampling")
+    ax.legend(fontsize=8)
+    ax = axes[1][1]
+    ax.plot(steps, series("throughput/samples_per_s"), lw=0.8)
+    ax.set_title("trained samples/s (cumulative)")
+    for a in axes.flat:
+        a.set_xlabel("learner step")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "report.png", dpi=100)
+    plt.close(fig)
+
+    rows = [("steps", len(metrics)), ("base eval reward", summary.get("base_eval_reward")),
+            ("final eval reward", summary.get("final_eval_reward")),
+            ("samples trained", summary.get("samples")), ("wall time (s)", summary.get("wall_s")),
+            ("staleness mean / max", f"{mean_of(metrics, 'staleness/mean'):.2f} / "
+                                     f"{max(m['staleness/max'] for m in metrics):.0f}"),
+            ("mean is/ess_frac", mean_of(metrics, "is/ess_frac")),
+            ("mean is/clip_frac", mean_of(metrics, "is/clip_frac")),
+            ("mean engine/logprob_abs_diff", mean_of(metrics, "engine/logprob_abs_diff"))]
+    lines = [f"# Run report: {run_dir}", "", "| | |", "|---|---|"]
+    for name, value in rows:
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        lines.append(f"| {name} | {'-' if value is None else value} |")
+    lines += ["", "![report](report.png)", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+    return run_dir / "report.md"
