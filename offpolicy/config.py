@@ -298,6 +298,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        data.pop("ablate", None)  # an ablation file's grid; `train` runs its base config
         apply_dict(cfg, data)
         if not cfg.run.name:
             cfg.run.name = path.stem
