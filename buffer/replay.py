@@ -173,15 +173,7 @@ class ReplayBuffer:
                 timeout=timeout)
             if not ok or len(self._groups) < self.batch_groups:
                 return None
-            groups = [self._groups.popleft() for _ in range(self.batch_groups)]
-            trajs = [t for g in groups for t in g]
-            self._size -= len(trajs)
-            self.counts["sampled"] += len(trajs)
-            self.next_version = version + 1
-            self._cond.notify_all()
-            stats = self._stats()
-            stats["buffer/wait_s"] = time.perf_counter() - start
-            return Batch(trajs, version, stats)
+            return self._take(self._groups, version, start)
 
     def _sample_lag(self, version: int, timeout: float) -> Batch | None:
         start = time.perf_counter()
@@ -199,16 +191,20 @@ class ReplayBuffer:
                 timeout=timeout)
             if not ok or len(self._by_version[want]) < self.batch_groups:
                 return None
-            groups = [self._by_version[want].popleft() for _ in range(self.batch_groups)]
             self._consumed[want] += self.batch_groups
-            trajs = [t for g in groups for t in g]
-            self._size -= len(trajs)
-            self.counts["sampled"] += len(trajs)
-            self.next_version = version + 1
-            self._cond.notify_all()
-            stats = self._stats()
-            stats["buffer/wait_s"] = time.perf_counter() - start
-            return Batch(trajs, version, stats)
+            return self._take(self._by_version[want], version, start)
+
+    def _take(self, queue: deque[Group], version: int, start: float) -> Batch:
+        """Pop one batch of whole groups for update `version` (lock held)."""
+        groups = [queue.popleft() for _ in range(self.batch_groups)]
+        trajs = [t for g in groups for t in g]
+        self._size -= len(trajs)
+        self.counts["sampled"] += len(trajs)
+        self.next_version = version + 1
+        self._cond.notify_all()
+        stats = self._stats()
+        stats["buffer/wait_s"] = time.perf_counter() - start
+        return Batch(trajs, version, stats)
 
     def _evict_stale(self, version: int) -> deque[Group]:
         oldest_ok = version - self.max_staleness
