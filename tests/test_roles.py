@@ -170,3 +170,16 @@ def test_nccl_weight_rpc_holds_the_engine_from_start_to_finish(monkeypatch):
     with pytest.raises(RuntimeError):
         broken.weight_rpc("update_weights", {})
     assert not broken.engine.lock.locked() and broken.engine.version == 0
+
+
+def test_hf_engine_stop_strings_end_the_completion(model_dir):
+    engine = HFEngine(str(model_dir), seed=0)
+    prompt = [engine.tokenizer("12+34=")["input_ids"]]
+    greedy = engine.generate(prompt, SamplingParams(max_new_tokens=6, greedy=True))[0]
+    text = engine.tokenizer.decode(greedy.token_ids, skip_special_tokens=True)
+    assert len(text) >= 3  # the random model does not stop by itself here
+    stop = text[2]
+    out = engine.generate(prompt, SamplingParams(max_new_tokens=6, greedy=True, stop=(stop,)))[0]
+    got = engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert got == text[:text.index(stop) + 1] and out.finish_reason == "stop"
+    assert len(out.logprobs) == len(out.versions) == len(out.token_ids)
