@@ -36,11 +36,11 @@ def _vllm(cfg: Config, model_path: str, seed: int):
     from offpolicy.actors.vllm import VLLMEngine  # imports vLLM: only when asked for
 
     ec = cfg.engine
-    # In-flight updates keep sequences running across a load, so the prefix cache could not be
-    # reset safely then; without them it is reset after every load.
     extra = dict(ec.vllm_args)
     if ec.weight_sync == "nccl":  # the worker side of NCCLSync
         extra["weight_transfer_config"] = {"backend": "nccl"}
+    # In-flight updates keep sequences running across a load, so the prefix cache could not be
+    # reset safely then; without them it is reset after every load.
     return VLLMEngine(model_path, seed=seed, dtype=ec.dtype,
                       max_model_len=ec.max_model_len or None,
                       prefix_caching=not ec.inflight_updates, extra_args=extra)
