@@ -215,6 +215,15 @@ class ResourcesConfig:
 class LogConfig:
     progress_every_s: float = 2.0
     """Seconds between progress lines."""
+    tensorboard: bool = False
+    """Also write every numeric metric to TensorBoard (<run dir>/tensorboard; needs the
+    `tensorboard` package)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the `wandb` package; see log.wandb_mode)."""
+    wandb_project: str = "offpolicy"
+    """W&B project name."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """`offline` writes under <run dir>/wandb without network (`wandb sync` uploads later)."""
 
 
 @dataclass
@@ -458,6 +467,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.buffer.max_staleness >= cfg.learner.sync_every - 1,
            f"buffer.max_staleness: must be >= learner.sync_every - 1 "
            f"({cfg.learner.sync_every - 1}), got {cfg.buffer.max_staleness}")
+    for flag, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(cfg.log, flag):
+            import importlib.util
+
+            _check(importlib.util.find_spec(package) is not None,
+                   f"log.{flag}: the `{package}` package is not installed (pip install {package})")
     if cfg.staleness.mode == "lag":
         _check(cfg.staleness.k >= 0, f"staleness.k: must be >= 0, got {cfg.staleness.k}")
         _check(cfg.learner.sync_every == 1, "staleness.mode: lag needs learner.sync_every=1 "

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from offpolicy.config import Config, ConfigError, to_dict
-from offpolicy.metrics import MetricsWriter, write_summary
+from offpolicy.metrics import MetricsWriter, make_backends, write_summary
 
 
 class Remote:
@@ -167,7 +167,8 @@ def train(cfg: Config, log=print) -> dict:
             f"base model {model_path}")
         summary["base_eval_reward"] = ray.get(learner.evaluate.remote())
         log(f"base eval reward {summary['base_eval_reward']:.3f}")
-        writer = MetricsWriter(run_dir, cfg.learner.steps, cfg.log.progress_every_s)
+        writer = MetricsWriter(run_dir, cfg.learner.steps, cfg.log.progress_every_s,
+                               backends=make_backends(cfg, run_dir))
         t_loop = time.perf_counter()
         summary.update(_train_loop(cfg, learner, runs, writer, t_start))
         summary["train_s"] = time.perf_counter() - t_loop

@@ -1,7 +1,8 @@
 """Run folder writers: metrics.jsonl (one line per learner step), summary.json, progress lines.
 
 Reads: metric dicts from the learner. Writes: `runs/<name>/metrics.jsonl`, `summary.json`,
-and a progress line on stdout every `log.progress_every_s` seconds.
+a progress line on stdout every `log.progress_every_s` seconds, and optionally the same
+scalars to TensorBoard (`log.tensorboard`) and Weights & Biases (`log.wandb`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,46 @@ def _clean(value):
     return value
 
 
+class TensorBoardBackend:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbBackend:
+    def __init__(self, run_dir: Path, cfg):
+        import wandb
+
+        from offpolicy.config import to_dict
+
+        self.run = wandb.init(project=cfg.log.wandb_project, name=run_dir.name,
+                              dir=str(run_dir), mode=cfg.log.wandb_mode, config=to_dict(cfg))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_backends(cfg, run_dir: Path) -> list:
+    """The logging backends `log.*` asks for, beside metrics.jsonl (always written)."""
+    return ([TensorBoardBackend(run_dir)] if cfg.log.tensorboard else []) + (
+        [WandbBackend(run_dir, cfg)] if cfg.log.wandb else [])
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: Path, total_steps: int, progress_every_s: float = 2.0, out=None):
+    def __init__(self, run_dir: Path, total_steps: int, progress_every_s: float = 2.0, out=None,
+                 backends: list = ()):
+        self.backends = list(backends)
         self.path = run_dir / "metrics.jsonl"
         self.file = open(self.path, "a", buffering=1)  # line-buffered: a crash keeps every line
         self.total, self.every = total_steps, progress_every_s
@@ -30,6 +69,12 @@ class MetricsWriter:
 
     def write(self, metrics: dict) -> None:
         self.file.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
+        if self.backends:  # scalars only: histograms (dicts) stay in metrics.jsonl
+            scalars = {k: float(v) for k, v in metrics.items() if k != "step"
+                       and isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v)}
+            for b in self.backends:
+                b.log(scalars, metrics["step"])
         if "eval/reward" in metrics:
             self.last_eval = metrics["eval/reward"]
         now = time.monotonic()
@@ -40,6 +85,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.file.close()
+        for b in self.backends:
+            b.close()
 
 
 def progress_line(m: dict, total: int, last_eval: float | None) -> str:

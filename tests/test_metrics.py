@@ -1,0 +1,46 @@
+"""Logging backends beside metrics.jsonl: TensorBoard events, W&B offline (or a clear error)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from offpolicy.config import ConfigError, load_config
+from offpolicy.metrics import MetricsWriter, TensorBoardBackend
+
+
+def metrics(step):
+    return {"step": step, "rollout/reward_mean": 0.1 * step, "staleness/mean": 1.0,
+            "staleness/max": 2, "staleness/hist": {"1": 3}, "is/ratio_mean": 1.0,
+            "throughput/samples_per_s": 10.0, "time/elapsed_s": 1.0, "flag": True}
+
+
+def test_tensorboard_gets_every_scalar_and_jsonl_everything(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = MetricsWriter(tmp_path, 3, out=open(tmp_path / "progress.txt", "w"),
+                           backends=[TensorBoardBackend(tmp_path)])
+    for step in (1, 2, 3):
+        writer.write(metrics(step))
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert "staleness/hist" not in acc.Tags()["scalars"] and "flag" not in acc.Tags()["scalars"]
+    rewards = [(e.step, round(e.value, 5)) for e in acc.Scalars("rollout/reward_mean")]
+    assert rewards == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[2]["staleness/hist"] == {"1": 3}
+
+
+def test_wandb_offline_or_a_one_line_error(tmp_path):
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="log.wandb: the `wandb` package is not installed"):
+            load_config(None, ["log.wandb=true"])
+        return
+    from offpolicy.metrics import WandbBackend
+
+    cfg = load_config(None, ["log.wandb=true", "log.wandb_mode=offline"])
+    backend = WandbBackend(tmp_path, cfg)
+    backend.log({"rollout/reward_mean": 0.5}, 1)
+    backend.close()
+    assert any((tmp_path / "wandb").iterdir())
