@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         from offpolicy.ablate import ablate
 
         try:
-            ablate(args.config, args.overrides)
+            ablate(args.config, args.overrides, log=lambda m: print(m, flush=True))
         except ConfigError as e:
             print(f"offpolicy: error: {e}", file=sys.stderr)
             return 2
