@@ -59,6 +59,9 @@ class TinyModelConfig:
     """Stop supervising once greedy accuracy on a probe set reaches this (base pass rate target)."""
     sft_check_every: int = 10
     """Steps between probe-set checks."""
+    seed: int = 0
+    """Seed of the tiny model's initialisation and warm-up. Separate from run.seed, so runs
+    that differ only in run.seed (an ablation's seeds) share one base model."""
 
 
 @dataclass

@@ -64,7 +64,7 @@ def tiny_llama(vocab_size: int, cfg: Config, tokenizer) -> torch.nn.Module:
         num_key_value_heads=t.num_heads, max_position_embeddings=256, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.model.tiny.seed)
     return LlamaForCausalLM(config)
 
 
@@ -74,8 +74,10 @@ def cache_root(cfg: Config) -> Path:
 
 
 def recipe_key(cfg: Config) -> str:
-    recipe = {"version": RECIPE_VERSION, "tiny": asdict(cfg.model.tiny), "env": cfg.env.name,
-              "env_kwargs": cfg.env.kwargs, "eval_size": cfg.env.eval_size, "seed": cfg.run.seed,
+    tiny = asdict(cfg.model.tiny)
+    recipe = {"version": RECIPE_VERSION, "tiny": tiny, "env": cfg.env.name,
+              "env_kwargs": cfg.env.kwargs, "eval_size": cfg.env.eval_size,
+              "seed": tiny.pop("seed"),
               "torch": torch.__version__.split("+")[0]}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -113,9 +115,9 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
     except (NotImplementedError, AttributeError):
         raise ConfigError(f"model.path: env '{cfg.env.name}' has no reference solutions to "
                           "build a tiny model from; set model.path to a model folder") from None
-    probe = [cfg.run.seed * 7919 + 10_000_000 + i for i in range(200)]
+    probe = [cfg.model.tiny.seed * 7919 + 10_000_000 + i for i in range(200)]
     opt = torch.optim.AdamW(model.parameters(), lr=t.sft_lr, weight_decay=0.0)
-    rng = np.random.default_rng(cfg.run.seed)
+    rng = np.random.default_rng(cfg.model.tiny.seed)
     start, acc, step = time.time(), 0.0, 0
     for step in range(1, t.sft_max_steps + 1):
         seeds = rng.integers(0, 2**31, size=t.sft_batch_size)
