@@ -91,3 +91,11 @@ def test_every_loss_is_selectable_in_the_quickstart():
     from offpolicy.losses import LOSSES
     for name in LOSSES:
         assert load_config(ROOT / "configs" / "quickstart.yaml", [f"loss.name={name}"]).loss.name == name
+
+
+def test_rl_seeds_share_one_base_model_and_tiny_seed_changes_it():
+    from offpolicy.models import recipe_key
+
+    base = recipe_key(load_config(None))
+    assert recipe_key(load_config(None, ["run.seed=1"])) == base
+    assert recipe_key(load_config(None, ["model.tiny.seed=1"])) != base
