@@ -470,6 +470,26 @@ def validate(cfg: Config) -> None:
     _check(cfg.buffer.max_staleness >= cfg.learner.sync_every - 1,
            f"buffer.max_staleness: must be >= learner.sync_every - 1 "
            f"({cfg.learner.sync_every - 1}), got {cfg.buffer.max_staleness}")
+    _validate_staleness_and_logging(cfg)
+    _check(len(cfg.learner.betas) == 2, "learner.betas: expected a list of two floats")
+    _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
+           "buffer.capacity: must hold at least one learner batch "
+           f"({cfg.learner.batch_groups * cfg.rollout.group_size} trajectories)")
+    _check(min(cfg.resources.learner_cpus, cfg.resources.actor_cpus, cfg.resources.learner_gpus,
+               cfg.resources.actor_gpus) >= 0,
+           "resources.learner_cpus/actor_cpus/learner_gpus/actor_gpus: must be >= 0")
+    _check(cfg.learner.micro_batch >= 0, "learner.micro_batch: must be >= 0")
+    if cfg.model.path:
+        p = Path(cfg.model.path).expanduser()
+        _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")
+        _check((p / "config.json").is_file(),
+               f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
+    _validate_engine(cfg)
+    check_loss_params(cfg.loss.name, cfg.loss.params)
+
+
+def _validate_staleness_and_logging(cfg: Config) -> None:
+    """Lag-mode constraints and optional logging packages."""
     for flag, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
         if getattr(cfg.log, flag):
             import importlib.util
@@ -485,19 +505,10 @@ def validate(cfg: Config) -> None:
         need = (cfg.staleness.k + 1) * cfg.learner.batch_groups * cfg.rollout.group_size
         _check(cfg.buffer.capacity >= need, f"buffer.capacity: lag mode holds up to k + 1 "
                f"batches ahead; needs >= {need}, got {cfg.buffer.capacity}")
-    _check(len(cfg.learner.betas) == 2, "learner.betas: expected a list of two floats")
-    _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
-           "buffer.capacity: must hold at least one learner batch "
-           f"({cfg.learner.batch_groups * cfg.rollout.group_size} trajectories)")
-    _check(min(cfg.resources.learner_cpus, cfg.resources.actor_cpus, cfg.resources.learner_gpus,
-               cfg.resources.actor_gpus) >= 0,
-           "resources.learner_cpus/actor_cpus/learner_gpus/actor_gpus: must be >= 0")
-    _check(cfg.learner.micro_batch >= 0, "learner.micro_batch: must be >= 0")
-    if cfg.model.path:
-        p = Path(cfg.model.path).expanduser()
-        _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")
-        _check((p / "config.json").is_file(),
-               f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
+
+
+def _validate_engine(cfg: Config) -> None:
+    """Engine fields, vLLM availability and what each weight path needs."""
     _check(cfg.engine.logprob_check_every >= 0, "engine.logprob_check_every: must be >= 0")
     _check(cfg.engine.max_model_len >= 0, "engine.max_model_len: must be >= 0")
     _check(isinstance(cfg.engine.stop, list) and all(isinstance(x, str) for x in cfg.engine.stop),
@@ -515,7 +526,6 @@ def validate(cfg: Config) -> None:
                "resources.actor_gpus > 0 (use filesystem on CPU)")
     _check(not cfg.engine.inflight_updates or cfg.engine.name == "vllm",
            "engine.inflight_updates: needs engine.name=vllm (HF generate runs a batch in one call)")
-    check_loss_params(cfg.loss.name, cfg.loss.params)
 
 
 def max_staleness(cfg: Config) -> int:
