@@ -110,7 +110,26 @@ def test_lag_mode_trains_on_exactly_version_t_minus_k():
         assert orders == sorted(orders)  # work goes to the oldest version still short
         assert buf.counts["filtered"] > 0
         # Orders are sized to what is missing: at most one order's surplus per version.
-        assert buf.counts["evicted_staleness"] <= 12 * 3 * 2
+        assert buf.counts["evicted_surplus"] <= 12 * 3 * 2
+        assert buf.counts["evicted_staleness"] == 0
+
+
+def test_lag_orders_grow_with_the_filter_rate():
+    """When half the groups are filtered, a batch of 2 groups is ordered as 4, not 2 then 1..."""
+    buf = ReplayBuffer(2, max_staleness=0, capacity=1000, drop_uniform_groups=True, lag=0)
+    assert buf.admit(0, 8, timeout=0)["n_groups"] == 2  # nothing filtered yet
+    for i in range(20):  # half of every add is uniform
+        bad = group(0, f"u{i}")
+        for tr in bad:
+            tr.reward = 0.0
+        buf.add([group(0, f"g{i}"), bad])
+    assert abs(buf.keep_rate - 0.5) < 0.01
+    buf.sample(0, timeout=0)
+    buf.publish(1)
+    order = buf.admit(1, 8, timeout=0)
+    assert order["version"] == 1 and order["n_groups"] == 4
+    assert buf.admit(1, 8, timeout=0)["admitted"] is False  # 4 on order are expected to give 2
+    assert buf.admit(1, 3, timeout=0)["admitted"] is False
 
 
 def test_lag_mode_k0_is_synchronous():

@@ -121,6 +121,22 @@ def test_file_sync_round_trip_keeps_tied_weights(model_dir, tmp_path):
     assert got["lm_head.weight"].data_ptr() == got["model.embed_tokens.weight"].data_ptr()
 
 
+def test_numpy_encoding_round_trips_dtypes_and_ties():
+    """ObjectStoreSync's payload: exact values for float32 and bfloat16, one array for a tie,
+    and arrays pickle (as the object store does) without losing any of that."""
+    import pickle
+
+    from offpolicy.weights import from_numpy, to_numpy
+
+    emb = torch.randn(5, 3)
+    state = {"emb": emb, "head": emb, "w": torch.randn(2, 2).to(torch.bfloat16),
+             "b": torch.arange(3, dtype=torch.float32)}
+    arrays = pickle.loads(pickle.dumps(to_numpy(state), protocol=5))
+    assert arrays["emb"][0] is arrays["head"][0]  # the tie is sent once
+    back = from_numpy(arrays)
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
+
+
 class _FakeLLM:
     def __init__(self, fail_on=None):
         self.calls, self.fail_on = [], fail_on
