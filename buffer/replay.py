@@ -1,7 +1,13 @@
 """The replay buffer: whole GRPO groups in, whole groups out, staleness bounded two ways.
 
 Reads: groups of Trajectories from rollout actors (`add`), sample requests from the learner.
-Writes: Batches to the learner; counts of everything it drops.
+Writes: Batches to the learner; counts of everything it drops, by reason.
+
+Storage (bound mode): each group gets a slot; a sampler (`samplers.py`: fifo, uniform,
+prioritized) picks the slots of the next batch; a group is retired after `max_reuse` uses.
+Capacity is in trajectories and in bytes; beyond either the oldest groups are evicted.
+Groups whose rewards are all equal are dropped on arrival (`drop_uniform_groups`). Every drop
+is counted: `filtered`, `evicted_capacity`, `evicted_staleness`, `evicted_surplus` (lag mode).
 
 Staleness (DESIGN.md): the staleness of a token is the learner version at the update that
 consumes it minus the version that produced it. `max_staleness` is enforced
@@ -27,19 +33,45 @@ block at once: actors in `admit`, the learner in `sample`), in tests it is used 
 
 from __future__ import annotations
 
+import heapq
 import math
+import pickle
 import threading
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+
+from offpolicy.buffer.samplers import PRIORITIES, SAMPLERS, binary_entropy, pass_rate
 from offpolicy.types import Batch, Trajectory
 
 Group = list[Trajectory]
 
 
+@dataclass
+class Entry:
+    """One stored group and what the buffer needs to know about it without touching it again."""
+
+    group: Group
+    seq: int           # arrival number: age order, and tells a live heap item from a dead one
+    min_version: int   # oldest policy token (what staleness bounds)
+    nbytes: int
+    pass_rate: float
+    uses: int = 0
+
+    @classmethod
+    def of(cls, group: Group, seq: int, uses: int = 0) -> "Entry":
+        return cls(group, seq, min(t.min_version() for t in group),
+                   sum(t.nbytes for t in group), pass_rate(group), uses)
+
+
 class ReplayBuffer:
     def __init__(self, batch_groups: int, max_staleness: int, capacity: int,
-                 drop_uniform_groups: bool = False, lag: int | None = None):
+                 drop_uniform_groups: bool = False, lag: int | None = None, *,
+                 capacity_bytes: int = 0, sampler: str = "fifo", priority: str = "pass_rate",
+                 alpha: float = 0.6, beta: float = 0.4, max_reuse: int = 1, seed: int = 0):
         self.batch_groups = batch_groups
         self.lag = lag
         # lag mode: groups by version, and per version the groups consumed and reserved
@@ -48,19 +80,40 @@ class ReplayBuffer:
         self._reserved_v: dict[int, int] = defaultdict(int)
         self.drop_uniform_groups = drop_uniform_groups
         self.max_staleness = max_staleness
-        self.capacity = capacity
-        self._groups: deque[Group] = deque()
+        self.capacity, self.capacity_bytes, self.max_reuse = capacity, capacity_bytes, max_reuse
+        # bound mode storage: slot -> Entry, age order, a min-heap on min_version for staleness
+        self.sampler_name, self.priority_name = sampler, priority
+        self.sampler = SAMPLERS[sampler](seed=seed, alpha=alpha, beta=beta)
+        self.priority_fn = PRIORITIES[priority]
+        self._entries: dict[int, Entry] = {}
+        self._age: OrderedDict[int, None] = OrderedDict()
+        self._heap: list[tuple[int, int, int]] = []   # (min_version, seq, slot), lazily cleaned
+        self._free: list[int] = []
+        self._seq = 0
+        self._unused = 0               # stored groups not sampled yet (what admission counts)
         self._size = 0                 # trajectories stored
+        self._bytes = 0
         self._cond = threading.Condition()
         self.next_version = 0          # learner version of the next update to sample
         self.published = 0             # newest weights actors can load
         self.reserved = 0              # groups admitted but not yet added
         self.closed = False
         self.counts = {"added": 0, "filtered": 0, "sampled": 0, "evicted_staleness": 0,
-                       "evicted_capacity": 0, "evicted_surplus": 0, "admission_waits": 0,
-                       "held_off": 0}
-        self.keep_rate = 1.0           # recent share of groups that survive filtering (EMA)
+                       "evicted_capacity": 0, "evicted_surplus": 0, "retired": 0,
+                       "admission_waits": 0, "held_off": 0}
+        self.reuse_hist: dict[int, int] = defaultdict(int)  # groups sampled for the n-th time
         self.held_off_s = 0.0          # time actors spent held off in admit (see _wait)
+        self.keep_rate = 1.0           # recent share of groups that survive filtering (EMA)
+
+    @staticmethod
+    def config_kwargs(cfg) -> dict:
+        """The constructor's arguments from a run Config (launch passes them to Ray)."""
+        b = cfg.buffer
+        return dict(batch_groups=cfg.learner.batch_groups, max_staleness=b.max_staleness,
+                    capacity=b.capacity, drop_uniform_groups=b.drop_uniform_groups,
+                    lag=cfg.staleness.k if cfg.staleness.mode == "lag" else None,
+                    capacity_bytes=b.capacity_bytes, sampler=b.sampler, priority=b.priority,
+                    alpha=b.alpha, beta=b.beta, max_reuse=b.max_reuse, seed=cfg.run.seed)
 
     # -- actors ---------------------------------------------------------------------------------
 
@@ -131,12 +184,12 @@ class ReplayBuffer:
     def _predicted_staleness(self, version: int) -> int:
         """Staleness at which the first group of a new batch would be consumed.
 
-        Predicting the first group (not the last) keeps the loop live: while the learner waits
-        for data (fewer than batch_groups queued), a new batch is consumed at the version the
-        learner waits at, so it is always admitted. Later groups of a large batch may end up
-        older than the bound; eviction catches and counts them.
+        Groups not yet sampled (and those on order) go first. Predicting the first group (not
+        the last) keeps the loop live: while the learner waits for data, a new batch is
+        consumed at the version the learner waits at, so it is always admitted. Later groups of
+        a large batch may end up older than the bound; eviction catches and counts them.
         """
-        ahead = len(self._groups) + self.reserved
+        ahead = self._unused + self.reserved
         consumed_at = self.next_version + ahead // self.batch_groups
         return consumed_at - max(version, self.published)
 
@@ -156,22 +209,49 @@ class ReplayBuffer:
                 kept += 1
                 if self.lag is not None:
                     self._by_version[g[0].min_version()].append(g)
+                    self._size += len(g)
+                    self._bytes += sum(t.nbytes for t in g)
                 else:
-                    self._groups.append(g)
-                self._size += len(g)
+                    self._insert(g)
             if groups:
                 self.keep_rate += 0.2 * (kept / len(groups) - self.keep_rate)
-            while self._size > self.capacity:  # oldest first
-                old = self._groups.popleft()
-                self._size -= len(old)
-                self.counts["evicted_capacity"] += len(old)
+            # Lag mode holds at most k + 1 batches on order (validated against capacity), all
+            # needed: evicting one would stall the update waiting for it.
+            while self.lag is None and self._entries and (
+                    self._size > self.capacity
+                    or (self.capacity_bytes and self._bytes > self.capacity_bytes)):
+                self._remove(next(iter(self._age)), "evicted_capacity")  # the oldest
             self._cond.notify_all()
             return self.next_version
+
+    def _insert(self, g: Group) -> None:
+        slot = self._free.pop() if self._free else len(self._entries)
+        e = Entry.of(g, self._seq)
+        self._seq += 1
+        self._entries[slot] = e
+        self._age[slot] = None
+        heapq.heappush(self._heap, (e.min_version, e.seq, slot))
+        self.sampler.add(slot, self.priority_fn(g))
+        self._size += len(g)
+        self._bytes += e.nbytes
+        self._unused += 1
+
+    def _remove(self, slot: int, reason: str) -> Entry:
+        e = self._entries.pop(slot)
+        del self._age[slot]
+        self.sampler.remove(slot)
+        self._free.append(slot)
+        self._size -= len(e.group)
+        self._bytes -= e.nbytes
+        self._unused -= e.uses == 0
+        self.counts[reason] += len(e.group)
+        return e
 
     # -- learner --------------------------------------------------------------------------------
 
     def sample(self, version: int, timeout: float = 1.0) -> Batch | None:
-        """The oldest `batch_groups` fresh groups for update `version`, or None on timeout/close."""
+        """`batch_groups` distinct fresh groups for update `version`, picked by the sampler, or
+        None on timeout/close."""
         if self.lag is not None:
             return self._sample_lag(version, timeout)
         start = time.perf_counter()
@@ -181,11 +261,19 @@ class ReplayBuffer:
                 self._cond.notify_all()  # admission predictions changed
             self._evict_stale(version)
             ok = self._cond.wait_for(
-                lambda: self.closed or len(self._evict_stale(version)) >= self.batch_groups,
+                lambda: self.closed or self._evict_stale(version) >= self.batch_groups,
                 timeout=timeout)
-            if not ok or len(self._groups) < self.batch_groups:
+            if not ok or len(self._entries) < self.batch_groups:
                 return None
-            return self._take(self._groups, version, start)
+            slots, weights = self.sampler.sample(self.batch_groups)
+            entries = [self._entries[slot] for slot in slots]
+            for slot, e in zip(slots, entries):
+                e.uses += 1
+                self._unused -= e.uses == 1
+                self.reuse_hist[e.uses] += 1
+                if e.uses >= self.max_reuse:
+                    self._remove(slot, "retired")
+            return self._batch(entries, version, start, weights)
 
     def _sample_lag(self, version: int, timeout: float) -> Batch | None:
         start = time.perf_counter()
@@ -193,10 +281,10 @@ class ReplayBuffer:
         with self._cond:
             self.next_version = version
             for v in [v for v in self._by_version if v < want]:  # no update will take these
-                old = self._by_version.pop(v)
-                n = sum(len(g) for g in old)
-                self._size -= n
-                self.counts["evicted_surplus"] += n
+                old = [t for g in self._by_version.pop(v) for t in g]
+                self._size -= len(old)
+                self._bytes -= sum(t.nbytes for t in old)
+                self.counts["evicted_surplus"] += len(old)
             self._cond.notify_all()
             ok = self._cond.wait_for(
                 lambda: self.closed or len(self._by_version[want]) >= self.batch_groups,
@@ -204,31 +292,45 @@ class ReplayBuffer:
             if not ok or len(self._by_version[want]) < self.batch_groups:
                 return None
             self._consumed[want] += self.batch_groups
-            return self._take(self._by_version[want], version, start)
+            entries = [Entry.of(self._by_version[want].popleft(), -1)
+                       for _ in range(self.batch_groups)]
+            self._size -= sum(len(e.group) for e in entries)
+            self._bytes -= sum(e.nbytes for e in entries)
+            return self._batch(entries, version, start, None)
 
-    def _take(self, queue: deque[Group], version: int, start: float) -> Batch:
-        """Pop one batch of whole groups for update `version` (lock held)."""
-        groups = [queue.popleft() for _ in range(self.batch_groups)]
+    def _batch(self, entries: list[Entry], version: int, start: float,
+               group_weights: np.ndarray | None) -> Batch:
+        """The Batch for update `version` from whole groups (lock held), with its metrics."""
+        groups = [e.group for e in entries]
         trajs = [t for g in groups for t in g]
-        self._size -= len(trajs)
         self.counts["sampled"] += len(trajs)
         self.next_version = version + 1
         self._cond.notify_all()
         stats = self._stats()
         stats["buffer/wait_s"] = time.perf_counter() - start
-        return Batch(trajs, version, stats)
+        stats["buffer/bits_per_sample"] = sum(binary_entropy(e.pass_rate)
+                                              for e in entries) / len(entries)
+        stats["buffer/sampled_staleness"] = sum(version - e.min_version
+                                                for e in entries) / len(entries)
+        weights = None
+        if group_weights is not None:  # one weight per group, repeated for its members
+            weights = np.repeat(group_weights, [len(g) for g in groups]).astype(np.float32)
+            stats["buffer/is_weight_mean"] = float(weights.mean())
+        return Batch(trajs, version, stats, weights)
 
-    def _evict_stale(self, version: int) -> deque[Group]:
+    def _evict_stale(self, version: int) -> int:
+        """Drop (counted) groups older than version - max_staleness; returns groups stored.
+        The heap's top is the oldest group; items of groups already gone are skipped."""
         oldest_ok = version - self.max_staleness
-        kept: deque[Group] = deque()
-        for g in self._groups:
-            if min(t.min_version() for t in g) >= oldest_ok:
-                kept.append(g)
-            else:
-                self._size -= len(g)
-                self.counts["evicted_staleness"] += len(g)
-        self._groups = kept
-        return kept
+        while self._heap and self._heap[0][0] < oldest_ok:
+            _, seq, slot = heapq.heappop(self._heap)
+            e = self._entries.get(slot)
+            if e is not None and e.seq == seq:
+                self._remove(slot, "evicted_staleness")
+        if len(self._heap) > 2 * len(self._entries) + 1024:  # too many dead items: rebuild
+            self._heap = [(e.min_version, e.seq, s) for s, e in self._entries.items()]
+            heapq.heapify(self._heap)
+        return len(self._entries)
 
     def publish(self, version: int) -> None:
         """The learner published weights `version`: waiting actors may now be admitted."""
@@ -245,6 +347,63 @@ class ReplayBuffer:
     def is_closed(self) -> bool:
         return self.closed
 
+    # -- snapshot and restore (resume) ----------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Everything needed to continue exactly where this buffer is: stored groups with their
+        slots and use counts (oldest first), the sampler's order and random state, lag-mode
+        queues, counters. Plain data (pickled by `save`)."""
+        with self._cond:
+            return {"entries": [(s, self._entries[s].seq, self._entries[s].group,
+                                 self._entries[s].uses) for s in self._age],
+                    "sampler_slots": self.sampler.slots(), "free": list(self._free),
+                    "seq": self._seq,
+                    "rng": getattr(getattr(self.sampler, "rng", None), "getstate", lambda: None)(),
+                    "by_version": {v: list(q) for v, q in self._by_version.items() if q},
+                    "consumed": dict(self._consumed), "counts": dict(self.counts),
+                    "reuse_hist": dict(self.reuse_hist), "held_off_s": self.held_off_s,
+                    "keep_rate": self.keep_rate, "next_version": self.next_version,
+                    "published": self.published}
+
+    def restore(self, state: dict) -> None:
+        """Load a `snapshot` into this (empty, same settings) buffer; priorities are recomputed."""
+        with self._cond:
+            for slot, seq, group, uses in state["entries"]:
+                e = Entry.of(group, seq, uses)
+                self._entries[slot] = e
+                self._age[slot] = None
+                self._heap.append((e.min_version, e.seq, slot))
+                self._size += len(group)
+                self._bytes += e.nbytes
+                self._unused += uses == 0
+            heapq.heapify(self._heap)
+            for slot in state["sampler_slots"]:
+                self.sampler.add(slot, self.priority_fn(self._entries[slot].group))
+            self._free, self._seq = list(state["free"]), state["seq"]
+            if state["rng"] is not None:
+                self.sampler.rng.setstate(state["rng"])
+            for v, groups in state["by_version"].items():
+                self._by_version[v].extend(groups)
+                self._size += sum(len(g) for g in groups)
+                self._bytes += sum(t.nbytes for g in groups for t in g)
+            self._consumed.update(state["consumed"])
+            self.counts.update(state["counts"])
+            self.reuse_hist.update(state["reuse_hist"])
+            self.held_off_s, self.keep_rate = state["held_off_s"], state["keep_rate"]
+            self.next_version, self.published = state["next_version"], state["published"]
+            self._cond.notify_all()
+
+    def save(self, path: str | Path) -> int:
+        """Write `snapshot()` to `path` (atomic rename); returns the bytes written."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(pickle.dumps(self.snapshot(), protocol=5))
+        tmp.replace(path)
+        return path.stat().st_size
+
+    def load(self, path: str | Path) -> None:
+        self.restore(pickle.loads(Path(path).read_bytes()))
+
     # -- metrics --------------------------------------------------------------------------------
 
     def stats(self) -> dict:
@@ -253,12 +412,14 @@ class ReplayBuffer:
 
     def _stats(self) -> dict:
         c = self.counts
-        groups = len(self._groups) + sum(len(q) for q in self._by_version.values())
-        return {"buffer/size": self._size, "buffer/groups": groups,
+        groups = len(self._entries) + sum(len(q) for q in self._by_version.values())
+        return {"buffer/size": self._size, "buffer/bytes": self._bytes, "buffer/groups": groups,
                 "buffer/held_off": c["held_off"], "buffer/held_off_s": self.held_off_s,
                 "buffer/reserved_groups": self.reserved, "buffer/added": c["added"],
                 "buffer/filtered": c["filtered"], "buffer/sampled": c["sampled"],
+                "buffer/retired": c["retired"],
                 "buffer/evicted_staleness": c["evicted_staleness"],
                 "buffer/evicted_capacity": c["evicted_capacity"],
                 "buffer/evicted_surplus": c["evicted_surplus"],
-                "buffer/admission_waits": c["admission_waits"]}
+                "buffer/admission_waits": c["admission_waits"],
+                "buffer/reuse_hist": {str(k): v for k, v in sorted(self.reuse_hist.items())}}

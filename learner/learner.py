@@ -60,6 +60,8 @@ class Learner:
         d = {k: torch.from_numpy(v) for k, v in batch.padded(self.tokenizer.pad_token_id).items()}
         mask = d["loss_mask"]                                                   # (B, T)
         adv = torch.from_numpy(self.advantage_fn(batch.rewards(), batch.group_index()))  # (B,)
+        if batch.weights is not None:  # prioritized replay's importance weights, (B,)
+            adv = adv * torch.from_numpy(batch.weights)
 
         parity = {}
         if cfg.engine.logprob_check_every and self.version % cfg.engine.logprob_check_every == 0:

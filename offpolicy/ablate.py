@@ -2,7 +2,8 @@
 run.seed), run in parallel, resumable, then one table and two plots.
 
 Reads: a config YAML whose `ablate:` section holds `grid` ({key: [values]}), `parallel` and
-optionally `dir`; the rest of the file is the base config of every cell.
+optionally `dir` and `threshold` (an eval reward: the table then also gives the samples each
+cell needed to reach it); the rest of the file is the base config of every cell.
 Writes, in the ablation folder (default `ablations/<config stem>`): `base.yaml`, one normal run
 folder per cell (with its `train.log`), `results.csv`, `results.md`, `reward_vs_samples.png`,
 `final_vs_k.png`. A cell whose `summary.json` says it finished is skipped on a rerun.
@@ -36,9 +37,12 @@ def load_ablation(path: str) -> tuple[dict, dict]:
     spec = data.pop("ablate", None)
     if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
         raise ConfigError(f"{path}: needs an `ablate:` section with `grid: {{key: [values]}}`")
-    unknown = set(spec) - {"grid", "parallel", "dir"}
+    unknown = set(spec) - {"grid", "parallel", "dir", "threshold"}
     if unknown:
-        raise ConfigError(f"ablate: unknown keys {sorted(unknown)}; valid: grid, parallel, dir")
+        raise ConfigError(f"ablate: unknown keys {sorted(unknown)}; "
+                          "valid: grid, parallel, dir, threshold")
+    if not isinstance(spec.get("threshold", 0.0), (int, float)):
+        raise ConfigError("ablate.threshold: expected a number (an eval reward)")
     for key, values in spec["grid"].items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"ablate.grid.{key}: expected a non-empty list")
@@ -72,15 +76,17 @@ def ablate(path: str, overrides: list[str], log=print) -> Path:
     base_path = root / "base.yaml"
     base_path.write_text(yaml.safe_dump(base, sort_keys=False))
     cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    steps = {}
     for cell in cells:  # every cell's config is checked before anything runs
-        load_config(base_path, [*overrides, *(f"{k}={v}" for k, v in cell.items())])
+        cfg = load_config(base_path, [*overrides, *(f"{k}={v}" for k, v in cell.items())])
+        steps[cell_name(cell)] = cfg.learner.steps
     todo = [c for c in cells if not cell_done(root / cell_name(c))]
     parallel = max(1, int(spec.get("parallel", 1)))
     log(f"ablation {root}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
         f"{len(todo)} to run, {parallel} at a time")
-    failed = _run_cells(root, base_path, overrides, todo, parallel, log)
-    rows = collect(root, cells)
-    write_results(root, grid, rows)
+    failed = _run_cells(root, base_path, overrides, _interleave(todo), parallel, steps, log)
+    rows = collect(root, cells, spec.get("threshold"))
+    write_results(root, grid, rows, spec.get("threshold"))
     log(f"results: {root / 'results.csv'}, {root / 'results.md'}, plots in {root}")
     if failed:
         raise RuntimeError(f"{len(failed)} cell(s) failed: {', '.join(failed)} "
@@ -89,10 +95,18 @@ def ablate(path: str, overrides: list[str], log=print) -> Path:
 
 
 def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dict],
-               parallel: int, log) -> list[str]:
+               parallel: int, steps: dict[str, int], log) -> list[str]:
     """Run `offpolicy train` per cell, `parallel` at a time; progress every 10 s."""
     pending, running, failed = list(todo), {}, []
     start, last, finished = time.time(), 0.0, 0
+    # One Ray instance for every cell (each cell's run connects as its own job): its daemons
+    # start once, not once per cell. SIGTERM stops the cells like Ctrl-C does.
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+             configure_logging=True)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    restore = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -105,7 +119,7 @@ def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dic
                        f"run.dir={run_dir}", "run.overwrite=true", "log.progress_every_s=30"]
                 out = open(run_dir / "train.log", "w")
                 running[name] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                                  start_new_session=True), out, run_dir)
+                                                  start_new_session=True, env=env), out, run_dir)
             for name, (proc, out, run_dir) in list(running.items()):
                 if proc.poll() is None:
                     continue
@@ -122,19 +136,45 @@ def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dic
             if time.time() - last >= 10 and running:
                 last = time.time()
                 elapsed = last - start
-                steps = ", ".join(f"{n} step {_steps(r)}" for n, (_, _, r) in running.items())
-                eta = elapsed / finished * (len(todo) - finished) if finished else None
-                log(f"  {finished}/{len(todo)} done, running: {steps}; {elapsed / 60:.1f} min"
-                    + (f", about {eta / 60:.0f} min left" if eta else ""))
+                now = {n: _steps(r) for n, (_, _, r) in running.items()}
+                # cells' worth of work done so far, running cells counted by their steps
+                done = finished + sum(now[n] / steps[n] for n in now)
+                eta = elapsed / done * (len(todo) - done) if done > 0.2 else None
+                log(f"  {finished}/{len(todo)} done, running: "
+                    + ", ".join(f"{n} step {k}" for n, k in now.items())
+                    + f"; {elapsed / 60:.1f} min" + (f", about {eta / 60:.0f} min left"
+                                                      if eta else ""))
             time.sleep(0.5)
     except KeyboardInterrupt:
-        for proc, out, _ in running.values():  # each run stops its own Ray roles on SIGINT
-            os.killpg(proc.pid, signal.SIGINT)
+        # SIGTERM, not SIGINT: a process started in the background ignores SIGINT, and each
+        # run stops its own Ray roles on either.
+        for proc, out, _ in running.values():
+            os.killpg(proc.pid, signal.SIGTERM)
         for proc, out, _ in running.values():
             proc.wait(timeout=60)
             out.close()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, restore)
+        ray.shutdown()
     return failed
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _interleave(cells: list[dict]) -> list[dict]:
+    """Round-robin over the values of the grid's first key, ends first (k = 0, 256, 4, 64, 16,
+    0, ...): a synchronous k = 0 cell leaves CPU idle between its steps, which a pipelined
+    cell running beside it can use."""
+    if not cells:
+        return cells
+    key = next(iter(cells[0]))
+    values = list(dict.fromkeys(c[key] for c in cells))
+    zigzag = list(dict.fromkeys(v for pair in zip(values, reversed(values)) for v in pair))
+    by_value = [[c for c in cells if c[key] == v] for v in zigzag]
+    return [c for row in itertools.zip_longest(*by_value) for c in row if c is not None]
 
 
 def _steps(run_dir: Path) -> int:
@@ -152,8 +192,9 @@ def _summary(run_dir: Path) -> dict:
         return {}
 
 
-def collect(root: Path, cells: list[dict]) -> list[dict]:
-    """One row per finished cell: its grid values and the run's results."""
+def collect(root: Path, cells: list[dict], threshold: float | None = None) -> list[dict]:
+    """One row per finished cell: its grid values and the run's results (with `threshold`,
+    also the samples trained at the first eval at or above it; None if never reached)."""
     rows = []
     for cell in cells:
         run_dir = root / cell_name(cell)
@@ -169,19 +210,25 @@ def collect(root: Path, cells: list[dict]) -> list[dict]:
                      "staleness_mean": s["staleness_mean"],
                      "ess_frac": mean_of(metrics, "is/ess_frac"),
                      "clip_frac": mean_of(metrics, "is/clip_frac")})
+        if threshold is not None:
+            rows[-1]["samples_to_threshold"] = next(
+                (x for x, y in zip(samples, rewards) if y >= threshold), None)
     return rows
 
 
-def write_results(root: Path, grid: dict, rows: list[dict]) -> None:
+def write_results(root: Path, grid: dict, rows: list[dict],
+                  threshold: float | None = None) -> None:
     if not rows:
         return
     with open(root / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    keys = list(grid)
+    # The first two grid keys other than run.seed are the table's axes; the rest are averaged.
+    keys = [k for k in grid if k != "run.seed"] or list(grid)
     down, across = keys[0], keys[1] if len(keys) > 1 else None
-    (root / "results.md").write_text(_table(rows, grid, down, across))
+    (root / "results.md").write_text(_table(rows, grid, down, across)
+                                     + _threshold_table(rows, grid, down, across, threshold))
     _plots(root, rows, grid, down, across)
 
 
@@ -209,6 +256,27 @@ def _table(rows: list[dict], grid: dict, down: str, across: str | None) -> str:
     for d in grid[down]:
         cells = [_fmt([r["eval_auc"] for r in _group(rows, **{down: d}, **(
             {across: c} if across else {}))]) for c in cols]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _threshold_table(rows, grid, down, across, threshold) -> str:
+    """Samples trained until eval reward >= threshold: mean over the runs that got there."""
+    if threshold is None:
+        return ""
+    cols = grid[across] if across else [None]
+    lines = ["", f"Samples trained until the eval reward first reached {threshold} (mean over "
+             "the runs that reached it; `k/n` = runs that reached it):", "",
+             f"| {down} | " + " | ".join(str(c) for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for d in grid[down]:
+        cells = []
+        for c in cols:
+            runs = _group(rows, **{down: d}, **({across: c} if across else {}))
+            got = [r["samples_to_threshold"] for r in runs
+                   if r["samples_to_threshold"] is not None]
+            cells.append((f"{statistics.mean(got):,.0f} " if got else "not reached ")
+                         + f"({len(got)}/{len(runs)})")
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

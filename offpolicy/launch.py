@@ -77,12 +77,15 @@ def prepare_run_dir(cfg: Config) -> Path:
 def start_ray(cfg: Config) -> None:
     import ray
 
-    num_cpus = cfg.resources.num_cpus or os.cpu_count()
     # Workers import the user's task module (env.module) from the driver's working directory.
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=True, configure_logging=True,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True,
+                  runtime_env={"env_vars": {"PYTHONPATH": path}})
+    if os.environ.get("RAY_ADDRESS"):  # a running cluster (`ray job submit`, `offpolicy ablate`)
+        ray.init(address=os.environ["RAY_ADDRESS"], **common)
+    else:  # a private local instance for this run
+        ray.init(num_cpus=cfg.resources.num_cpus or os.cpu_count(), include_dashboard=False,
+                 **common)
     need = cfg.resources.learner_cpus + cfg.rollout.num_actors * cfg.resources.actor_cpus
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
@@ -104,13 +107,13 @@ def start_roles(cfg: Config, model_path: str) -> dict:
     from offpolicy.actors.rollout import RolloutActor
     from offpolicy.buffer.replay import ReplayBuffer
     from offpolicy.learner.learner import Learner
-    from offpolicy.weights import FileSync, NCCLSync, ObjectStoreSync, WeightStore
+    from offpolicy.weight_store import WeightStore
+    from offpolicy.weights import FileSync, NCCLSync, ObjectStoreSync
 
     n, res, kind = cfg.rollout.num_actors, cfg.resources, weight_sync_kind(cfg)
     lag = cfg.staleness.k if cfg.staleness.mode == "lag" else None
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0, max_concurrency=2 * n + 8).remote(
-        cfg.learner.batch_groups, cfg.buffer.max_staleness, cfg.buffer.capacity,
-        cfg.buffer.drop_uniform_groups, lag)
+        **ReplayBuffer.config_kwargs(cfg))
     keep = 1 if lag is None else lag + 2  # lag mode: actors load the exact version asked for
     store = ray.remote(WeightStore).options(num_cpus=0).remote(keep)
     sync = {"filesystem": lambda: FileSync(Remote(store), weights_dir(cfg), keep=max(3, keep)),

@@ -40,6 +40,15 @@ class Trajectory:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
 
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held: the arrays plus the strings and a fixed object overhead
+        (what `buffer.capacity_bytes` counts; dict fields are counted by their text only)."""
+        arrays = (self.prompt_ids, self.completion_ids, self.loss_mask, self.behavior_logprobs,
+                  self.versions)
+        text = len(self.id) + len(self.group_id) + len(self.env) + len(self.finish_reason)
+        return sum(a.nbytes for a in arrays) + text + len(repr(self.info)) + 600
+
     def min_version(self) -> int:
         """Oldest policy version among the policy tokens (what staleness bounds)."""
         policy = self.versions[self.loss_mask.astype(bool)]
@@ -55,6 +64,9 @@ class Batch:
     """Learner version of the update that consumes this batch."""
     stats: dict = field(default_factory=dict)
     """`buffer/...` metrics measured when the batch was sampled."""
+    weights: np.ndarray | None = None
+    """(B,) float32 importance weights of prioritized replay (None: all 1); the learner
+    multiplies them into the advantages."""
 
     def __len__(self) -> int:
         return len(self.trajectories)

@@ -90,3 +90,31 @@ def test_ablate_runs_the_grid_resumes_and_writes_results(model_dir, tmp_path):
     assert "1 to run" in lines[0]
     assert all((root / n / "summary.json").stat().st_mtime == stamp[n] for n in names[:3])
     assert load_config(root / "base.yaml").staleness.mode == "lag"
+
+
+def test_threshold_gives_samples_to_reach_it(tmp_path):
+    """Synthetic run folders: eval 0.2 at 0 samples, then per seed a curve; threshold 0.5."""
+    from offpolicy.ablate import collect, write_results
+
+    grid = {"buffer.sampler": ["fifo", "uniform"], "run.seed": [0, 1]}
+    curves = {("fifo", 0): [0.3, 0.5, 0.7], ("fifo", 1): [0.6, 0.6, 0.6],
+              ("uniform", 0): [0.3, 0.4, 0.4], ("uniform", 1): [0.3, 0.4, 0.45]}
+    cells = [{"buffer.sampler": s, "run.seed": k} for s in grid["buffer.sampler"] for k in (0, 1)]
+    for cell in cells:
+        d = tmp_path / cell_name(cell)
+        d.mkdir()
+        evals = curves[(cell["buffer.sampler"], cell["run.seed"])]
+        (d / "summary.json").write_text(json.dumps({
+            "final_eval_reward": evals[-1], "base_eval_reward": 0.2, "samples": 300,
+            "wall_s": 1.0, "staleness_mean": 1.0, "interrupted": False}))
+        (d / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "learner/batch_size": 100, "eval/reward": r}) + "\n"
+            for i, r in enumerate(evals)))
+    rows = collect(tmp_path, cells, threshold=0.5)
+    got = {(r["buffer.sampler"], r["run.seed"]): r["samples_to_threshold"] for r in rows}
+    assert got == {("fifo", 0): 200.0, ("fifo", 1): 100.0, ("uniform", 0): None,
+                   ("uniform", 1): None}
+    write_results(tmp_path, grid, rows, threshold=0.5)
+    table = (tmp_path / "results.md").read_text()
+    assert "| fifo | 150 (2/2) |" in table  # seeds are averaged, never a table axis
+    assert "| uniform | not reached (0/2) |" in table

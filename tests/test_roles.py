@@ -97,6 +97,44 @@ def test_micro_batches_give_the_full_batch_gradient(model_dir, loss):
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_prioritized_replay_weights_scale_the_gradient(model_dir):
+    """Batch.weights multiply the advantages: weight 2 everywhere doubles the pg gradient and
+    weight 0 on a group removes that group's contribution."""
+    cfg = fast_config(model_dir, "loss.name=pg")
+    buf, sync = ReplayBuffer(4, max_staleness=2, capacity=1000), LocalSync()
+    actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
+    learner = Learner(cfg, str(model_dir), buf, sync)
+    learner.opt.step = lambda: None  # compare gradients only
+    learner.cfg.learner.grad_clip = 0.0
+    groups = actor.rollout_batch()
+    for g in groups:
+        g[0].reward = 1.0
+    trajs = [t for g in groups for t in g]
+    n = len(groups[0])
+
+    def grad(weights):
+        learner.buffer = type("B", (), {"sample": lambda self, v: Batch(trajs, 0, {}, weights),
+                                        "publish": lambda self, v: None})()
+        learner.step()
+        return torch.cat([p.grad.flatten() for p in learner.model.parameters()])
+
+    plain = grad(None)
+    assert torch.allclose(grad(np.full(len(trajs), 2.0, np.float32)), 2 * plain, rtol=1e-4,
+                          atol=1e-7)
+    w = np.ones(len(trajs), np.float32)
+    w[:n] = 0.0  # drop the first group
+    rest = Batch(trajs[n:], 0)
+    learner.buffer = type("B", (), {"sample": lambda self, v: rest,
+                                    "publish": lambda self, v: None})()
+    learner.step()
+    without_first = torch.cat([p.grad.flatten() for p in learner.model.parameters()])
+    # token-mean pg: the dropped group's tokens still count in the mean's denominator
+    tokens_all = sum(int(t.loss_mask.sum()) for t in trajs)
+    tokens_rest = sum(int(t.loss_mask.sum()) for t in trajs[n:])
+    assert torch.allclose(grad(w), without_first * tokens_rest / tokens_all, rtol=1e-4,
+                          atol=1e-7)
+
+
 def test_file_sync_round_trip_keeps_tied_weights(model_dir, tmp_path):
     """Learner -> safetensors folder -> HF engine: both names of the tied embedding are written
     and come back tied and equal; the newest `keep` versions stay on disk."""

