@@ -71,14 +71,15 @@ class ReplayBuffer:
     def __init__(self, batch_groups: int, max_staleness: int, capacity: int,
                  drop_uniform_groups: bool = False, lag: int | None = None, *,
                  capacity_bytes: int = 0, sampler: str = "fifo", priority: str = "pass_rate",
-                 alpha: float = 0.6, beta: float = 0.4, max_reuse: int = 1, seed: int = 0):
+                 alpha: float = 0.6, beta: float = 0.4, max_reuse: int = 1, seed: int = 0,
+                 filter_floor: float = 0.0):
         self.batch_groups = batch_groups
         self.lag = lag
         # lag mode: groups by version, and per version the groups consumed and reserved
         self._by_version: dict[int, deque[Group]] = defaultdict(deque)
         self._consumed: dict[int, int] = defaultdict(int)
         self._reserved_v: dict[int, int] = defaultdict(int)
-        self.drop_uniform_groups = drop_uniform_groups
+        self.drop_uniform_groups, self.filter_floor = drop_uniform_groups, filter_floor
         self.max_staleness = max_staleness
         self.capacity, self.capacity_bytes, self.max_reuse = capacity, capacity_bytes, max_reuse
         # bound mode storage: slot -> Entry, age order, a min-heap on min_version for staleness
@@ -100,7 +101,7 @@ class ReplayBuffer:
         self.closed = False
         self.counts = {"added": 0, "filtered": 0, "sampled": 0, "evicted_staleness": 0,
                        "evicted_capacity": 0, "evicted_surplus": 0, "retired": 0,
-                       "admission_waits": 0, "held_off": 0}
+                       "kept_uniform": 0, "admission_waits": 0, "held_off": 0}
         self.reuse_hist: dict[int, int] = defaultdict(int)  # groups sampled for the n-th time
         self.held_off_s = 0.0          # time actors spent held off in admit (see _wait)
         self.keep_rate = 1.0           # recent share of groups that survive filtering (EMA)
@@ -113,7 +114,8 @@ class ReplayBuffer:
                     capacity=b.capacity, drop_uniform_groups=b.drop_uniform_groups,
                     lag=cfg.staleness.k if cfg.staleness.mode == "lag" else None,
                     capacity_bytes=b.capacity_bytes, sampler=b.sampler, priority=b.priority,
-                    alpha=b.alpha, beta=b.beta, max_reuse=b.max_reuse, seed=cfg.run.seed)
+                    alpha=b.alpha, beta=b.beta, max_reuse=b.max_reuse, seed=cfg.run.seed,
+                    filter_floor=b.filter_floor)
 
     # -- actors ---------------------------------------------------------------------------------
 
@@ -171,7 +173,7 @@ class ReplayBuffer:
 
     def _lag_order(self, n_groups: int) -> tuple[int, int] | None:
         floor = max(0, self.next_version - self.lag)  # older versions feed no future update
-        rate = max(self.keep_rate, 0.1)
+        rate = 1.0 if self._filter_off() else max(self.keep_rate, 0.05)
         for v in range(floor, self.published + 1):
             need = self.batch_groups * (self.lag + 1 if v == 0 else 1)
             # groups still on order count at the rate they are expected to survive filtering
@@ -200,13 +202,16 @@ class ReplayBuffer:
             self.reserved = max(0, self.reserved - reserved)
             if self.lag is not None and version is not None:
                 self._reserved_v[version] = max(0, self._reserved_v[version] - reserved)
-            kept = 0
+            kept, filter_off = 0, self._filter_off()
             for g in groups:
                 self.counts["added"] += len(g)
                 if self.drop_uniform_groups and len({t.reward for t in g}) == 1:
-                    self.counts["filtered"] += len(g)  # every advantage would be zero
-                    continue
-                kept += 1
+                    if not filter_off:
+                        self.counts["filtered"] += len(g)  # every advantage would be zero
+                        continue
+                    self.counts["kept_uniform"] += len(g)
+                else:
+                    kept += 1
                 if self.lag is not None:
                     self._by_version[g[0].min_version()].append(g)
                     self._size += len(g)
@@ -223,6 +228,12 @@ class ReplayBuffer:
                 self._remove(next(iter(self._age)), "evicted_capacity")  # the oldest
             self._cond.notify_all()
             return self.next_version
+
+    def _filter_off(self) -> bool:
+        """Filtering pauses while fewer than `filter_floor` of recent groups carry signal: a
+        collapsed policy would otherwise regenerate without end (DAPO caps it the same way).
+        The kept uniform groups have zero advantage; `keep_rate` still tracks the share."""
+        return self.keep_rate < self.filter_floor
 
     def _insert(self, g: Group) -> None:
         slot = self._free.pop() if self._free else len(self._entries)
@@ -417,7 +428,7 @@ class ReplayBuffer:
                 "buffer/held_off": c["held_off"], "buffer/held_off_s": self.held_off_s,
                 "buffer/reserved_groups": self.reserved, "buffer/added": c["added"],
                 "buffer/filtered": c["filtered"], "buffer/sampled": c["sampled"],
-                "buffer/retired": c["retired"],
+                "buffer/retired": c["retired"], "buffer/kept_uniform": c["kept_uniform"],
                 "buffer/evicted_staleness": c["evicted_staleness"],
                 "buffer/evicted_capacity": c["evicted_capacity"],
                 "buffer/evicted_surplus": c["evicted_surplus"],

@@ -161,6 +161,10 @@ class BufferConfig:
     drop_uniform_groups: bool = False
     """Drop groups whose rewards are all equal (zero advantage, no signal) on arrival, counted
     as `buffer/filtered` (DAPO's dynamic sampling)."""
+    filter_floor: float = 0.0
+    """While the recent share of groups with signal is below this, uniform groups are kept
+    (zero advantage, counted as `buffer/kept_uniform`) instead of regenerated, so a collapsed
+    policy cannot stall the run. 0 = always filter."""
     sampler: str = "fifo"
     """Which stored groups a batch takes: `fifo` (oldest first), `uniform` (random), or
     `prioritized` (probability ~ priority ** alpha, sum tree). Bound mode only."""

@@ -127,6 +127,7 @@ def _validate_buffer(cfg: Config) -> None:
     _check(b.max_reuse >= 1, f"buffer.max_reuse: must be >= 1, got {b.max_reuse}")
     _check(b.capacity_bytes >= 0, f"buffer.capacity_bytes: must be >= 0, got {b.capacity_bytes}")
     _check(b.alpha >= 0 and b.beta >= 0, "buffer.alpha/beta: must be >= 0")
+    _check(0 <= b.filter_floor < 1, f"buffer.filter_floor: must be in [0, 1), got {b.filter_floor}")
     if cfg.staleness.mode == "lag":  # every batch is exactly version t - k, used once
         _check(b.sampler == "fifo" and b.max_reuse == 1, "buffer.sampler/max_reuse: lag mode "
                "trains on each group of version t - k once; use sampler=fifo, max_reuse=1")

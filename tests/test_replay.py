@@ -155,3 +155,18 @@ def test_snapshot_round_trip_continues_identically(sampler, tmp_path):
         a, b = buf.sample(v, timeout=0), other.sample(v, timeout=0)
         assert [t.id for t in a.trajectories] == [t.id for t in b.trajectories]
         assert (a.weights is None) == (b.weights is None)
+
+
+def test_filter_floor_keeps_uniform_groups_when_almost_all_would_be_dropped():
+    """A collapsed policy (every group all-wrong) would regenerate forever; below the floor
+    uniform groups are kept and counted, and filtering resumes once signal comes back."""
+    buf = ReplayBuffer(1, max_staleness=100, capacity=10_000, drop_uniform_groups=True,
+                       filter_floor=0.25)
+    for i in range(8):
+        buf.add([group(f"dead{i}", [0, 0, 0, 0])])
+    s = buf.stats()
+    assert s["buffer/filtered"] == 4 * 7 and s["buffer/kept_uniform"] == 4  # 0.8 ** 7 < 0.25
+    for i in range(8):
+        buf.add([mixed(f"live{i}")])
+    buf.add([group("dead-again", [0, 0, 0, 0])])
+    assert buf.stats()["buffer/filtered"] == 4 * 8  # signal is back: filtered again
