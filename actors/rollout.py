@@ -68,23 +68,30 @@ class RolloutActor:
 
     def run(self, max_batches: int | None = None) -> dict:
         """Generate until the buffer closes (or `max_batches`); returns this actor's counts."""
-        n = self.cfg.rollout.prompts_per_batch
         while max_batches is None or self.counts["batches"] < max_batches:
-            decision = self.buffer.admit(self.engine.version, n)
-            if decision["stop"]:
+            if self.one_batch() == "stop":
                 break
-            if "version" in decision:  # lag mode: a work order for exactly this version
-                if decision["version"] != self.engine.version:
-                    self.sync_weights(want=decision["version"])
-            elif decision["published"] > self.engine.version:
-                self.sync_weights()
-            if not decision["admitted"]:
-                continue
-            reserved = decision.get("n_groups", n)
-            groups = self.rollout_batch(reserved)
-            self.buffer.add(groups, reserved, self.engine.version)
-            self.counts["batches"] += 1
         return self.counts
+
+    def one_batch(self, timeout: float = 1.0) -> str:
+        """Ask the buffer for admission (waiting up to `timeout`), load weights, generate one
+        batch and add it. Returns "added", "refused" (not admitted in time) or "stop"."""
+        n = self.cfg.rollout.prompts_per_batch
+        decision = self.buffer.admit(self.engine.version, n, timeout)
+        if decision["stop"]:
+            return "stop"
+        if "version" in decision:  # lag mode: a work order for exactly this version
+            if decision["version"] != self.engine.version:
+                self.sync_weights(want=decision["version"])
+        elif decision["published"] > self.engine.version:
+            self.sync_weights()
+        if not decision["admitted"]:
+            return "refused"
+        reserved = decision.get("n_groups", n)
+        groups = self.rollout_batch(reserved)
+        self.buffer.add(groups, reserved, self.engine.version)
+        self.counts["batches"] += 1
+        return "added"
 
     def sync_weights(self, want: int | None = None) -> bool:
         """Load the newest published weights if newer than the engine's (or exactly `want`)."""

@@ -286,6 +286,13 @@ class ReplayBuffer:
                     self._remove(slot, "retired")
             return self._batch(entries, version, start, weights)
 
+    def ready(self, version: int) -> bool:
+        """Whether `sample(version)` would return a batch at once (the serial layout asks)."""
+        with self._cond:
+            if self.lag is not None:
+                return len(self._by_version[max(0, version - self.lag)]) >= self.batch_groups
+            return self._evict_stale(version) >= self.batch_groups
+
     def _sample_lag(self, version: int, timeout: float) -> Batch | None:
         start = time.perf_counter()
         want = max(0, version - self.lag)

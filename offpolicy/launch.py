@@ -162,23 +162,17 @@ def train(cfg: Config, log=print) -> dict:
     restore = signal.signal(signal.SIGTERM, _raise_interrupt)
     writer = None
     try:
-        start_ray(cfg)
-        roles = start_roles(cfg, model_path)
-        learner, buffer = roles["learner"], roles["buffer"]
-        runs = [a.run.remote() for a in roles["actors"]]
-        log(f"started learner, buffer and {len(runs)} rollout actor(s); "
-            f"base model {model_path}")
-        summary["base_eval_reward"] = ray.get(learner.evaluate.remote())
+        session = (SerialRoles if cfg.resources.serial else RayRoles)(cfg, model_path)
+        log(f"started learner, buffer and {cfg.rollout.num_actors} rollout actor(s)"
+            f"{' in this process' if cfg.resources.serial else ''}; base model {model_path}")
+        summary["base_eval_reward"] = session.evaluate()
         log(f"base eval reward {summary['base_eval_reward']:.3f}")
         writer = MetricsWriter(run_dir, cfg.learner.steps, cfg.log.progress_every_s,
                                backends=make_backends(cfg, run_dir))
         t_loop = time.perf_counter()
-        summary.update(_train_loop(cfg, learner, runs, writer, t_start))
+        summary.update(_train_loop(cfg, session, writer, t_start))
         summary["train_s"] = time.perf_counter() - t_loop
-        ray.get(learner.save.remote(str(run_dir / "checkpoints" / "final")))
-        summary["buffer"] = ray.get(buffer.stats.remote())
-        ray.get(buffer.close.remote())
-        summary["actors"] = ray.get(runs)
+        summary["buffer"], summary["actors"] = session.finish(run_dir / "checkpoints" / "final")
     except KeyboardInterrupt:
         summary["interrupted"] = True
         log("interrupted: stopping all roles")
@@ -186,28 +180,22 @@ def train(cfg: Config, log=print) -> dict:
         if writer is not None:
             writer.close()
         signal.signal(signal.SIGTERM, restore)
-        ray.shutdown()
+        if not cfg.resources.serial:
+            ray.shutdown()
         shutil.rmtree(weights_dir(cfg), ignore_errors=True)  # FileSync's working copies
     summary["wall_s"] = time.perf_counter() - t_start
     write_summary(run_dir, summary)
     return summary
 
 
-def _train_loop(cfg: Config, learner, runs: list, writer: MetricsWriter, t_start: float) -> dict:
+def _train_loop(cfg: Config, session, writer: MetricsWriter, t_start: float) -> dict:
     """Ask the learner for `learner.steps` updates; evaluate every `eval.every`; write metrics."""
-    import ray
-
     out = {"steps": 0, "samples": 0, "final_eval_reward": None}
     staleness = []
     for step in range(1, cfg.learner.steps + 1):
-        ref = learner.step.remote()
-        done, _ = ray.wait([ref] + runs, num_returns=1)
-        if done[0] is not ref:  # an actor's loop ended: re-raise its error, or say it stopped
-            ray.get(done[0])
-            raise RuntimeError("a rollout actor stopped before the run ended")
-        m = ray.get(ref)
+        m = session.step()
         if step % cfg.eval.every == 0 or step == cfg.learner.steps:
-            m["eval/reward"] = ray.get(learner.evaluate.remote())
+            m["eval/reward"] = session.evaluate()
             out["final_eval_reward"] = m["eval/reward"]
         m["time/elapsed_s"] = time.perf_counter() - t_start
         writer.write(m)
@@ -217,6 +205,76 @@ def _train_loop(cfg: Config, learner, runs: list, writer: MetricsWriter, t_start
         out["staleness_max"] = max(out.get("staleness_max", 0), m["staleness/max"])
     out["staleness_mean"] = sum(staleness) / max(len(staleness), 1)
     return out
+
+
+class RayRoles:
+    """Every role its own Ray actor (process); rollout actors generate continuously."""
+
+    def __init__(self, cfg: Config, model_path: str):
+        import ray
+
+        start_ray(cfg)
+        roles = start_roles(cfg, model_path)
+        self.learner, self.buffer = roles["learner"], roles["buffer"]
+        self.runs = [a.run.remote() for a in roles["actors"]]
+        self.ray = ray
+
+    def step(self) -> dict:
+        ref = self.learner.step.remote()
+        done, _ = self.ray.wait([ref] + self.runs, num_returns=1)
+        if done[0] is not ref:  # an actor's loop ended: re-raise its error, or say it stopped
+            self.ray.get(done[0])
+            raise RuntimeError("a rollout actor stopped before the run ended")
+        return self.ray.get(ref)
+
+    def evaluate(self) -> float:
+        return self.ray.get(self.learner.evaluate.remote())
+
+    def finish(self, checkpoint: Path) -> tuple[dict, list[dict]]:
+        """Save the policy, stop the actors; returns (buffer stats, each actor's counts)."""
+        ray = self.ray
+        ray.get(self.learner.save.remote(str(checkpoint)))
+        stats = ray.get(self.buffer.stats.remote())
+        ray.get(self.buffer.close.remote())
+        return stats, ray.get(self.runs)
+
+
+class SerialRoles:
+    """`resources.serial`: the same role classes in this process, taking turns. Before each
+    update the actors (round robin) generate until the buffer holds that update's batch."""
+
+    def __init__(self, cfg: Config, model_path: str):
+        from offpolicy.actors.rollout import RolloutActor
+        from offpolicy.buffer.replay import ReplayBuffer
+        from offpolicy.learner.learner import Learner
+        from offpolicy.weights import LocalSync
+
+        lag = cfg.staleness.mode == "lag"
+        self.buffer = ReplayBuffer(**ReplayBuffer.config_kwargs(cfg))
+        sync = LocalSync(keep=cfg.staleness.k + 2 if lag else 1)
+        self.actors = [RolloutActor(cfg, i, model_path, self.buffer, sync)
+                       for i in range(cfg.rollout.num_actors)]
+        self.learner = Learner(cfg, model_path, self.buffer, sync)
+        self.turn = 0
+
+    def step(self) -> dict:
+        refused = 0
+        while not self.buffer.ready(self.learner.version):
+            actor = self.actors[self.turn % len(self.actors)]
+            self.turn += 1
+            refused = refused + 1 if actor.one_batch(timeout=0) == "refused" else 0
+            if refused >= len(self.actors):  # nobody may generate and no batch is ready
+                raise RuntimeError("serial layout: the buffer admits no work and holds no batch "
+                                   f"for update {self.learner.version}")
+        return self.learner.step()
+
+    def evaluate(self) -> float:
+        return self.learner.evaluate()
+
+    def finish(self, checkpoint: Path) -> tuple[dict, list[dict]]:
+        self.learner.save(str(checkpoint))
+        self.buffer.close()
+        return self.buffer.stats(), [dict(a.counts) for a in self.actors]
 
 
 def _raise_interrupt(signum, frame):

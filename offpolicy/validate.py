@@ -58,6 +58,11 @@ def validate(cfg: Config) -> None:
            f"({cfg.learner.sync_every - 1}), got {cfg.buffer.max_staleness}")
     _validate_staleness_and_logging(cfg)
     _validate_buffer(cfg)
+    if cfg.resources.serial:
+        _check(cfg.engine.weight_sync in ("auto", "object_store") and
+               not cfg.engine.inflight_updates and cfg.resources.learner_gpus == 0,
+               "resources.serial: runs every role in one process on the CPU; it needs "
+               "engine.weight_sync=auto, engine.inflight_updates=false, resources.learner_gpus=0")
     _check(len(cfg.learner.betas) == 2, "learner.betas: expected a list of two floats")
     _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
            "buffer.capacity: must hold at least one learner batch "

@@ -31,6 +31,21 @@ def test_lag_mode_staleness_is_exactly_k(model_dir, tmp_path):
     assert "final eval reward" in out.read_text() and (run_dir / "report.png").stat().st_size
 
 
+def test_serial_layout_lag_mode_is_exact_without_ray(model_dir, tmp_path):
+    """resources.serial: the same roles in one process; lag mode still gives exactly t - k."""
+    run_dir = tmp_path / "run"
+    cfg = fast_config(model_dir, f"run.dir={run_dir}", "staleness.mode=lag", "staleness.k=2",
+                      "learner.steps=7", "eval.every=7", "resources.serial=true")
+    summary = train(cfg, log=lambda *a: None)
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["staleness/min"], m["staleness/max"]) for m in metrics] == [
+        (min(t, 2), min(t, 2)) for t in range(7)]
+    assert summary["steps"] == 7 and summary["actors"][0]["weight_loads"] == 4  # v1..v4
+    assert (run_dir / "checkpoints" / "final" / "config.json").exists()
+    with pytest.raises(ConfigError, match="resources.serial"):
+        fast_config(model_dir, "resources.serial=true", "engine.weight_sync=filesystem")
+
+
 @pytest.mark.ray
 def test_bound_mode_holds_off_actors_under_a_slow_learner(model_dir, tmp_path):
     """One-row micro-batches make the learner several times slower than the actor: admission

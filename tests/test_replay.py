@@ -64,7 +64,7 @@ def test_sum_tree_finds_by_cumulative_sum_and_grows():
 
 
 def test_prioritized_frequencies_match_priorities():
-    """200k single draws over 5 slots: each frequency within 4 standard errors of
+    """50k single draws over 5 slots: each frequency within 4 standard errors of
     p ** alpha / sum, and the importance weights follow (N P) ** -beta / max."""
     prios = [0.0, 0.1, 0.3, 0.6, 1.0]
     s = PrioritizedSampler(seed=3, alpha=0.7, beta=0.5, eps=0.01)
@@ -72,7 +72,7 @@ def test_prioritized_frequencies_match_priorities():
         s.add(slot, p)
     want = np.array([(p + 0.01) ** 0.7 for p in prios])
     want /= want.sum()
-    n = 200_000
+    n = 50_000
     counts = np.bincount([s.sample(1)[0][0] for _ in range(n)], minlength=5)
     se = np.sqrt(want * (1 - want) / n)
     assert np.all(np.abs(counts / n - want) < 4 * se), (counts / n, want)
