@@ -76,15 +76,17 @@ def ablate(path: str, overrides: list[str], log=print) -> Path:
     base_path = root / "base.yaml"
     base_path.write_text(yaml.safe_dump(base, sort_keys=False))
     cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    steps = {}
+    steps, use_ray = {}, False
     for cell in cells:  # every cell's config is checked before anything runs
         cfg = load_config(base_path, [*overrides, *(f"{k}={v}" for k, v in cell.items())])
         steps[cell_name(cell)] = cfg.learner.steps
+        use_ray |= not cfg.resources.serial
     todo = [c for c in cells if not cell_done(root / cell_name(c))]
     parallel = max(1, int(spec.get("parallel", 1)))
     log(f"ablation {root}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
         f"{len(todo)} to run, {parallel} at a time")
-    failed = _run_cells(root, base_path, overrides, _interleave(todo), parallel, steps, log)
+    failed = _run_cells(root, base_path, overrides, _interleave(todo), parallel, steps,
+                        use_ray, log)
     rows = collect(root, cells, spec.get("threshold"))
     write_results(root, grid, rows, spec.get("threshold"))
     log(f"results: {root / 'results.csv'}, {root / 'results.md'}, plots in {root}")
@@ -95,17 +97,20 @@ def ablate(path: str, overrides: list[str], log=print) -> Path:
 
 
 def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dict],
-               parallel: int, steps: dict[str, int], log) -> list[str]:
+               parallel: int, steps: dict[str, int], use_ray: bool, log) -> list[str]:
     """Run `offpolicy train` per cell, `parallel` at a time; progress every 10 s."""
     pending, running, failed = list(todo), {}, []
     start, last, finished = time.time(), 0.0, 0
     # One Ray instance for every cell (each cell's run connects as its own job): its daemons
-    # start once, not once per cell. SIGTERM stops the cells like Ctrl-C does.
+    # start once, not once per cell. Serial cells need none. SIGTERM stops the cells like
+    # Ctrl-C does.
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
-             configure_logging=True)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = dict(os.environ)
+    if use_ray and todo:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+                 configure_logging=True)
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     restore = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while pending or running:
