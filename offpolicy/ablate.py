@@ -245,9 +245,9 @@ def _table(rows: list[dict], grid: dict, down: str, across: str | None) -> str:
     """Final eval reward, mean +- spread over the other grid keys (seeds), `down` x `across`."""
     cols = grid[across] if across else [None]
     lines = [f"Final eval reward (mean ± std over {_others(grid, down, across)}; "
-             f"n = runs per cell). Rows: `{down}`; columns: `{across}`.", "",
-             f"| {down} | " + " | ".join(str(c) for c in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+             f"n = runs per cell). Rows: `{down}`" + (f"; columns: `{across}`." if across
+                                                      else "."), "",
+             _header(down, cols, "final eval reward"), "|---|" + "---|" * len(cols)]
     for d in grid[down]:
         cells = []
         for c in cols:
@@ -256,8 +256,7 @@ def _table(rows: list[dict], grid: dict, down: str, across: str | None) -> str:
             cells.append(_fmt(vals))
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     lines += ["", "Area under the eval curve (mean eval reward over the run's samples):", "",
-              f"| {down} | " + " | ".join(str(c) for c in cols) + " |",
-              "|---|" + "---|" * len(cols)]
+              _header(down, cols, "area under the eval curve"), "|---|" + "---|" * len(cols)]
     for d in grid[down]:
         cells = [_fmt([r["eval_auc"] for r in _group(rows, **{down: d}, **(
             {across: c} if across else {}))]) for c in cols]
@@ -272,8 +271,7 @@ def _threshold_table(rows, grid, down, across, threshold) -> str:
     cols = grid[across] if across else [None]
     lines = ["", f"Samples trained until the eval reward first reached {threshold} (mean over "
              "the runs that reached it; `k/n` = runs that reached it):", "",
-             f"| {down} | " + " | ".join(str(c) for c in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+             _header(down, cols, "samples to the threshold"), "|---|" + "---|" * len(cols)]
     for d in grid[down]:
         cells = []
         for c in cols:
@@ -284,6 +282,12 @@ def _threshold_table(rows, grid, down, across, threshold) -> str:
                          + f"({len(got)}/{len(runs)})")
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _header(down: str, cols: list, single: str) -> str:
+    """A table's header row: the `across` values, or one column named `single`."""
+    names = [single] if cols == [None] else [str(c) for c in cols]
+    return f"| {down} | " + " | ".join(names) + " |"
 
 
 def _others(grid, down, across) -> str:

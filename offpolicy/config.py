@@ -236,8 +236,8 @@ class ResourcesConfig:
     serial: bool = False
     """Run the buffer, learner and actors in this one process, taking turns, without Ray (no
     inter-process calls, one model import). Generation and training then never overlap; in lag
-    mode every update still gets exactly version t - k, so results match a Ray run while a
-    small machine fits about twice the ablation cells."""
+    mode every update still gets exactly version t - k, so it is the same experiment as a Ray
+    run (not bit for bit) at about half the CPU: what the staleness ablation uses."""
 
 
 @dataclass
