@@ -143,42 +143,103 @@ class RolloutActor:
                 self.counts["inflight_loads"] += 1
 
     def rollout_batch(self, n_prompts: int | None = None) -> list[list[Trajectory]]:
-        """One engine call over n_prompts (default prompts_per_batch) x group_size prompts;
-        returns whole groups."""
+        """n_prompts (default prompts_per_batch) x group_size episodes; returns whole groups.
+
+        Every turn is one engine call over the episodes still running: the policy's completion
+        goes to the environment, whose observation (if the episode goes on) is tokenized and
+        appended with loss_mask 0 and version -1, and the next turn generates from the whole
+        conversation. Single-turn tasks are done after the first turn (one engine call).
+        """
         cfg, G = self.cfg, self.cfg.rollout.group_size
         seeds = self.rng.integers(0, 2**31, size=n_prompts or cfg.rollout.prompts_per_batch)
-        envs = [[self.make_env() for _ in range(G)] for _ in seeds]
-        prompts = [[env.reset(int(s)) for env in group] for s, group in zip(seeds, envs)]
-        prompt_ids = [self.tokenizer(p[0])["input_ids"] for p in prompts]
-        t0 = time.perf_counter()
-        completions = self.engine.generate(
-            [ids for ids in prompt_ids for _ in range(G)], self.sampling,
-            between_steps=self._inflight_sync if cfg.engine.inflight_updates else None)
-        gen_s = (time.perf_counter() - t0) / len(completions)
-        texts = self.tokenizer.batch_decode([c.token_ids for c in completions],
-                                            skip_special_tokens=True)
+        episodes = []
+        for g, seed in enumerate(seeds):
+            for _ in range(G):
+                env = self.make_env()
+                ids = np.asarray(self.tokenizer(env.reset(int(seed)))["input_ids"], np.int32)
+                episodes.append(_Episode(g, env, ids))
+        active = episodes
+        while active:
+            t0 = time.perf_counter()
+            completions = self.engine.generate(
+                [ep.context() for ep in active], self.sampling,
+                between_steps=self._inflight_sync if cfg.engine.inflight_updates else None)
+            gen_s = (time.perf_counter() - t0) / len(completions)
+            texts = self.tokenizer.batch_decode([c.token_ids for c in completions],
+                                                skip_special_tokens=True)
+            for ep, c, text in zip(active, completions, texts):
+                ep.timings["generate"] += gen_s
+                self._turn(ep, c, text)
+            active = [ep for ep in active if ep.finish is None]
+        return self._groups(episodes, G)
+
+    def _turn(self, ep: "_Episode", c, text: str) -> None:
+        """Append the policy's completion, step the environment, append its observation."""
+        ep.add(c.token_ids, c.logprobs, c.versions, policy=True)
+        t1 = time.perf_counter()
+        try:
+            obs, reward, done, info = ep.env.step(text)
+        except Exception:  # a bad environment or reward function costs its group, never the actor
+            ep.finish = "error"
+            return
+        ep.timings["env"] += time.perf_counter() - t1
+        ep.rewards.append(float(reward))
+        ep.info.update(info or {})
+        if done or obs is None:
+            ep.finish = c.finish_reason
+        elif len(ep.rewards) >= self.cfg.env.max_turns:
+            ep.finish = "max_turns"
+        else:
+            ids = self.tokenizer(obs, add_special_tokens=False)["input_ids"]
+            ep.add(np.asarray(ids, np.int32), None, None, policy=False)
+            if self.cfg.env.max_tokens and ep.length >= self.cfg.env.max_tokens:
+                ep.finish = "length"
+
+    def _groups(self, episodes: list["_Episode"], G: int) -> list[list[Trajectory]]:
+        """Trajectories grouped by prompt; a group with a failed episode is dropped (counted)."""
         groups = []
-        for g, (seed, group_envs) in enumerate(zip(seeds, envs)):
-            group, group_id = [], f"{self.actor_id}-{uuid.uuid4().hex[:12]}"
-            prompt = np.asarray(prompt_ids[g], dtype=np.int32)
-            for k, env in enumerate(group_envs):
-                c = completions[g * G + k]
-                t1 = time.perf_counter()
-                try:
-                    _, reward, _, info = env.step(texts[g * G + k])
-                except Exception:  # a bad reward function costs its group, never the actor
-                    self.counts["env_errors"] += 1
-                    group = None
-                    break
-                T = len(c.token_ids)
-                group.append(Trajectory(
-                    id=f"{group_id}-{k}", group_id=group_id,
-                    prompt_ids=prompt,
-                    completion_ids=c.token_ids, loss_mask=np.ones(T, dtype=np.int8),
-                    behavior_logprobs=c.logprobs, versions=c.versions,
-                    reward=reward, env=cfg.env.name, finish_reason=c.finish_reason,
-                    timings={"generate": gen_s, "env": time.perf_counter() - t1}, info=info))
-            if group:
-                groups.append(group)
-                self.counts["trajectories"] += len(group)
+        for g in range(0, len(episodes), G):
+            eps = episodes[g:g + G]
+            if any(ep.finish == "error" for ep in eps):
+                self.counts["env_errors"] += 1
+                continue
+            group_id = f"{self.actor_id}-{uuid.uuid4().hex[:12]}"
+            groups.append([ep.trajectory(f"{group_id}-{k}", group_id, self.cfg.env.name)
+                           for k, ep in enumerate(eps)])
+            self.counts["trajectories"] += len(eps)
         return groups
+
+
+class _Episode:
+    """One episode being generated: the prompt, then policy and environment tokens in turn."""
+
+    def __init__(self, group: int, env, prompt_ids: np.ndarray):
+        self.group, self.env, self.prompt_ids = group, env, prompt_ids
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.rewards: list[float] = []
+        self.info: dict = {}
+        self.timings = {"generate": 0.0, "env": 0.0}
+        self.finish: str | None = None
+        self.length = 0
+
+    def add(self, ids, logprobs, versions, policy: bool) -> None:
+        n = len(ids)
+        self.parts.append((np.asarray(ids, np.int32),
+                           np.full(n, int(policy), np.int8),
+                           np.asarray(logprobs, np.float32) if policy else np.zeros(n, np.float32),
+                           np.asarray(versions, np.int32) if policy else np.full(n, -1, np.int32)))
+        self.length += n
+
+    def context(self) -> list[int]:
+        """Prompt and every token so far: what the next turn generates from."""
+        return np.concatenate([self.prompt_ids] + [p[0] for p in self.parts]).tolist()
+
+    def trajectory(self, id: str, group_id: str, env_name: str) -> Trajectory:
+        ids, mask, lp, versions = (np.concatenate(x) for x in zip(*self.parts))
+        return Trajectory(
+            id=id, group_id=group_id, prompt_ids=self.prompt_ids, completion_ids=ids,
+            loss_mask=mask, behavior_logprobs=lp, versions=versions,
+            reward=float(sum(self.rewards)), env=env_name, finish_reason=self.finish,
+            timings=self.timings,
+            info={**self.info, "turns": len(self.rewards), "turn_rewards": self.rewards}
+            if len(self.rewards) > 1 else self.info)

@@ -85,6 +85,12 @@ class EnvConfig:
     `register_env`); must be importable from the working directory or the environment."""
     eval_size: int = 200
     """Held-out eval problems (fixed; never used for training)."""
+    max_turns: int = 8
+    """Policy turns per episode at most: a multi-turn environment's episode is cut (finish
+    reason `max_turns`) after this many generations. Single-turn tasks end after one."""
+    max_tokens: int = 0
+    """Tokens after the prompt (policy and environment) per episode at most; an episode past
+    it is cut (finish reason `length`). 0 = no limit beyond the turns."""
 
 
 @dataclass

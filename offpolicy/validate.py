@@ -41,7 +41,8 @@ def validate(cfg: Config) -> None:
         "rollout.group_size": cfg.rollout.group_size, "buffer.capacity": cfg.buffer.capacity,
         "rollout.prompts_per_batch": cfg.rollout.prompts_per_batch,
         "engine.max_new_tokens": cfg.engine.max_new_tokens, "eval.every": cfg.eval.every,
-        "env.eval_size": cfg.env.eval_size, "resources.torch_threads": cfg.resources.torch_threads,
+        "env.eval_size": cfg.env.eval_size, "env.max_turns": cfg.env.max_turns,
+        "resources.torch_threads": cfg.resources.torch_threads,
     }
     for key, value in positive.items():
         _check(value > 0, f"{key}: must be > 0, got {value}")
@@ -71,6 +72,7 @@ def validate(cfg: Config) -> None:
                cfg.resources.actor_gpus) >= 0,
            "resources.learner_cpus/actor_cpus/learner_gpus/actor_gpus: must be >= 0")
     _check(cfg.learner.micro_batch >= 0, "learner.micro_batch: must be >= 0")
+    _check(cfg.env.max_tokens >= 0, "env.max_tokens: must be >= 0")
     if cfg.model.path:
         p = Path(cfg.model.path).expanduser()
         _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")

@@ -237,3 +237,62 @@ def test_hf_engine_stop_strings_end_the_completion(model_dir):
     got = engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     assert got == text[:text.index(stop) + 1] and out.finish_reason == "stop"
     assert len(out.logprobs) == len(out.versions) == len(out.token_ids)
+
+
+class _AskThrice:
+    """A scripted multi-turn environment: two observations, then a reward of 1 on turn 3."""
+
+    def __init__(self, split="train", eval_size=0, endless=False):
+        self.endless, self.turns, self.said = endless, 0, []
+
+    def reset(self, seed):
+        self.turns, self.said = 0, ["12+34="]
+        return "12+34="
+
+    def step(self, text):
+        self.turns += 1
+        self.said.append(text)
+        if self.turns < 3 or self.endless:
+            self.said.append(f" no{self.turns}:")
+            return f" no{self.turns}:", 0.0, False, {}
+        return None, 1.0, True, {"solved": True}
+
+
+def test_multi_turn_episode_reconstructs_the_conversation_and_masks_env_tokens(model_dir):
+    from offpolicy.envs import ENVS, register_env
+
+    register_env("ask_thrice", _AskThrice)
+    try:
+        cfg = fast_config(model_dir, "env.name=ask_thrice", "rollout.prompts_per_batch=2")
+        buf, sync = ReplayBuffer(2, max_staleness=2, capacity=1000), LocalSync()
+        actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
+        envs = []
+        make = actor.make_env
+        actor.make_env = lambda: envs.append(make()) or envs[-1]
+        groups = actor.rollout_batch()
+        tok = actor.tokenizer
+        for t, env in zip([t for g in groups for t in g], envs):
+            assert t.reward == 1.0 and t.info["turns"] == 3 and t.info["solved"]
+            # the token sequence decodes to exactly what was said, in order
+            assert tok.decode(np.concatenate([t.prompt_ids, t.completion_ids]),
+                              skip_special_tokens=True) == "".join(env.said)
+            env_tokens = [tok(f" no{k}:", add_special_tokens=False)["input_ids"] for k in (1, 2)]
+            masked = t.completion_ids[t.loss_mask == 0].tolist()
+            assert masked == env_tokens[0] + env_tokens[1]
+            assert np.all(t.versions[t.loss_mask == 0] == -1)
+            assert np.all(t.behavior_logprobs[t.loss_mask == 0] == 0)
+        # the learner trains on policy tokens only
+        learner = Learner(cfg, str(model_dir), buf, sync)
+        for g in groups:
+            g[0].reward = 0.0
+        buf.add(groups)
+        m = learner.step()
+        assert m["learner/tokens"] == sum(int(t.loss_mask.sum()) for g in groups for t in g)
+        # an environment that never ends is cut at env.max_turns
+        register_env("ask_thrice", lambda split="train", eval_size=0: _AskThrice(endless=True))
+        cfg = fast_config(model_dir, "env.name=ask_thrice", "env.max_turns=2")
+        actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
+        t = actor.rollout_batch(1)[0][0]
+        assert t.finish_reason == "max_turns" and t.info["turns"] == 2
+    finally:
+        ENVS.pop("ask_thrice", None)
