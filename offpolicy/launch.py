@@ -6,7 +6,9 @@ Processes (one Ray actor each): the replay buffer (threaded: actors block in `ad
 learner blocks in `sample`), a weight store, the learner, and `rollout.num_actors` rollout
 actors. Roles are plain classes; `Remote` lets them call each other's Ray actors like local
 objects, so the same classes run without Ray in tests. The driver only asks the learner for
-steps, evaluations and writes metrics; data never passes through it.
+steps, evaluations and writes metrics; data never passes through it (`RayRoles`).
+With `resources.serial` the same classes share this one process and take turns, without Ray
+(`SerialRoles`): the staleness ablation's layout.
 """
 
 from __future__ import annotations
