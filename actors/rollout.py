@@ -13,8 +13,11 @@ A plain class: `offpolicy/launch.py` wraps it as a Ray actor; tests drive it dir
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
+import threading
+from concurrent.futures import Future, TimeoutError
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import torch
 
 from offpolicy.actors.hf import HFEngine, SamplingParams
 from offpolicy.config import Config
-from offpolicy.envs import import_env_module, make_env
+from offpolicy.envs import import_env_module, latency_sampler, make_env
 from offpolicy.models import load_tokenizer
 from offpolicy.types import Trajectory
 
@@ -65,6 +68,13 @@ class RolloutActor:
         self.counts = {"batches": 0, "trajectories": 0, "env_errors": 0, "weight_loads": 0,
                        "inflight_loads": 0}
         self._next_poll = 0.0
+        self.counts["env_timeouts"] = 0
+        # With simulated latency or a timeout, the environment steps of one turn run at once on
+        # daemon threads (tool calls wait on I/O, not the CPU; a hung step cannot block exit).
+        # Without either they run inline, as cheap reward functions should.
+        self.threaded = bool(cfg.env.latency or cfg.env.timeout_s)
+        self.latency = latency_sampler(cfg.env.latency)
+        self.latency_rng = random.Random(cfg.run.seed * 1000 + actor_id)
 
     def run(self, max_batches: int | None = None) -> dict:
         """Generate until the buffer closes (or `max_batches`); returns this actor's counts."""
@@ -167,22 +177,30 @@ class RolloutActor:
             gen_s = (time.perf_counter() - t0) / len(completions)
             texts = self.tokenizer.batch_decode([c.token_ids for c in completions],
                                                 skip_special_tokens=True)
-            for ep, c, text in zip(active, completions, texts):
+            delays = [self.latency(self.latency_rng) for _ in active]
+            steps = [_start_step(ep.env, text, d, self.threaded)
+                     for ep, text, d in zip(active, texts, delays)]
+            start, timeout = time.perf_counter(), self.cfg.env.timeout_s or None
+            for ep, c, step in zip(active, completions, steps):
                 ep.timings["generate"] += gen_s
-                self._turn(ep, c, text)
+                ep.add(c.token_ids, c.logprobs, c.versions, policy=True)
+                left = None if timeout is None else max(0.0, start + timeout - time.perf_counter())
+                try:
+                    result = step.result(timeout=left)
+                except TimeoutError:
+                    ep.finish = "timeout"
+                    self.counts["env_timeouts"] += 1
+                    continue
+                except Exception:  # a bad environment or reward function costs its group
+                    ep.finish = "error"
+                    continue
+                self._turn(ep, c, *result)
             active = [ep for ep in active if ep.finish is None]
         return self._groups(episodes, G)
 
-    def _turn(self, ep: "_Episode", c, text: str) -> None:
-        """Append the policy's completion, step the environment, append its observation."""
-        ep.add(c.token_ids, c.logprobs, c.versions, policy=True)
-        t1 = time.perf_counter()
-        try:
-            obs, reward, done, info = ep.env.step(text)
-        except Exception:  # a bad environment or reward function costs its group, never the actor
-            ep.finish = "error"
-            return
-        ep.timings["env"] += time.perf_counter() - t1
+    def _turn(self, ep: "_Episode", c, obs, reward, done, info, env_s: float) -> None:
+        """Record the environment's answer to a turn; append its observation if it goes on."""
+        ep.timings["env"] += env_s
         ep.rewards.append(float(reward))
         ep.info.update(info or {})
         if done or obs is None:
@@ -208,6 +226,32 @@ class RolloutActor:
                            for k, ep in enumerate(eps)])
             self.counts["trajectories"] += len(eps)
         return groups
+
+
+def _start_step(env, text: str, delay: float, threaded: bool) -> Future:
+    """A Future of `_timed_step`: run on a daemon thread, or inline (already done)."""
+    fut: Future = Future()
+
+    def work():
+        try:
+            fut.set_result(_timed_step(env, text, delay))
+        except Exception as e:
+            fut.set_exception(e)
+
+    if threaded:
+        threading.Thread(target=work, daemon=True, name="env-step").start()
+    else:
+        work()
+    return fut
+
+
+def _timed_step(env, text: str, delay: float):
+    """One environment step after `delay` seconds of simulated latency (on a pool thread)."""
+    t0 = time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+    obs, reward, done, info = env.step(text)
+    return obs, reward, done, info, time.perf_counter() - t0
 
 
 class _Episode:

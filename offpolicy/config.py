@@ -91,6 +91,13 @@ class EnvConfig:
     max_tokens: int = 0
     """Tokens after the prompt (policy and environment) per episode at most; an episode past
     it is cut (finish reason `length`). 0 = no limit beyond the turns."""
+    latency: str = ""
+    """Simulated environment time added to every step: `fixed:S`, `uniform:LO,HI` or
+    `lognormal:MEDIAN,SIGMA` (heavy-tailed), in seconds; empty = none. Steps of one turn run
+    concurrently, as real tool calls would."""
+    timeout_s: float = 0.0
+    """An environment step slower than this cuts its episode (finish reason `timeout`, counted
+    as the actor's `env_timeouts`); 0 = wait forever."""
 
 
 @dataclass

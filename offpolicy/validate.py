@@ -73,6 +73,13 @@ def validate(cfg: Config) -> None:
            "resources.learner_cpus/actor_cpus/learner_gpus/actor_gpus: must be >= 0")
     _check(cfg.learner.micro_batch >= 0, "learner.micro_batch: must be >= 0")
     _check(cfg.env.max_tokens >= 0, "env.max_tokens: must be >= 0")
+    _check(cfg.env.timeout_s >= 0, "env.timeout_s: must be >= 0")
+    try:
+        from offpolicy.envs import latency_sampler
+
+        latency_sampler(cfg.env.latency)
+    except ValueError as e:
+        raise ConfigError(f"env.latency: {e}") from None
     if cfg.model.path:
         p = Path(cfg.model.path).expanduser()
         _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")

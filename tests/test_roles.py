@@ -1,5 +1,7 @@
 """Roles without Ray: the HF engine's log-probs, a rollout actor, a learner step."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -296,3 +298,48 @@ def test_multi_turn_episode_reconstructs_the_conversation_and_masks_env_tokens(m
         assert t.finish_reason == "max_turns" and t.info["turns"] == 2
     finally:
         ENVS.pop("ask_thrice", None)
+
+
+class _Slow:
+    """Sleeps `hang` seconds in every step; raises on demand."""
+
+    def __init__(self, split="train", eval_size=0, hang=0.0, fail=False):
+        self.hang, self.fail = hang, fail
+
+    def reset(self, seed):
+        return "12+34="
+
+    def step(self, text):
+        if self.fail:
+            raise RuntimeError("reward function broke")
+        time.sleep(self.hang)
+        return None, 1.0, True, {}
+
+
+def test_env_timeouts_and_errors_are_counted_and_latency_runs_concurrently(model_dir):
+    from offpolicy.envs import ENVS, register_env
+
+    def actor_for(*overrides, **env_kwargs):
+        register_env("slow", lambda split="train", eval_size=0: _Slow(**env_kwargs))
+        cfg = fast_config(model_dir, "env.name=slow", "rollout.prompts_per_batch=2", *overrides)
+        return RolloutActor(cfg, 0, str(model_dir), ReplayBuffer(2, 2, 1000), LocalSync())
+
+    try:
+        actor = actor_for("env.timeout_s=0.3", hang=3.0)  # every step hangs past the timeout
+        t0 = time.perf_counter()
+        groups = actor.rollout_batch()
+        assert time.perf_counter() - t0 < 2.5  # cut at the timeout, not after 8 x 3 s
+        assert actor.counts["env_timeouts"] == 8
+        assert all(t.finish_reason == "timeout" and t.reward == 0.0 for g in groups for t in g)
+        actor = actor_for(fail=True)
+        assert actor.rollout_batch() == [] and actor.counts["env_errors"] == 2  # both groups
+        # 8 steps of 0.4 s simulated latency overlap: far less than 3.2 s in sequence
+        actor = actor_for("env.latency=fixed:0.4")
+        t0 = time.perf_counter()
+        groups = actor.rollout_batch()
+        assert time.perf_counter() - t0 < 2.0 and len(groups) == 2
+        assert all(t.timings["env"] >= 0.4 for g in groups for t in g)
+        with pytest.raises(Exception, match="env.latency"):
+            fast_config(model_dir, "env.latency=gamma:1")
+    finally:
+        ENVS.pop("slow", None)

@@ -52,6 +52,27 @@ def env_from_config(env_cfg, split: str = "train") -> Env:
     return make_env(env_cfg.name, split, eval_size=env_cfg.eval_size, **env_cfg.kwargs)
 
 
+def latency_sampler(spec: str) -> Callable[[random.Random], float]:
+    """`env.latency` as a function rng -> seconds: "" (0), `fixed:S`, `uniform:LO,HI`,
+    `lognormal:MEDIAN,SIGMA`. Raises ValueError naming the valid forms."""
+    if not spec:
+        return lambda rng: 0.0
+    kind, _, args = spec.partition(":")
+    try:
+        vals = [float(x) for x in args.split(",")] if args else []
+    except ValueError:
+        vals = []
+    forms = {"fixed": 1, "uniform": 2, "lognormal": 2}
+    if kind not in forms or len(vals) != forms[kind] or min(vals) < 0:
+        raise ValueError(f"'{spec}' is not one of fixed:S, uniform:LO,HI, lognormal:MEDIAN,SIGMA "
+                         "(seconds, >= 0)")
+    if kind == "fixed":
+        return lambda rng: vals[0]
+    if kind == "uniform":
+        return lambda rng: rng.uniform(vals[0], vals[1])
+    return lambda rng: vals[0] * rng.lognormvariate(0.0, vals[1])
+
+
 class SingleTurnEnv:
     """One prompt, one answer, one reward.
 
