@@ -164,10 +164,10 @@ class RolloutActor:
         seeds = self.rng.integers(0, 2**31, size=n_prompts or cfg.rollout.prompts_per_batch)
         episodes = []
         for g, seed in enumerate(seeds):
-            for _ in range(G):
-                env = self.make_env()
-                ids = np.asarray(self.tokenizer(env.reset(int(seed)))["input_ids"], np.int32)
-                episodes.append(_Episode(g, env, ids))
+            envs = [self.make_env() for _ in range(G)]
+            prompts = [env.reset(int(seed)) for env in envs]  # one prompt per group
+            ids = np.asarray(self.tokenizer(prompts[0])["input_ids"], np.int32)  # tokenized once
+            episodes += [_Episode(g, env, ids) for env in envs]
         active = episodes
         while active:
             t0 = time.perf_counter()
