@@ -87,6 +87,9 @@ class Learner:
             "learner/batch_size": len(batch),
             "rollout/reward_mean": float(rewards.mean()),
             "rollout/completion_len": float(mask.sum(1).mean().item()),
+            # policy turns per episode: runs of loss_mask 1 (environment tokens separate them)
+            "rollout/turns": float(mask[:, :1].sum() + (mask[:, 1:] > mask[:, :-1]).sum())
+            / len(mask),
             "staleness/min": staleness.min().item(),
             "staleness/mean": staleness.mean().item(),
             "staleness/max": staleness.max().item(),

@@ -111,7 +111,7 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
     env = env_from_config(cfg.env)
     try:
         env.reset(0)
-        env.solution()
+        env.demonstration()
     except (NotImplementedError, AttributeError):
         raise ConfigError(f"model.path: env '{cfg.env.name}' has no reference solutions to "
                           "build a tiny model from; set model.path to a model folder") from None
@@ -145,20 +145,31 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
     return info
 
 
-def _sft_loss(model, tokenizer, env, seeds) -> torch.Tensor:
-    """Cross-entropy on the solution tokens (and end-of-sequence) only."""
-    rows, starts = [], []
+def demo_batch(tokenizer, env, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels), both (B, L), of one demonstration episode per seed. Labels are the policy's
+    tokens (each turn closed by end-of-sequence); prompt, observations and padding are -100."""
+    rows, masks = [], []
     for s in seeds:
-        prompt = tokenizer(env.reset(int(s)))["input_ids"]
-        answer = tokenizer(env.solution(), add_special_tokens=False)["input_ids"]
-        rows.append(prompt + answer + [tokenizer.eos_token_id])
-        starts.append(len(prompt))
+        row = tokenizer(env.reset(int(s)))["input_ids"]
+        mask = [False] * len(row)
+        for text, policy in env.demonstration():
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = ids + [tokenizer.eos_token_id] if policy else ids
+            row, mask = row + ids, mask + [policy] * len(ids)
+        rows.append(row)
+        masks.append(mask)
     L = max(map(len, rows))
     ids = torch.full((len(rows), L), tokenizer.pad_token_id)
     labels = torch.full((len(rows), L), -100)
-    for i, (row, p) in enumerate(zip(rows, starts)):
+    for i, (row, mask) in enumerate(zip(rows, masks)):
         ids[i, :len(row)] = torch.tensor(row)
-        labels[i, p:len(row)] = torch.tensor(row[p:])
+        labels[i, :len(row)] = torch.where(torch.tensor(mask), torch.tensor(row), -100)
+    return ids, labels
+
+
+def _sft_loss(model, tokenizer, env, seeds) -> torch.Tensor:
+    """Next-token cross-entropy on the policy's tokens of demonstration episodes."""
+    ids, labels = demo_batch(tokenizer, env, seeds)
     logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
@@ -204,25 +215,56 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 @torch.no_grad()
 def evaluate(model, tokenizer, env_cfg, seeds: list[int], max_new_tokens: int,
              split: str = "eval", batch_size: int = 256) -> float:
-    """Mean reward of greedy completions on the problems `seeds` pick from `split`."""
+    """Mean reward of greedy episodes on the problems `seeds` pick from `split`.
+
+    Played as the rollout actor plays them: every turn one batched generation over the running
+    episodes, the completion (end-of-sequence included) and the environment's observation
+    appended to the context, until done or `env_cfg.max_turns`. An environment that raises
+    ends its episode with the reward so far.
+    """
     was_training = model.training
     model.eval()
-    env = env_from_config(env_cfg, split)
     total = 0.0
     for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i:i + batch_size]
-        prompts = [env.reset(s) for s in chunk]
-        texts = greedy_generate(model, tokenizer, prompts, max_new_tokens)
-        for s, text in zip(chunk, texts):
-            env.reset(s)
-            total += env.step(text)[1]
+        envs = [env_from_config(env_cfg, split) for _ in seeds[i:i + batch_size]]
+        contexts = [tokenizer(env.reset(s))["input_ids"] for env, s in zip(envs, seeds[i:])]
+        rewards = [0.0] * len(envs)
+        active = list(range(len(envs)))
+        for _ in range(env_cfg.max_turns):
+            outs = greedy_generate(model, tokenizer, [contexts[k] for k in active], max_new_tokens)
+            running = []
+            for k, ids in zip(active, outs):
+                try:
+                    obs, reward, done, _ = envs[k].step(tokenizer.decode(ids,
+                                                                         skip_special_tokens=True))
+                except Exception:
+                    continue
+                rewards[k] += float(reward)
+                if not done and obs is not None:
+                    obs_ids = tokenizer(obs, add_special_tokens=False)["input_ids"]
+                    contexts[k] = contexts[k] + ids + obs_ids
+                    running.append(k)
+            if not (active := running):
+                break
+        total += sum(rewards)
     model.train(was_training)
     return total / max(len(seeds), 1)
 
 
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+def greedy_generate(model, tokenizer, prompts: list[list[int]],
+                    max_new_tokens: int) -> list[list[int]]:
+    """Greedy completions of token-id prompts: each cut after its first end-of-sequence (kept)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends at column `width`
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
+                         do_sample=False, max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    rows = []
+    for row in out[:, width:].tolist():
+        n = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        rows.append(row[:n])
+    return rows

@@ -290,6 +290,7 @@ def test_multi_turn_episode_reconstructs_the_conversation_and_masks_env_tokens(m
         buf.add(groups)
         m = learner.step()
         assert m["learner/tokens"] == sum(int(t.loss_mask.sum()) for g in groups for t in g)
+        assert m["rollout/turns"] == 3.0  # three runs of policy tokens per trajectory
         # an environment that never ends is cut at env.max_turns
         register_env("ask_thrice", lambda split="train", eval_size=0: _AskThrice(endless=True))
         cfg = fast_config(model_dir, "env.name=ask_thrice", "env.max_turns=2")

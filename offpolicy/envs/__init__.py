@@ -115,6 +115,10 @@ class SingleTurnEnv:
             raise NotImplementedError(f"env '{self.name}' has no reference solutions")
         return self.solution_fn(self.current["answer"])
 
+    def demonstration(self) -> list[tuple[str, bool]]:
+        """A warm-up episode as (text, written by the policy) pieces: here the solution."""
+        return [(self.solution(), True)]
+
 
 _EVAL_CACHE: dict[tuple, tuple[list[dict], set[str]]] = {}
 
@@ -134,4 +138,5 @@ def _eval_problems(name: str, problems: Callable, size: int) -> tuple[list[dict]
     return _EVAL_CACHE[key]
 
 
-from offpolicy.envs import addition, gsm8k  # noqa: E402,F401  (registers built-in tasks)
+# The built-in tasks register themselves.
+from offpolicy.envs import addition, gsm8k, guess, mathverify, rgym  # noqa: E402,F401
