@@ -13,10 +13,11 @@ A plain class: `offpolicy/launch.py` wraps it as a Ray actor; tests drive it dir
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 import time
 import uuid
-import threading
 from concurrent.futures import Future, TimeoutError
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,7 @@ from offpolicy.actors.hf import HFEngine, SamplingParams
 from offpolicy.config import Config
 from offpolicy.envs import import_env_module, latency_sampler, make_env
 from offpolicy.models import load_tokenizer
-from offpolicy.types import Trajectory
+from offpolicy.types import Groups, Trajectory
 
 
 def _hf(cfg: Config, model_path: str, seed: int) -> HFEngine:
@@ -72,7 +73,7 @@ class RolloutActor:
         # With simulated latency or a timeout, the environment steps of one turn run at once on
         # daemon threads (tool calls wait on I/O, not the CPU; a hung step cannot block exit).
         # Without either they run inline, as cheap reward functions should.
-        self.threaded = bool(cfg.env.latency or cfg.env.timeout_s)
+        self.pool = _StepPool() if cfg.env.latency or cfg.env.timeout_s else None
         self.latency = latency_sampler(cfg.env.latency)
         self.latency_rng = random.Random(cfg.run.seed * 1000 + actor_id)
 
@@ -99,7 +100,7 @@ class RolloutActor:
             return "refused"
         reserved = decision.get("n_groups", n)
         groups = self.rollout_batch(reserved)
-        self.buffer.add(groups, reserved, self.engine.version)
+        self.buffer.add(Groups(groups), reserved, self.engine.version)  # pickles packed
         self.counts["batches"] += 1
         return "added"
 
@@ -178,7 +179,7 @@ class RolloutActor:
             texts = self.tokenizer.batch_decode([c.token_ids for c in completions],
                                                 skip_special_tokens=True)
             delays = [self.latency(self.latency_rng) for _ in active]
-            steps = [_start_step(ep.env, text, d, self.threaded)
+            steps = [_start_step(ep.env, text, d, self.pool)
                      for ep, text, d in zip(active, texts, delays)]
             start, timeout = time.perf_counter(), self.cfg.env.timeout_s or None
             for ep, c, step in zip(active, completions, steps):
@@ -228,21 +229,53 @@ class RolloutActor:
         return groups
 
 
-def _start_step(env, text: str, delay: float, threaded: bool) -> Future:
-    """A Future of `_timed_step`: run on a daemon thread, or inline (already done)."""
+def _start_step(env, text: str, delay: float, pool: "_StepPool | None") -> Future:
+    """A Future of `_timed_step`: on the pool's threads, or run inline (already done)."""
+    if pool is not None:
+        return pool.submit(partial(_timed_step, env, text, delay))
     fut: Future = Future()
-
-    def work():
-        try:
-            fut.set_result(_timed_step(env, text, delay))
-        except Exception as e:
-            fut.set_exception(e)
-
-    if threaded:
-        threading.Thread(target=work, daemon=True, name="env-step").start()
-    else:
-        work()
+    try:
+        fut.set_result(_timed_step(env, text, delay))
+    except Exception as e:
+        fut.set_exception(e)
     return fut
+
+
+class _StepPool:
+    """Daemon threads that run environment steps, reused across turns and batches.
+
+    Starting a thread per step cost about 0.4 ms of CPU each (a third of a 128-episode batch's
+    CPU with 4 turns). Daemon threads cannot block the process from exiting, and a hung step
+    only keeps its own thread: a new one is started whenever no idle thread is left for a job.
+    """
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = self.queued = 0
+
+    def submit(self, fn) -> Future:
+        fut: Future = Future()
+        with self.lock:
+            self.queued += 1
+            if self.queued > self.idle:  # every queued job has an idle thread to take it
+                self.idle += 1
+                threading.Thread(target=self._work, daemon=True, name="env-step").start()
+        self.jobs.put((fn, fut))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            fn, fut = self.jobs.get()
+            with self.lock:
+                self.queued -= 1
+                self.idle -= 1
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+            with self.lock:
+                self.idle += 1
 
 
 def _timed_step(env, text: str, delay: float):
