@@ -246,6 +246,11 @@ class ResourcesConfig:
     """Ray GPUs for the learner; > 0 trains on CUDA."""
     actor_gpus: float = 0.0
     """Ray GPUs for each rollout actor (vLLM runs on the GPU it is given)."""
+    pin_cpus: bool = False
+    """One machine, Linux: pin the learner (with the buffer, weight store and driver, which it
+    waits on) to the first ceil(learner_cpus) cores and the rollout actors to the remaining
+    ones, so generation never takes the learner's core (the CPU counterpart of a learner with
+    its own GPU). Ignored when there are too few cores."""
     serial: bool = False
     """Run the buffer, learner and actors in this one process, taking turns, without Ray (no
     inter-process calls, one model import). Generation and training then never overlap; in lag

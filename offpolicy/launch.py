@@ -24,6 +24,7 @@ import yaml
 
 from offpolicy.config import Config, ConfigError, to_dict
 from offpolicy.metrics import MetricsWriter, make_backends, write_summary
+from offpolicy.placement import pin_roles
 
 
 class Remote:
@@ -160,6 +161,7 @@ def train(cfg: Config, log=print) -> dict:
 
     model_path = str(ensure_base_model(cfg, log=log))
     torch.set_num_threads(1)  # the driver only coordinates from here on
+    driver_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     summary = {"run_dir": str(run_dir), "model_path": model_path, "interrupted": False}
     restore = signal.signal(signal.SIGTERM, _raise_interrupt)
     writer = None
@@ -184,6 +186,8 @@ def train(cfg: Config, log=print) -> dict:
         signal.signal(signal.SIGTERM, restore)
         if not cfg.resources.serial:
             ray.shutdown()
+        if driver_cores is not None:  # resources.pin_cpus may have pinned this process
+            os.sched_setaffinity(0, driver_cores)
         shutil.rmtree(weights_dir(cfg), ignore_errors=True)  # FileSync's working copies
     summary["wall_s"] = time.perf_counter() - t_start
     write_summary(run_dir, summary)
@@ -218,6 +222,7 @@ class RayRoles:
         start_ray(cfg)
         roles = start_roles(cfg, model_path)
         self.learner, self.buffer = roles["learner"], roles["buffer"]
+        self.placement = pin_roles(cfg, roles, ray)  # before the actors' loops start
         self.runs = [a.run.remote() for a in roles["actors"]]
         self.ray = ray
 

@@ -1,0 +1,44 @@
+"""CPU placement of a run's processes on one machine (`resources.pin_cpus`).
+
+Reads: `resources.pin_cpus`, `resources.learner_cpus`. Writes: nothing (sets CPU affinity).
+
+With `pin_cpus` on Linux, the learner gets the first ceil(learner_cpus) cores and shares them
+only with the processes it waits on anyway (the buffer, the weight store, the driver); the
+rollout actors share the remaining cores. Generation then never takes the learner's core: the
+CPU counterpart of a learner on its own GPU. Without it the OS scheduler places everything.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+
+def core_split(learner_cpus: float) -> tuple[set[int], set[int]] | None:
+    """(learner cores, actor cores), or None when this machine has too few cores to split."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    n = max(1, math.ceil(learner_cpus))
+    if len(cores) <= n:
+        return None
+    return set(cores[:n]), set(cores[n:])
+
+
+def _set_affinity(_instance, cores: set[int]) -> int:
+    os.sched_setaffinity(0, cores)
+    return os.getpid()
+
+
+def pin_roles(cfg, roles: dict, ray) -> dict | None:
+    """Pin the Ray roles of `start_roles` (and this driver process); returns the split used."""
+    split = core_split(cfg.resources.learner_cpus) if cfg.resources.pin_cpus else None
+    if split is None:
+        return None
+    learner_cores, actor_cores = split
+    refs = [roles[name].__ray_call__.remote(_set_affinity, learner_cores)
+            for name in ("learner", "buffer", "store") if roles.get(name) is not None]
+    refs += [a.__ray_call__.remote(_set_affinity, actor_cores) for a in roles["actors"]]
+    ray.get(refs)
+    os.sched_setaffinity(0, learner_cores)
+    return {"learner": sorted(learner_cores), "actors": sorted(actor_cores)}

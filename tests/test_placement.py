@@ -1,0 +1,51 @@
+"""resources.pin_cpus: which cores the learner's side and the actors get (no Ray needed)."""
+
+import os
+
+import pytest
+
+from offpolicy import placement
+from offpolicy.config import load_config
+
+
+class _Handle:
+    """Stands in for a Ray actor handle: `__ray_call__.remote(fn, *args)` runs fn at once."""
+
+    def __init__(self):
+        self.cores = None
+        outer = self
+
+        class Call:
+            @staticmethod
+            def remote(fn, cores):
+                outer.cores = cores
+                return None
+
+        self.__ray_call__ = Call
+
+
+class _Ray:
+    @staticmethod
+    def get(refs):
+        return refs
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_learner_side_and_actors_get_disjoint_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    set_calls = []
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: set_calls.append(cores))
+    assert placement.core_split(1.0) == ({0}, {1, 2, 3})
+    assert placement.core_split(1.5) == ({0, 1}, {2, 3})  # rounded up to whole cores
+    assert placement.core_split(4) is None  # nothing left for the actors: no pinning
+
+    roles = {"learner": _Handle(), "buffer": _Handle(), "store": _Handle(),
+             "actors": [_Handle(), _Handle()]}
+    cfg = load_config(None, ["resources.pin_cpus=true", "resources.learner_cpus=0.5"])
+    assert placement.pin_roles(cfg, roles, _Ray) == {"learner": [0], "actors": [1, 2, 3]}
+    assert [roles[k].cores for k in ("learner", "buffer", "store")] == [{0}] * 3
+    assert [a.cores for a in roles["actors"]] == [{1, 2, 3}] * 2
+    assert set_calls == [{0}]  # the driver joins the learner's side
+    cfg = load_config(None, [])  # off by default: nothing is pinned
+    roles["learner"].cores = None
+    assert placement.pin_roles(cfg, roles, _Ray) is None and roles["learner"].cores is None
