@@ -1,0 +1,110 @@
+"""What asynchrony buys when the environment is slow: synchronous vs asynchronous training.
+
+Both modes train the multi-turn `guess` task (a number in 0-7, 1 to 3 turns per episode:
+variable lengths; its tiny model is built and cached on the first run) with
+simulated, heavy-tailed environment latency on every step, the same actors, batch and model, in
+one run of this script, one mode after the other:
+
+- sync:  buffer.max_staleness 0. The learner waits while one batch is generated with its
+  current weights, then trains on it; the actors wait while it trains.
+- async: buffer.max_staleness K (default 12). Actors keep generating with the weights they
+  hold while the learner trains; K is large enough that the bound never holds 8 actors off.
+
+From the sync run it measures `gen`, the learner's wait for a batch, and `train`, the rest of a
+learner step (update, weight publish, bookkeeping). With A actors generating concurrently,
+perfect overlap gives a step time of max(train, gen / A), so
+
+    ideal speedup = (gen + train) / max(train, gen / A)
+
+and the script prints the measured speedup (async learner samples/s over sync), its share of
+the ideal, and the learner's idle fraction (time waiting for data / wall time) in each mode.
+Steps before `--warmup` (start-up, first weight loads) and the last step (final eval) are left
+out of every figure.
+
+Both runs pin the learner (with the buffer and the driver, which it waits on) to one core and
+the actors to the other (`resources.pin_cpus`): on 2 cores that is the CPU counterpart of a
+learner with its own GPU, and without it generation slows the learner's update down.
+
+Run: python benchmarks/async_speedup.py [--steps 60] [--actors 8] [--latency lognormal:0.1,0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+CONFIG = Path(__file__).parents[1] / "configs" / "multiturn.yaml"
+
+
+def run(mode: str, args, root: Path) -> dict:
+    from offpolicy.config import load_config
+    from offpolicy.launch import train
+
+    overrides = [
+        f"run.dir={root / mode}", "env.kwargs={n: 8, guesses: 3}", "env.max_turns=3",
+        "engine.max_new_tokens=2", f"learner.steps={args.steps}", f"eval.every={args.steps}",
+        f"rollout.num_actors={args.actors}", f"rollout.prompts_per_batch={args.groups}",
+        f"learner.batch_groups={args.groups}", f"env.latency={args.latency}",
+        "env.timeout_s=30", f"resources.actor_cpus={1 / (args.actors + 1):.3f}",
+        "resources.learner_cpus=0.5", "resources.pin_cpus=true",
+        "buffer.drop_uniform_groups=false",
+        f"buffer.max_staleness={0 if mode == 'sync' else args.staleness}",
+        "log.progress_every_s=10"]
+    cfg = load_config(CONFIG, overrides)
+    print(f"--- {mode}: {args.actors} actors, max_staleness {cfg.buffer.max_staleness}, "
+          f"{args.steps} steps of {args.groups} groups x {cfg.rollout.group_size}", flush=True)
+    train(cfg, log=lambda s: None)
+    rows = [json.loads(line) for line in (root / mode / "metrics.jsonl").open()]
+    window = rows[args.warmup:-1]  # the last step also ran the final eval
+    wall = window[-1]["time/elapsed_s"] - rows[args.warmup - 1]["time/elapsed_s"]
+    wait = sum(r["time/wait_s"] for r in window)
+    samples = sum(r["learner/batch_size"] for r in window)
+    return {"mode": mode, "staleness": cfg.buffer.max_staleness, "steps": len(window),
+            "samples_per_s": samples / wall, "step_s": wall / len(window),
+            "gen_s": wait / len(window), "train_s": (wall - wait) / len(window),
+            "update_s": statistics.mean(r["time/update_s"] for r in window),
+            "idle": wait / wall,
+            "turns": statistics.mean(r["rollout/turns"] for r in window),
+            "staleness_mean": statistics.mean(r["staleness/mean"] for r in window)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--actors", type=int, default=8)
+    p.add_argument("--groups", type=int, default=16, help="groups per batch (8 episodes each)")
+    p.add_argument("--staleness", type=int, default=12, help="async max_staleness")
+    p.add_argument("--latency", default="lognormal:0.1,0.5",
+                   help="env.latency per step (median 0.1 s, heavy right tail)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="async-speedup-") as tmp:
+        sync, async_ = run("sync", args, Path(tmp)), run("async", args, Path(tmp))
+
+    print(f"\nguess task, env.latency {args.latency}, {args.actors} actors, batch {args.groups} "
+          f"groups x 8; steps {args.warmup + 1}-{args.steps - 1} of {args.steps}")
+    print("| mode | max_staleness | learner samples/s | step s | waiting for data s | "
+          "training s | of which update s | idle fraction | turns/episode | mean staleness |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in (sync, async_):
+        print(f"| {r['mode']} | {r['staleness']} | {r['samples_per_s']:.1f} | {r['step_s']:.3f} | "
+              f"{r['gen_s']:.3f} | {r['train_s']:.3f} | {r['update_s']:.3f} | {r['idle']:.1%} | "
+              f"{r['turns']:.2f} | "
+              f"{r['staleness_mean']:.2f} |")
+    gen, trn = sync["gen_s"], sync["train_s"]
+    ideal = (gen + trn) / max(trn, gen / args.actors)
+    speedup = async_["samples_per_s"] / sync["samples_per_s"]
+    capacity = args.actors / gen
+    print(f"\nsync: generation {gen:.3f} s + training {trn:.3f} s per step; "
+          f"{args.actors} actors can generate {capacity:.2f} batches/s, "
+          f"the learner consumes {1 / trn:.2f}")
+    print(f"ideal speedup (gen + train) / max(train, gen / {args.actors}) = {ideal:.2f}x")
+    print(f"measured speedup {speedup:.2f}x = {speedup / ideal:.0%} of ideal; "
+          f"async learner idle {async_['idle']:.1%}")
+
+
+if __name__ == "__main__":
+    main()
