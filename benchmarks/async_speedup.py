@@ -7,8 +7,13 @@ one run of this script, one mode after the other:
 
 - sync:  buffer.max_staleness 0. The learner waits while one batch is generated with its
   current weights, then trains on it; the actors wait while it trains.
-- async: buffer.max_staleness K (default 12). Actors keep generating with the weights they
-  hold while the learner trains; K is large enough that the bound never holds 8 actors off.
+- async: buffer.max_staleness K (default 16). Actors keep generating with the weights they
+  hold while the learner trains. A batch takes about 5 learner steps to generate and 8 are in
+  flight, so a bound of 12 or less holds actors off (measured: 12 left the learner idle 10-14%).
+
+Both modes use learning rate 1e-5, so the policy and its episode lengths stay the same in both
+(with the task's 3e-4 the async run's episodes got shorter than the sync run's within 60
+steps, which made its updates cheaper): this measures throughput, not learning.
 
 From the sync run it measures `gen`, the learner's wait for a batch, and `train`, the rest of a
 learner step (update, weight publish, bookkeeping). With A actors generating concurrently,
@@ -21,9 +26,11 @@ the ideal, and the learner's idle fraction (time waiting for data / wall time) i
 Steps before `--warmup` (start-up, first weight loads) and the last step (final eval) are left
 out of every figure.
 
-Both runs pin the learner (with the buffer and the driver, which it waits on) to one core and
-the actors to the other (`resources.pin_cpus`): on 2 cores that is the CPU counterpart of a
-learner with its own GPU, and without it generation slows the learner's update down.
+Both runs pin the learner (with the buffer and the driver, which it waits on) to one core
+(`resources.pin_cpus`) and run the actors at the lowest CPU priority (`resources.actor_nice:
+19`), so they use any CPU the learner leaves but never take it from the learner: on 2 cores the
+counterpart of a learner with its own GPU. Measured without them, generation slowed the update
+(0.35 s -> 0.49 s); with the actors pinned to the second core they could not keep up.
 
 Run: python benchmarks/async_speedup.py [--steps 60] [--actors 8] [--latency lognormal:0.1,0.5]
 """
@@ -45,11 +52,12 @@ def run(mode: str, args, root: Path) -> dict:
 
     overrides = [
         f"run.dir={root / mode}", "env.kwargs={n: 8, guesses: 3}", "env.max_turns=3",
-        "engine.max_new_tokens=2", f"learner.steps={args.steps}", f"eval.every={args.steps}",
+        "engine.max_new_tokens=2", f"learner.lr={args.lr}", f"learner.steps={args.steps}", f"eval.every={args.steps}",
         f"rollout.num_actors={args.actors}", f"rollout.prompts_per_batch={args.groups}",
         f"learner.batch_groups={args.groups}", f"env.latency={args.latency}",
         "env.timeout_s=30", f"resources.actor_cpus={1 / (args.actors + 1):.3f}",
         "resources.learner_cpus=0.5", "resources.pin_cpus=true",
+        "resources.actor_nice=19",
         "buffer.drop_uniform_groups=false",
         f"buffer.max_staleness={0 if mode == 'sync' else args.staleness}",
         "log.progress_every_s=10"]
@@ -77,7 +85,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--actors", type=int, default=8)
     p.add_argument("--groups", type=int, default=16, help="groups per batch (8 episodes each)")
-    p.add_argument("--staleness", type=int, default=12, help="async max_staleness")
+    p.add_argument("--staleness", type=int, default=16, help="async max_staleness")
+    p.add_argument("--lr", type=float, default=1e-5,
+                   help="small, so the policy (and its episode lengths) stays the same in both "
+                        "modes: this measures throughput, not learning")
     p.add_argument("--latency", default="lognormal:0.1,0.5",
                    help="env.latency per step (median 0.1 s, heavy right tail)")
     args = p.parse_args()

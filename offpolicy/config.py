@@ -250,7 +250,11 @@ class ResourcesConfig:
     """One machine, Linux: pin the learner (with the buffer, weight store and driver, which it
     waits on) to the first ceil(learner_cpus) cores and the rollout actors to the remaining
     ones, so generation never takes the learner's core (the CPU counterpart of a learner with
-    its own GPU). Ignored when there are too few cores."""
+    its own GPU). With `actor_nice` set the actors stay free to use every core (at low
+    priority). Ignored when there are too few cores."""
+    actor_nice: int = 0
+    """Linux niceness (0 to 19) of the rollout actor processes. Above 0 the learner, buffer and
+    driver win every core they want, and actors use whatever CPU is left, on any core."""
     serial: bool = False
     """Run the buffer, learner and actors in this one process, taking turns, without Ray (no
     inter-process calls, one model import). Generation and training then never overlap; in lag

@@ -1,11 +1,14 @@
-"""CPU placement of a run's processes on one machine (`resources.pin_cpus`).
+"""CPU placement of a run's processes on one machine (`resources.pin_cpus`, `actor_nice`).
 
-Reads: `resources.pin_cpus`, `resources.learner_cpus`. Writes: nothing (sets CPU affinity).
+Reads: `resources.pin_cpus`, `resources.actor_nice`, `resources.learner_cpus`.
+Writes: nothing (sets CPU affinity and thread priorities).
 
 With `pin_cpus` on Linux, the learner gets the first ceil(learner_cpus) cores and shares them
 only with the processes it waits on anyway (the buffer, the weight store, the driver); the
 rollout actors share the remaining cores. Generation then never takes the learner's core: the
-CPU counterpart of a learner on its own GPU. Without it the OS scheduler places everything.
+CPU counterpart of a learner on its own GPU. With `actor_nice` the actors instead run at low
+priority on any core, so they also use the learner's core while it waits for data. Without
+either the OS scheduler places everything.
 """
 
 from __future__ import annotations
@@ -30,15 +33,27 @@ def _set_affinity(_instance, cores: set[int]) -> int:
     return os.getpid()
 
 
+def _renice(_instance, niceness: int) -> int:
+    """Lower the priority of every thread of this process (Linux niceness is per thread)."""
+    for tid in os.listdir("/proc/self/task"):
+        os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+    return os.getpid()
+
+
 def pin_roles(cfg, roles: dict, ray) -> dict | None:
-    """Pin the Ray roles of `start_roles` (and this driver process); returns the split used."""
+    """Pin the Ray roles of `start_roles` (and this driver process) and renice the actors;
+    returns the core split used, if any."""
+    if cfg.resources.actor_nice and hasattr(os, "setpriority"):
+        ray.get([a.__ray_call__.remote(_renice, cfg.resources.actor_nice)
+                 for a in roles["actors"]])
     split = core_split(cfg.resources.learner_cpus) if cfg.resources.pin_cpus else None
     if split is None:
         return None
     learner_cores, actor_cores = split
     refs = [roles[name].__ray_call__.remote(_set_affinity, learner_cores)
             for name in ("learner", "buffer", "store") if roles.get(name) is not None]
-    refs += [a.__ray_call__.remote(_set_affinity, actor_cores) for a in roles["actors"]]
+    if not cfg.resources.actor_nice:  # reniced actors may use any core: they yield anyway
+        refs += [a.__ray_call__.remote(_set_affinity, actor_cores) for a in roles["actors"]]
     ray.get(refs)
     os.sched_setaffinity(0, learner_cores)
     return {"learner": sorted(learner_cores), "actors": sorted(actor_cores)}

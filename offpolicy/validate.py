@@ -71,6 +71,8 @@ def validate(cfg: Config) -> None:
     _check(min(cfg.resources.learner_cpus, cfg.resources.actor_cpus, cfg.resources.learner_gpus,
                cfg.resources.actor_gpus) >= 0,
            "resources.learner_cpus/actor_cpus/learner_gpus/actor_gpus: must be >= 0")
+    _check(0 <= cfg.resources.actor_nice <= 19,
+           f"resources.actor_nice: {cfg.resources.actor_nice} is not a niceness from 0 to 19")
     _check(cfg.learner.micro_batch >= 0, "learner.micro_batch: must be >= 0")
     _check(cfg.env.max_tokens >= 0, "env.max_tokens: must be >= 0")
     _check(cfg.env.timeout_s >= 0, "env.timeout_s: must be >= 0")

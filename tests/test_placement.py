@@ -46,6 +46,19 @@ def test_learner_side_and_actors_get_disjoint_cores(monkeypatch):
     assert [roles[k].cores for k in ("learner", "buffer", "store")] == [{0}] * 3
     assert [a.cores for a in roles["actors"]] == [{1, 2, 3}] * 2
     assert set_calls == [{0}]  # the driver joins the learner's side
+    # with actor_nice the actors are reniced instead and may use every core
+    for a in roles["actors"]:
+        a.cores = None
+    cfg = load_config(None, ["resources.pin_cpus=true", "resources.actor_nice=19"])
+    placement.pin_roles(cfg, roles, _Ray)
+    assert roles["learner"].cores == {0} and [a.cores for a in roles["actors"]] == [19, 19]
     cfg = load_config(None, [])  # off by default: nothing is pinned
     roles["learner"].cores = None
     assert placement.pin_roles(cfg, roles, _Ray) is None and roles["learner"].cores is None
+
+
+def test_actor_nice_out_of_range_is_a_config_error():
+    from offpolicy.config import ConfigError
+
+    with pytest.raises(ConfigError, match="resources.actor_nice: 25"):
+        load_config(None, ["resources.actor_nice=25"])
