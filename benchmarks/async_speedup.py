@@ -52,7 +52,8 @@ def run(mode: str, args, root: Path) -> dict:
 
     overrides = [
         f"run.dir={root / mode}", "env.kwargs={n: 8, guesses: 3}", "env.max_turns=3",
-        "engine.max_new_tokens=2", f"learner.lr={args.lr}", f"learner.steps={args.steps}", f"eval.every={args.steps}",
+        "engine.max_new_tokens=2", f"learner.lr={args.lr}", f"learner.steps={args.steps}",
+        f"eval.every={args.steps}",
         f"rollout.num_actors={args.actors}", f"rollout.prompts_per_batch={args.groups}",
         f"learner.batch_groups={args.groups}", f"env.latency={args.latency}",
         "env.timeout_s=30", f"resources.actor_cpus={1 / (args.actors + 1):.3f}",
