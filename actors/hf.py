@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from offpolicy.models import load_policy
+from offpolicy.models import left_pad, load_policy
 
 
 @dataclass
@@ -72,12 +72,8 @@ class HFEngine:
         """
         if between_steps is not None:
             raise ValueError("engine.inflight_updates needs engine.name=vllm")
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding so every sequence ends at column `width`
-            ids[i, width - len(p):] = torch.tensor(p)
-            attn[i, width - len(p):] = 1
+        ids, attn = left_pad(prompts, self.pad_id)
+        width = ids.shape[1]
         sample_args = ({"do_sample": False} if sampling.greedy else
                        {"do_sample": True, "temperature": sampling.temperature,
                         "top_p": sampling.top_p, "top_k": 0})

@@ -251,15 +251,23 @@ def evaluate(model, tokenizer, env_cfg, seeds: list[int], max_new_tokens: int,
     return total / max(len(seeds), 1)
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, W): left padding, so every prompt ends at column W
+    and generated tokens line up."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    return ids, attn
+
+
 def greedy_generate(model, tokenizer, prompts: list[list[int]],
                     max_new_tokens: int) -> list[list[int]]:
     """Greedy completions of token-id prompts: each cut after its first end-of-sequence (kept)."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends at column `width`
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
+    ids, attn = left_pad(prompts, tokenizer.pad_token_id)
+    width = ids.shape[1]
     out = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
                          do_sample=False, max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
