@@ -1,7 +1,7 @@
 """What asynchrony buys when the environment is slow: synchronous vs asynchronous training.
 
-Both modes train the multi-turn `guess` task (a number in 0-7, 1 to 3 turns per episode:
-variable lengths; its tiny model is built and cached on the first run) with
+Both modes train `configs/multiturn.yaml`'s `guess` task (a number in 0-7, 1 to 3 turns per
+episode: variable lengths; its tiny model is built and cached on the first run) with
 simulated, heavy-tailed environment latency on every step, the same actors, batch and model, in
 one run of this script, one mode after the other:
 
@@ -51,8 +51,7 @@ def run(mode: str, args, root: Path) -> dict:
     from offpolicy.launch import train
 
     overrides = [
-        f"run.dir={root / mode}", "env.kwargs={n: 8, guesses: 3}", "env.max_turns=3",
-        "engine.max_new_tokens=2", f"learner.lr={args.lr}", f"learner.steps={args.steps}",
+        f"run.dir={root / mode}", f"learner.lr={args.lr}", f"learner.steps={args.steps}",
         f"eval.every={args.steps}",
         f"rollout.num_actors={args.actors}", f"rollout.prompts_per_batch={args.groups}",
         f"learner.batch_groups={args.groups}", f"env.latency={args.latency}",

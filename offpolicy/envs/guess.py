@@ -8,9 +8,9 @@ guess (then end-of-sequence) and the environment answers "<" (the number is smal
 
 Reward: 1 when found (sparse, at the end), minus `step_cost` for every wrong guess (a per-turn
 reward). A group is one hidden number. The eval split plays every number once.
-The warm-up demonstrations guess uniformly among the numbers still possible: that finds the
-number in 4 guesses out of 16 only 58% of the time, while halving the interval finds 94%. So the
-tiny base model succeeds sometimes, and RL has a better strategy to discover.
+The warm-up demonstrations guess uniformly among the numbers still possible: that finds one of
+8 numbers in 3 guesses 61% of the time (one of 16 in 4: 58%), while halving the interval finds
+88% (94%). So the tiny base model succeeds sometimes, and RL has a better strategy to discover.
 """
 
 from __future__ import annotations
