@@ -66,10 +66,9 @@ class RolloutActor:
         import_env_module(cfg.env.module)
         self.make_env = partial(make_env, cfg.env.name, "train", eval_size=cfg.env.eval_size,
                                 **cfg.env.kwargs)
-        self.counts = {"batches": 0, "trajectories": 0, "env_errors": 0, "weight_loads": 0,
-                       "inflight_loads": 0}
+        self.counts = {"batches": 0, "trajectories": 0, "env_errors": 0, "env_timeouts": 0,
+                       "weight_loads": 0, "inflight_loads": 0}
         self._next_poll = 0.0
-        self.counts["env_timeouts"] = 0
         # With simulated latency or a timeout, the environment steps of one turn run at once on
         # daemon threads (tool calls wait on I/O, not the CPU; a hung step cannot block exit).
         # Without either they run inline, as cheap reward functions should.

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from offpolicy.envs import SingleTurnEnv, register_env
+from offpolicy.envs.gsm8k import draw
 
 OPS = "+-*"
 # On the actor's environment threads verify() turns math-verify's SIGALRM timeouts off (see
@@ -56,7 +57,7 @@ def load_problems(path: str) -> list[dict]:
         if line.strip():
             try:
                 row = json.loads(line)
-                rows.append({"prompt": row["question"], "answer": str(row["answer"])})
+                rows.append({"question": row["question"], "answer": str(row["answer"])})
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"env.kwargs.path: {path} line {n}: {e!r}") from None
     if not rows:
@@ -72,17 +73,12 @@ def make_math(split: str = "train", path: str = "", terms: int = 3, max_value: i
         raise ValueError("env 'math' needs math-verify: pip install 'offpolicy[envs]'") from None
     if path:
         rows = load_problems(path)
-        problems = partial(_draw, rows=rows, template=template)
+        problems = partial(draw, rows=rows, template=template)
         eval_size = min(eval_size, len(rows) // 2)
     else:
         problems = partial(arithmetic_problem, terms=terms, max_value=max_value)
     return SingleTurnEnv(f"math:{path or f'{terms}x{max_value}'}", problems, verify,
                          split=split, eval_size=eval_size, solution=str)
-
-
-def _draw(rng: random.Random, rows: list[dict], template: str) -> dict:
-    row = rows[rng.randrange(len(rows))]
-    return {"prompt": template.format(question=row["prompt"]), "answer": row["answer"]}
 
 
 register_env("math", make_math)
