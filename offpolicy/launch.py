@@ -13,6 +13,7 @@ With `resources.serial` the same classes share this one process and take turns, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -87,8 +88,9 @@ def start_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):  # a running cluster (`ray job submit`, `offpolicy ablate`)
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
     else:  # a private local instance for this run
-        ray.init(num_cpus=cfg.resources.num_cpus or os.cpu_count(), include_dashboard=False,
-                 **common)
+        with _worker_niceness(0 if cfg.resources.actor_nice else None):
+            ray.init(num_cpus=cfg.resources.num_cpus or os.cpu_count(),
+                     include_dashboard=False, **common)
     need = cfg.resources.learner_cpus + cfg.rollout.num_actors * cfg.resources.actor_cpus
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
@@ -101,6 +103,21 @@ def start_ray(cfg: Config) -> None:
     if need_gpus > have_gpus:
         raise ConfigError(f"resources: the learner and actors need {need_gpus} GPUs but Ray has "
                           f"{have_gpus}; lower resources.learner_gpus/actor_gpus")
+
+
+@contextlib.contextmanager
+def _worker_niceness(niceness: int | None):
+    """Ray starts worker processes at niceness 15 (RAY_worker_niceness), so actors reniced to
+    19 (`resources.actor_nice`) would still take about 30% of a core from a learner at 15.
+    A local instance started here gets `niceness` for its workers unless the user set it."""
+    if niceness is None or "RAY_worker_niceness" in os.environ:
+        yield
+        return
+    os.environ["RAY_worker_niceness"] = str(niceness)  # read by the raylet ray.init spawns
+    try:
+        yield
+    finally:
+        del os.environ["RAY_worker_niceness"]
 
 
 def start_roles(cfg: Config, model_path: str) -> dict:

@@ -8,13 +8,15 @@ only with the processes it waits on anyway (the buffer, the weight store, the dr
 rollout actors share the remaining cores. Generation then never takes the learner's core: the
 CPU counterpart of a learner on its own GPU. With `actor_nice` the actors instead run at low
 priority on any core, so they also use the learner's core while it waits for data. Without
-either the OS scheduler places everything.
+either the OS scheduler places everything. Ray starts its workers at niceness 15, so a run
+that starts its own Ray with `actor_nice` starts the workers at 0 (`launch.start_ray`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 
 
 def core_split(learner_cpus: float) -> tuple[set[int], set[int]] | None:
@@ -40,12 +42,21 @@ def _renice(_instance, niceness: int) -> int:
     return os.getpid()
 
 
+def _niceness(_instance) -> int:
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def pin_roles(cfg, roles: dict, ray) -> dict | None:
     """Pin the Ray roles of `start_roles` (and this driver process) and renice the actors;
     returns the core split used, if any."""
-    if cfg.resources.actor_nice and hasattr(os, "setpriority"):
-        ray.get([a.__ray_call__.remote(_renice, cfg.resources.actor_nice)
-                 for a in roles["actors"]])
+    nice = cfg.resources.actor_nice
+    if nice and hasattr(os, "setpriority"):
+        learner_nice = ray.get(roles["learner"].__ray_call__.remote(_niceness))
+        if learner_nice >= nice:  # e.g. a cluster whose raylet starts workers at 15
+            print(f"warning: resources.actor_nice {nice} does not lower the actors below the "
+                  f"learner (niceness {learner_nice}); start Ray with RAY_worker_niceness=0",
+                  file=sys.stderr)
+        ray.get([a.__ray_call__.remote(_renice, nice) for a in roles["actors"]])
     split = core_split(cfg.resources.learner_cpus) if cfg.resources.pin_cpus else None
     if split is None:
         return None

@@ -17,8 +17,10 @@ class _Handle:
 
         class Call:
             @staticmethod
-            def remote(fn, cores):
-                outer.cores = cores
+            def remote(fn, *args):
+                if fn is placement._niceness:
+                    return 0  # Ray workers started by `offpolicy train` with actor_nice
+                outer.cores = args[0]
                 return None
 
         self.__ray_call__ = Call
@@ -62,3 +64,29 @@ def test_actor_nice_out_of_range_is_a_config_error():
 
     with pytest.raises(ConfigError, match="resources.actor_nice: 25"):
         load_config(None, ["resources.actor_nice=25"])
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="Linux only")
+def test_run_with_actor_nice_starts_ray_workers_at_niceness_0(monkeypatch):
+    """Ray's default worker niceness is 15: reniced actors (19) would then still take about
+    30% of a core from the learner. `start_ray` starts the workers at 0 instead."""
+    import ray
+
+    from offpolicy.launch import start_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    cfg = load_config(None, ["resources.actor_nice=19", "resources.num_cpus=1",
+                             "rollout.num_actors=1", "resources.actor_cpus=0.5",
+                             "resources.learner_cpus=0.5"])
+    start_ray(cfg)
+    try:
+        @ray.remote(num_cpus=0)
+        class Probe:
+            def niceness(self):
+                return os.getpriority(os.PRIO_PROCESS, 0)
+
+        assert ray.get(Probe.remote().niceness.remote()) == 0
+        assert "RAY_worker_niceness" not in os.environ  # only the raylet saw it
+    finally:
+        ray.shutdown()
