@@ -241,6 +241,49 @@ def test_hf_engine_stop_strings_end_the_completion(model_dir):
     assert len(out.logprobs) == len(out.versions) == len(out.token_ids)
 
 
+def _learner_logprobs(engine, contexts, outs, temperature=1.0):
+    """(max diff between engine and learner log-probs, per-row learner log-probs)."""
+    trajs = [Trajectory("t", "g", np.array(p, np.int32), c.token_ids,
+                        np.ones(len(c.token_ids), np.int8), c.logprobs,
+                        np.zeros(len(c.token_ids), np.int32), 0.0, "x", c.finish_reason)
+             for p, c in zip(contexts, outs)]
+    d = {k: torch.from_numpy(v) for k, v in Batch(trajs, 0).padded(0).items()}
+    lp = token_logprobs(engine.model, d["input_ids"], d["attention_mask"], d["targets"],
+                        temperature)
+    return ((lp - d["behavior_logprobs"]).abs() * d["loss_mask"]).max().item()
+
+
+def test_hf_engine_next_turn_reuses_the_previous_turns_keys_and_values(model_dir):
+    """A call whose prompts all continue rows of the previous call encodes only the new
+    tokens. Rows may come back reordered or dropped, and rows that stopped early leave
+    masked gaps; the log-probs still match the learner's on the whole conversation."""
+    engine = HFEngine(str(model_dir), seed=0)
+    tok = engine.tokenizer
+    prompts = [tok(p)["input_ids"] for p in ["1+2=", "47+85=", "9+10="] * 3]
+    sampling = SamplingParams(max_new_tokens=5, stop=tuple("0123456789"))
+    first = engine.generate(prompts, sampling)
+    assert {len(c.token_ids) for c in first} != {5}  # some rows stopped early: gaps follow
+    obs = tok(" no:", add_special_tokens=False)["input_ids"]
+    pick = [4, 0, 7, 2, 2]  # reordered, some dropped, one twice
+    contexts = [prompts[i] + first[i].token_ids.tolist() + obs for i in pick]
+    second = engine.generate(contexts, sampling)
+    assert engine.reused_calls == 1
+    assert _learner_logprobs(engine, contexts, second) < 1e-4
+    # greedy: the reused path and a fresh encoding of the same conversations agree exactly
+    third_ctx = [c + s.token_ids.tolist() + obs for c, s in zip(contexts, second)]
+    greedy = SamplingParams(max_new_tokens=4, greedy=True)
+    reused = engine.generate(third_ctx, greedy)
+    fresh = HFEngine(str(model_dir)).generate(third_ctx, greedy)
+    assert engine.reused_calls == 2
+    for a, b in zip(reused, fresh):
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    # new weights make the cached keys/values stale: the next call encodes from scratch
+    engine.load_weights(1, engine.model.state_dict())
+    engine.generate([c + r.token_ids.tolist() for c, r in zip(third_ctx, reused)], greedy)
+    assert engine.reused_calls == 2
+
+
 class _AskThrice:
     """A scripted multi-turn environment: two observations, then a reward of 1 on turn 3."""
 
