@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -47,11 +46,12 @@ CONFIG = Path(__file__).parents[1] / "configs" / "multiturn.yaml"
 
 
 def run(mode: str, args, root: Path) -> dict:
+    """One training run in `mode`; returns its sums over the measured steps."""
     from offpolicy.config import load_config
     from offpolicy.launch import train
 
     overrides = [
-        f"run.dir={root / mode}", f"learner.lr={args.lr}", f"learner.steps={args.steps}",
+        f"run.dir={root}", f"learner.lr={args.lr}", f"learner.steps={args.steps}",
         f"eval.every={args.steps}",
         f"rollout.num_actors={args.actors}", f"rollout.prompts_per_batch={args.groups}",
         f"learner.batch_groups={args.groups}", f"env.latency={args.latency}",
@@ -60,29 +60,42 @@ def run(mode: str, args, root: Path) -> dict:
         "resources.actor_nice=19",
         "buffer.drop_uniform_groups=false",
         f"buffer.max_staleness={0 if mode == 'sync' else args.staleness}",
-        "log.progress_every_s=10"]
+        "log.progress_every_s=10", *args.set]
     cfg = load_config(CONFIG, overrides)
     print(f"--- {mode}: {args.actors} actors, max_staleness {cfg.buffer.max_staleness}, "
           f"{args.steps} steps of {args.groups} groups x {cfg.rollout.group_size}", flush=True)
     train(cfg, log=lambda s: None)
-    rows = [json.loads(line) for line in (root / mode / "metrics.jsonl").open()]
+    rows = [json.loads(line) for line in (root / "metrics.jsonl").open()]
     window = rows[args.warmup:-1]  # the last step also ran the final eval
-    wall = window[-1]["time/elapsed_s"] - rows[args.warmup - 1]["time/elapsed_s"]
-    wait = sum(r["time/wait_s"] for r in window)
-    samples = sum(r["learner/batch_size"] for r in window)
-    return {"mode": mode, "staleness": cfg.buffer.max_staleness, "steps": len(window),
-            "samples_per_s": samples / wall, "step_s": wall / len(window),
-            "gen_s": wait / len(window), "train_s": (wall - wait) / len(window),
-            "update_s": statistics.mean(r["time/update_s"] for r in window),
-            "idle": wait / wall,
-            "turns": statistics.mean(r["rollout/turns"] for r in window),
-            "staleness_mean": statistics.mean(r["staleness/mean"] for r in window)}
+    return {"staleness": cfg.buffer.max_staleness, "steps": len(window),
+            "wall": window[-1]["time/elapsed_s"] - rows[args.warmup - 1]["time/elapsed_s"],
+            **{k: sum(r[m] for r in window) for k, m in (
+                ("wait", "time/wait_s"), ("samples", "learner/batch_size"),
+                ("update", "time/update_s"), ("backward", "time/backward_s"),
+                ("publish", "time/publish_s"), ("turns", "rollout/turns"),
+                ("staleness_mean", "staleness/mean"))}}
+
+
+def pooled(mode: str, runs: list[dict]) -> dict:
+    """Per-step figures of a mode over all its runs (sums pooled, then divided)."""
+    tot = {k: sum(r[k] for r in runs) for k in runs[0] if k != "staleness"}
+    n, wall = tot["steps"], tot["wall"]
+    return {"mode": mode, "staleness": runs[0]["staleness"], "runs": len(runs),
+            "samples_per_s": tot["samples"] / wall, "step_s": wall / n,
+            "gen_s": tot["wait"] / n, "train_s": (wall - tot["wait"]) / n,
+            "idle": tot["wait"] / wall,
+            **{k: tot[k] / n for k in ("update", "backward", "publish", "turns",
+                                       "staleness_mean")},
+            "each": [r["samples"] / r["wall"] for r in runs]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="sync/async pairs, run in ABBA order so drift in the machine's speed "
+                        "(a shared VM) cancels")
     p.add_argument("--actors", type=int, default=8)
     p.add_argument("--groups", type=int, default=16, help="groups per batch (8 episodes each)")
     p.add_argument("--staleness", type=int, default=16, help="async max_staleness")
@@ -91,20 +104,31 @@ def main() -> None:
                         "modes: this measures throughput, not learning")
     p.add_argument("--latency", default="lognormal:0.1,0.5",
                    help="env.latency per step (median 0.1 s, heavy right tail)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more config overrides for both modes, e.g. resources.actor_nice=0")
     args = p.parse_args()
+    order = [m for i in range(args.rounds) for m in
+             (("sync", "async") if i % 2 == 0 else ("async", "sync"))]
+    runs = {"sync": [], "async": []}
     with tempfile.TemporaryDirectory(prefix="async-speedup-") as tmp:
-        sync, async_ = run("sync", args, Path(tmp)), run("async", args, Path(tmp))
+        for i, mode in enumerate(order):
+            runs[mode].append(run(mode, args, Path(tmp) / f"{i}-{mode}"))
+    sync, async_ = pooled("sync", runs["sync"]), pooled("async", runs["async"])
 
     print(f"\nguess task, env.latency {args.latency}, {args.actors} actors, batch {args.groups} "
-          f"groups x 8; steps {args.warmup + 1}-{args.steps - 1} of {args.steps}")
+          f"groups x 8; steps {args.warmup + 1}-{args.steps - 1} of {args.steps}; "
+          f"order {' '.join(order)}, pooled per mode")
     print("| mode | max_staleness | learner samples/s | step s | waiting for data s | "
           "training s | of which update s | idle fraction | turns/episode | mean staleness |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in (sync, async_):
         print(f"| {r['mode']} | {r['staleness']} | {r['samples_per_s']:.1f} | {r['step_s']:.3f} | "
-              f"{r['gen_s']:.3f} | {r['train_s']:.3f} | {r['update_s']:.3f} | {r['idle']:.1%} | "
-              f"{r['turns']:.2f} | "
-              f"{r['staleness_mean']:.2f} |")
+              f"{r['gen_s']:.3f} | {r['train_s']:.3f} | {r['update']:.3f} | {r['idle']:.1%} | "
+              f"{r['turns']:.2f} | {r['staleness_mean']:.2f} |")
+    for r in (sync, async_):
+        print(f"{r['mode']}: samples/s per run {', '.join(f'{x:.1f}' for x in r['each'])}; "
+              f"update {r['update']:.3f} s = forward/backward/optimizer {r['backward']:.3f} s "
+              f"+ weight publish {r['publish']:.3f} s + rest")
     gen, trn = sync["gen_s"], sync["train_s"]
     ideal = (gen + trn) / max(trn, gen / args.actors)
     speedup = async_["samples_per_s"] / sync["samples_per_s"]

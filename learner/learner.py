@@ -66,6 +66,7 @@ class Learner:
         parity = {}
         if cfg.engine.logprob_check_every and self.version % cfg.engine.logprob_check_every == 0:
             parity = self._logprob_parity(d)
+        t_fwd = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         loss, logprobs, loss_metrics = self._backward(d, adv)
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -73,6 +74,7 @@ class Learner:
         self.opt.step()
         self.version += 1
         self.samples += len(batch)
+        t_pub = time.perf_counter()
         if self.version % cfg.learner.sync_every == 0:
             self.publish()
         t2 = time.perf_counter()
@@ -101,6 +103,8 @@ class Learner:
             **batch.stats,
             "time/wait_s": t1 - t0,
             "time/update_s": t2 - t1,
+            "time/backward_s": t_pub - t_fwd,  # forward, backward and optimizer step
+            "time/publish_s": t2 - t_pub,
             "throughput/samples_per_s": self.samples / (time.perf_counter() - self.started),
         }
         return metrics
