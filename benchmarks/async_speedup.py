@@ -3,7 +3,10 @@
 Both modes train `configs/multiturn.yaml`'s `guess` task (a number in 0-7, 1 to 3 turns per
 episode: variable lengths; its tiny model is built and cached on the first run) with
 simulated, heavy-tailed environment latency on every step, the same actors, batch and model, in
-one run of this script, one mode after the other:
+one run of this script. The modes take turns in ABBA order (sync, async, async, sync with the
+default `--rounds 2`) and each mode's runs are pooled, so a drift in the machine's speed during
+the run (this is a shared VM: the same update took 0.25 to 0.35 s at different times) falls on
+both modes alike:
 
 - sync:  buffer.max_staleness 0. The learner waits while one batch is generated with its
   current weights, then trains on it; the actors wait while it trains.
@@ -28,11 +31,13 @@ out of every figure.
 
 Both runs pin the learner (with the buffer and the driver, which it waits on) to one core
 (`resources.pin_cpus`) and run the actors at the lowest CPU priority (`resources.actor_nice:
-19`), so they use any CPU the learner leaves but never take it from the learner: on 2 cores the
-counterpart of a learner with its own GPU. Measured without them, generation slowed the update
-(0.35 s -> 0.49 s); with the actors pinned to the second core they could not keep up.
+19`; the run starts Ray's workers at niceness 0, not Ray's default 15, so 19 is really below the
+learner), so they use any CPU the learner leaves but never take it from the learner: on 2 cores
+the counterpart of a learner with its own GPU. Measured without them, generation slowed the
+update (0.35 s -> 0.49 s); with the actors pinned to the second core they could not keep up.
 
-Run: python benchmarks/async_speedup.py [--steps 60] [--actors 8] [--latency lognormal:0.1,0.5]
+Run: python benchmarks/async_speedup.py [--steps 60] [--rounds 2] [--actors 8]
+     [--latency lognormal:0.1,0.5] [--set KEY=VALUE ...]   (about 8 minutes on 2 cores)
 """
 
 from __future__ import annotations
