@@ -23,15 +23,7 @@ def test_engine_logprobs_match_the_learner(model_dir):
     prompts = [engine.tokenizer(p)["input_ids"] for p in ["1+2=", "47+85=", "9+10="] * 4]
     for temperature in (1.0, 0.7):
         outs = engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=6))
-        trajs = [Trajectory("t", "g", np.array(p, np.int32), c.token_ids,
-                            np.ones(len(c.token_ids), np.int8), c.logprobs,
-                            np.zeros(len(c.token_ids), np.int32), 0.0, "x", c.finish_reason)
-                 for p, c in zip(prompts, outs)]
-        d = {k: torch.from_numpy(v) for k, v in Batch(trajs, 0).padded(0).items()}
-        lp = token_logprobs(engine.model, d["input_ids"], d["attention_mask"], d["targets"],
-                            temperature)
-        diff = ((lp - d["behavior_logprobs"]).abs() * d["loss_mask"]).max().item()
-        assert diff < 1e-4
+        assert _learner_logprobs(engine, prompts, outs, temperature) < 1e-4
         assert all(c.finish_reason in ("stop", "length") for c in outs)
 
 
@@ -242,7 +234,7 @@ def test_hf_engine_stop_strings_end_the_completion(model_dir):
 
 
 def _learner_logprobs(engine, contexts, outs, temperature=1.0):
-    """(max diff between engine and learner log-probs, per-row learner log-probs)."""
+    """Max |engine log-prob - learner log-prob| over the completions' tokens."""
     trajs = [Trajectory("t", "g", np.array(p, np.int32), c.token_ids,
                         np.ones(len(c.token_ids), np.int8), c.logprobs,
                         np.zeros(len(c.token_ids), np.int32), 0.0, "x", c.finish_reason)
