@@ -37,6 +37,11 @@ class Learner:
                                      weight_decay=lc.weight_decay)
         self.loss_fn, self.advantage_fn = LOSSES[cfg.loss.name], ADVANTAGES[lc.advantage]
         self.version = 0  # optimizer steps taken; the base model is version 0
+        # Data-parallel workers (torch.distributed already initialised by the launcher): rank 0
+        # samples and publishes; every rank trains on its share of the same batch.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        self.world = torch.distributed.get_world_size() if distributed else 1
         self.samples = 0
         self.started = time.perf_counter()
         # Published weights by version, for the engine/learner log-prob parity check: tokens
@@ -54,7 +59,11 @@ class Learner:
     def step(self) -> dict:
         """One update. Blocks in the buffer until a batch for this version is ready."""
         t0 = time.perf_counter()
-        batch = self._next_batch()
+        batch = self._next_batch() if self.rank == 0 else None
+        if self.world > 1:  # sync point: every worker gets rank 0's batch
+            box = [batch]
+            torch.distributed.broadcast_object_list(box, src=0)
+            batch = box[0]
         t1 = time.perf_counter()
         cfg = self.cfg
         d = {k: torch.from_numpy(v) for k, v in batch.padded(self.tokenizer.pad_token_id).items()}
@@ -64,7 +73,8 @@ class Learner:
             adv = adv * torch.from_numpy(batch.weights)
 
         parity = {}
-        if cfg.engine.logprob_check_every and self.version % cfg.engine.logprob_check_every == 0:
+        if (cfg.engine.logprob_check_every and self.rank == 0
+                and self.version % cfg.engine.logprob_check_every == 0):
             parity = self._logprob_parity(d)
         t_fwd = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
@@ -75,7 +85,7 @@ class Learner:
         self.version += 1
         self.samples += len(batch)
         t_pub = time.perf_counter()
-        if self.version % cfg.learner.sync_every == 0:
+        if self.version % cfg.learner.sync_every == 0 and self.rank == 0:
             self.publish()
         t2 = time.perf_counter()
 
@@ -118,17 +128,21 @@ class Learner:
         Returns (loss value, (B, T) detached log-probs on CPU, weighted loss metrics).
         """
         B, cfg = len(d["input_ids"]), self.cfg
-        size = cfg.learner.micro_batch or B
-        total = d["loss_mask"].sum().clamp(min=1)
+        total = d["loss_mask"].sum().clamp(min=1)  # the whole batch's: ranks weight alike
+        if B < self.world:
+            raise ValueError(f"learner: a batch of {B} rows cannot feed {self.world} workers")
+        mine = torch.arange(self.rank, B, self.world)  # this worker's rows (all of them alone)
+        size = cfg.learner.micro_batch or len(mine)
         loss_sum, metrics, logprobs = 0.0, {}, []
-        for lo in range(0, B, size):
-            c = {k: v[lo:lo + size].to(self.device) for k, v in d.items()}
+        for lo in range(0, len(mine), size):
+            c = {k: v[mine[lo:lo + size]].to(self.device) for k, v in d.items()}
             lp = token_logprobs(self.model, c["input_ids"], c["attention_mask"], c["targets"],
                                 cfg.engine.temperature)                         # (b, T)
             # One optimizer step per batch: the weights at the start of the step (the proximal
             # policy of decoupled losses) are the current ones, so no second forward is needed.
             inputs = LossInputs(logprobs=lp, behavior_logprobs=c["behavior_logprobs"],
-                                advantages=adv[lo:lo + size, None].to(self.device).expand_as(lp),
+                                advantages=adv[mine[lo:lo + size], None].to(self.device)
+                                .expand_as(lp),
                                 mask=c["loss_mask"], proximal_logprobs=lp.detach())
             loss, m = self.loss_fn(inputs, **cfg.loss.params)
             w = (c["loss_mask"].sum() / total).item()
@@ -137,7 +151,27 @@ class Learner:
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) * w
             logprobs.append(lp.detach().cpu())
-        return loss_sum, torch.cat(logprobs), metrics
+        logprobs = torch.cat(logprobs)
+        if self.world > 1:
+            loss_sum, metrics, logprobs = self._all_reduce(B, mine, loss_sum, metrics, logprobs)
+        return loss_sum, logprobs, metrics
+
+    def _all_reduce(self, B: int, mine: torch.Tensor, loss_sum: float, metrics: dict,
+                    logprobs: torch.Tensor):
+        """Sync point of data-parallel workers: sum gradients (each rank's are already weighted
+        by its share of the batch's tokens, so the sum is the full-batch gradient), the loss and
+        metrics, and assemble the (B, T) log-probs from every rank's rows."""
+        dist = torch.distributed
+        for p in self.model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+        names = sorted(metrics)
+        sums = torch.tensor([loss_sum] + [metrics[k] for k in names], dtype=torch.float64)
+        dist.all_reduce(sums)
+        full = torch.zeros(B, logprobs.shape[1])                                # (B, T)
+        full[mine] = logprobs
+        dist.all_reduce(full)
+        return float(sums[0]), dict(zip(names, sums[1:].tolist())), full
 
     def _next_batch(self) -> Batch:
         while True:
