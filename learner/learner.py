@@ -120,7 +120,8 @@ class Learner:
         return metrics
 
     def _backward(self, d: dict[str, torch.Tensor], adv: torch.Tensor):
-        """Loss and gradients for the batch, `learner.micro_batch` rows at a time.
+        """Loss and gradients for the batch, `learner.micro_batch` rows at a time; with
+        data-parallel workers each takes rows rank::world and `_all_reduce` sums the results.
 
         Each chunk's loss is weighted by its share of the batch's loss tokens, so token-mean
         losses (most of them) get exactly the full-batch gradient; sequence-mean ones (gspo,
