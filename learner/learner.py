@@ -46,14 +46,14 @@ class Learner:
         self.started = time.perf_counter()
         # Published weights by version, for the engine/learner log-prob parity check: tokens
         # are re-scored with the exact weights that generated them (a shadow model).
-        if hasattr(weights, "connect"):  # NCCLSync: rendezvous with the actors' engines
+        if hasattr(weights, "connect") and self.rank == 0:  # NCCLSync: meet the actors' engines
             weights.connect(self.model)
         self.history: dict[int, dict[str, torch.Tensor]] = {}
         self.shadow = None
-        if cfg.engine.logprob_check_every:
+        if cfg.engine.logprob_check_every and self.rank == 0:
             self.history[0] = cpu_state(self.model)
             self.shadow = copy.deepcopy(self.model).eval()
-        if cfg.staleness.mode == "lag":  # actors may be asked for version 0 after moving on
+        if cfg.staleness.mode == "lag" and self.rank == 0:  # actors may ask for version 0 later
             self.weights.publish(cpu_state(self.model), 0)
 
     def step(self) -> dict:
@@ -167,12 +167,14 @@ class Learner:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
         names = sorted(metrics)
-        sums = torch.tensor([loss_sum] + [metrics[k] for k in names], dtype=torch.float64)
+        # on the training device: NCCL reduces only CUDA tensors
+        sums = torch.tensor([loss_sum] + [metrics[k] for k in names], dtype=torch.float64,
+                            device=self.device)
         dist.all_reduce(sums)
-        full = torch.zeros(B, logprobs.shape[1])                                # (B, T)
-        full[mine] = logprobs
+        full = torch.zeros(B, logprobs.shape[1], device=self.device)            # (B, T)
+        full[mine.to(self.device)] = logprobs.to(self.device)
         dist.all_reduce(full)
-        return float(sums[0]), dict(zip(names, sums[1:].tolist())), full
+        return float(sums[0]), dict(zip(names, sums[1:].tolist())), full.cpu()
 
     def _next_batch(self) -> Batch:
         while True:

@@ -257,11 +257,46 @@ class ResourcesConfig:
     driver win every core they want, and actors use whatever CPU is left, on any core. A run
     that starts its own Ray then starts Ray's workers at niceness 0 (Ray's default is 15); on
     a cluster start Ray with RAY_worker_niceness=0."""
+    learner_workers: int = 1
+    """Data-parallel learner processes (torch.distributed: gloo on CPU, NCCL on GPU), each with
+    learner_cpus/learner_gpus. Rank 0 samples every batch and publishes weights; each worker
+    trains on its share of the rows and gradients are summed, so a step equals one worker's
+    step on the same batch (the global batch stays learner.batch_groups groups)."""
+    learner_resources: dict = field(default_factory=dict)
+    """Custom Ray resources each learner worker needs (e.g. `{learner_node: 1}` for a node
+    started with `ray start --resources '{"learner_node": 1}'`): how a config says where the
+    learner runs."""
+    actor_resources: dict = field(default_factory=dict)
+    """Custom Ray resources each rollout actor needs (see learner_resources)."""
     serial: bool = False
     """Run the buffer, learner and actors in this one process, taking turns, without Ray (no
     inter-process calls, one model import). Generation and training then never overlap; in lag
     mode every update still gets exactly version t - k, so it is the same experiment as a Ray
     run (not bit for bit) at about half the CPU: what the staleness ablation uses."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""
+    """Ray cluster to run on. Empty: $RAY_ADDRESS when set (inside `ray job submit`), else a
+    private local Ray started for this run and stopped at its end. `auto`: the cluster this
+    machine belongs to (e.g. on the head node after `ray up`). `HOST:PORT`: that cluster's GCS
+    address."""
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread", "none"] = "pack"
+    """Placement group for the learner workers and rollout actors, one bundle per process with
+    its CPUs, GPUs and custom resources: `pack` fills as few nodes as possible, `spread` spreads
+    the processes over nodes, `strict_*` insist; `none` lets Ray place each process alone. The
+    buffer and weight store (no CPUs reserved) run on the driver's node."""
+    placement_timeout_s: float = 120.0
+    """Seconds to wait for the cluster to grant the placement group before the run stops with
+    an error naming what it asked for (an autoscaling cluster may need longer to add nodes)."""
+    dashboard: bool = False
+    """Start the Ray dashboard (and with it the job server) with a private local Ray."""
+    dashboard_host: str = "127.0.0.1"
+    """Interface the private local Ray's dashboard binds to. `0.0.0.0` exposes it, and job
+    submission (which runs any code) with it, to the network."""
+    dashboard_port: int = 8265
+    """Port of the private local Ray's dashboard."""
 
 
 @dataclass
@@ -302,7 +337,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    """Processes and CPUs."""
+    """Processes, CPUs and GPUs."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Which Ray cluster, and how the processes are placed on it."""
     log: LogConfig = field(default_factory=LogConfig)
     """Logging."""
 

@@ -13,8 +13,6 @@ With `resources.serial` the same classes share this one process and take turns, 
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import shutil
 import signal
@@ -25,7 +23,7 @@ import yaml
 
 from offpolicy.config import Config, ConfigError, to_dict
 from offpolicy.metrics import MetricsWriter, make_backends, write_summary
-from offpolicy.placement import pin_roles
+from offpolicy.placement import nodes_of, pin_roles, reserve, start_ray
 
 
 class Remote:
@@ -78,78 +76,45 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def start_ray(cfg: Config) -> None:
-    import ray
-
-    # Workers import the user's task module (env.module) from the driver's working directory.
-    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-    common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True,
-                  runtime_env={"env_vars": {"PYTHONPATH": path}})
-    if os.environ.get("RAY_ADDRESS"):  # a running cluster (`ray job submit`, `offpolicy ablate`)
-        ray.init(address=os.environ["RAY_ADDRESS"], **common)
-    else:  # a private local instance for this run
-        with _worker_niceness(0 if cfg.resources.actor_nice else None):
-            ray.init(num_cpus=cfg.resources.num_cpus or os.cpu_count(),
-                     include_dashboard=False, **common)
-    need = cfg.resources.learner_cpus + cfg.rollout.num_actors * cfg.resources.actor_cpus
-    have = ray.cluster_resources().get("CPU", 0)
-    if need > have:
-        raise ConfigError(
-            f"resources: the learner ({cfg.resources.learner_cpus}) and {cfg.rollout.num_actors} "
-            f"actors x {cfg.resources.actor_cpus} need {need} CPUs but Ray has {have}; lower "
-            "resources.actor_cpus or rollout.num_actors")
-    need_gpus = cfg.resources.learner_gpus + cfg.rollout.num_actors * cfg.resources.actor_gpus
-    have_gpus = ray.cluster_resources().get("GPU", 0)
-    if need_gpus > have_gpus:
-        raise ConfigError(f"resources: the learner and actors need {need_gpus} GPUs but Ray has "
-                          f"{have_gpus}; lower resources.learner_gpus/actor_gpus")
-
-
-@contextlib.contextmanager
-def _worker_niceness(niceness: int | None):
-    """Ray starts worker processes at niceness 15 (RAY_worker_niceness), so actors reniced to
-    19 (`resources.actor_nice`) would still take about 30% of a core from a learner at 15.
-    A local instance started here gets `niceness` for its workers unless the user set it."""
-    if niceness is None or "RAY_worker_niceness" in os.environ:
-        yield
-        return
-    os.environ["RAY_worker_niceness"] = str(niceness)  # read by the raylet ray.init spawns
-    try:
-        yield
-    finally:
-        del os.environ["RAY_worker_niceness"]
-
-
-def start_roles(cfg: Config, model_path: str) -> dict:
-    """Create buffer, weight store, learner and actors as Ray actors; returns their handles."""
+def start_roles(cfg: Config, model_path: str, log=print) -> dict:
+    """Create buffer, weight store, learner worker(s) and actors as Ray actors, placed as
+    `reserve` says; returns their handles ("learner" is rank 0 of "learners")."""
     import ray
 
     from offpolicy.actors.rollout import RolloutActor
     from offpolicy.buffer.replay import ReplayBuffer
     from offpolicy.learner.learner import Learner
+    from offpolicy.learner.workers import LearnerWorker
     from offpolicy.weight_store import WeightStore
     from offpolicy.weights import FileSync, NCCLSync, ObjectStoreSync
 
-    n, res, kind = cfg.rollout.num_actors, cfg.resources, weight_sync_kind(cfg)
+    n, kind = cfg.rollout.num_actors, weight_sync_kind(cfg)
+    where = reserve(cfg, ray, log)
+    local = where["local"][0]
     lag = cfg.staleness.k if cfg.staleness.mode == "lag" else None
-    buffer = ray.remote(ReplayBuffer).options(num_cpus=0, max_concurrency=2 * n + 8).remote(
+    buffer = ray.remote(ReplayBuffer).options(max_concurrency=2 * n + 8, **local).remote(
         **ReplayBuffer.config_kwargs(cfg))
     keep = 1 if lag is None else lag + 2  # lag mode: actors load the exact version asked for
-    store = ray.remote(WeightStore).options(num_cpus=0).remote(keep)
+    store = ray.remote(WeightStore).options(**local).remote(keep)
     sync = {"filesystem": lambda: FileSync(Remote(store), weights_dir(cfg), keep=max(3, keep)),
             "object_store": lambda: ObjectStoreSync(store),
             "nccl": lambda: NCCLSync(Remote(store), [])}[kind]()
     # NCCL pushes weights into a running actor: a second thread takes those calls.
     actors = [ray.remote(RolloutActor).options(
-        num_cpus=res.actor_cpus, num_gpus=res.actor_gpus,
-        max_concurrency=2 if kind == "nccl" else 1).remote(
+        max_concurrency=2 if kind == "nccl" else 1, **where["actor"][i]).remote(
         cfg, i, model_path, Remote(buffer, fire_and_forget=("add",)), sync) for i in range(n)]
     if kind == "nccl":
         sync = NCCLSync(Remote(store), actors, tp=cfg.engine.vllm_args.get("tensor_parallel_size", 1))
-    learner = ray.remote(Learner).options(
-        num_cpus=res.learner_cpus, num_gpus=res.learner_gpus).remote(
-        cfg, model_path, Remote(buffer), sync)
-    return {"buffer": buffer, "store": store, "learner": learner, "actors": actors}
+    args = (cfg, model_path, Remote(buffer), sync)
+    if cfg.resources.learner_workers == 1:
+        learners = [ray.remote(Learner).options(**where["learner"][0]).remote(*args)]
+    else:  # data-parallel: rank 0 offers a rendezvous address, then all join at once
+        learners = [ray.remote(LearnerWorker).options(**opts).remote(*args)
+                    for opts in where["learner"]]
+        address = ray.get(learners[0].address.remote())
+        ray.get([w.join.remote(address, rank, len(learners)) for rank, w in enumerate(learners)])
+    return {"buffer": buffer, "store": store, "learner": learners[0], "learners": learners,
+            "actors": actors}
 
 
 def weight_sync_kind(cfg: Config) -> str:
@@ -183,9 +148,14 @@ def train(cfg: Config, log=print) -> dict:
     restore = signal.signal(signal.SIGTERM, _raise_interrupt)
     writer = None
     try:
-        session = (SerialRoles if cfg.resources.serial else RayRoles)(cfg, model_path)
-        log(f"started learner, buffer and {cfg.rollout.num_actors} rollout actor(s)"
+        session = (SerialRoles(cfg, model_path) if cfg.resources.serial
+                   else RayRoles(cfg, model_path, log))
+        workers = cfg.resources.learner_workers
+        log(f"started {'learner' if workers == 1 else f'{workers} learner workers'}, buffer and "
+            f"{cfg.rollout.num_actors} rollout actor(s)"
             f"{' in this process' if cfg.resources.serial else ''}; base model {model_path}")
+        if not cfg.resources.serial:
+            summary["cluster"], summary["placement"] = session.cluster, session.nodes
         summary["base_eval_reward"] = session.evaluate()
         log(f"base eval reward {summary['base_eval_reward']:.3f}")
         writer = MetricsWriter(run_dir, cfg.learner.steps, cfg.log.progress_every_s,
@@ -233,34 +203,54 @@ def _train_loop(cfg: Config, session, writer: MetricsWriter, t_start: float) -> 
 class RayRoles:
     """Every role its own Ray actor (process); rollout actors generate continuously."""
 
-    def __init__(self, cfg: Config, model_path: str):
+    def __init__(self, cfg: Config, model_path: str, log=print):
         import ray
 
-        start_ray(cfg)
-        roles = start_roles(cfg, model_path)
-        self.learner, self.buffer = roles["learner"], roles["buffer"]
-        self.placement = pin_roles(cfg, roles, ray)  # before the actors' loops start
+        self.cluster = start_ray(cfg)
+        roles = start_roles(cfg, model_path, log)
+        self.learners, self.buffer = roles["learners"], roles["buffer"]
+        self.nodes = nodes_of(roles, ray)
+        log(describe_nodes(self.nodes))
+        self.pinned = pin_roles(cfg, roles, ray, self.nodes)  # before the actors' loops start
         self.runs = [a.run.remote() for a in roles["actors"]]
         self.ray = ray
 
     def step(self) -> dict:
-        ref = self.learner.step.remote()
-        done, _ = self.ray.wait([ref] + self.runs, num_returns=1)
-        if done[0] is not ref:  # an actor's loop ended: re-raise its error, or say it stopped
-            self.ray.get(done[0])
-            raise RuntimeError("a rollout actor stopped before the run ended")
-        return self.ray.get(ref)
+        """One update: every learner worker steps (data-parallel workers meet in collectives);
+        an actor whose loop ends meanwhile stops the run with its error."""
+        refs = [w.step.remote() for w in self.learners]
+        pending = list(refs)
+        while pending:
+            done, _ = self.ray.wait(pending + self.runs, num_returns=1)
+            if done[0] not in pending:  # an actor's loop ended: re-raise its error, or say so
+                self.ray.get(done[0])
+                raise RuntimeError("a rollout actor stopped before the run ended")
+            self.ray.get(done[0])  # a failed worker raises here, not after its peers time out
+            pending.remove(done[0])
+        return self.ray.get(refs[0])
 
     def evaluate(self) -> float:
-        return self.ray.get(self.learner.evaluate.remote())
+        return self.ray.get(self.learners[0].evaluate.remote())
 
     def finish(self, checkpoint: Path) -> tuple[dict, list[dict]]:
         """Save the policy, stop the actors; returns (buffer stats, each actor's counts)."""
         ray = self.ray
-        ray.get(self.learner.save.remote(str(checkpoint)))
+        ray.get(self.learners[0].save.remote(str(checkpoint)))
         stats = ray.get(self.buffer.stats.remote())
         ray.get(self.buffer.close.remote())
         return stats, ray.get(self.runs)
+
+
+def describe_nodes(nodes: dict) -> str:
+    """One line: which node each role landed on (node ids shortened to 6 characters)."""
+    def count(ids):
+        tally = {}
+        for i in ids:
+            tally[i[:6]] = tally.get(i[:6], 0) + 1
+        return ", ".join(f"{k} x{v}" for k, v in tally.items())
+    every = {nodes["buffer"], nodes["store"], nodes["driver"], *nodes["learners"], *nodes["actors"]}
+    return (f"placement: {len(every)} node(s); driver, buffer and store on {nodes['driver'][:6]}; "
+            f"learner worker(s) on {count(nodes['learners'])}; actors on {count(nodes['actors'])}")
 
 
 class SerialRoles:

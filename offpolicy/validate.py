@@ -43,6 +43,7 @@ def validate(cfg: Config) -> None:
         "engine.max_new_tokens": cfg.engine.max_new_tokens, "eval.every": cfg.eval.every,
         "env.eval_size": cfg.env.eval_size, "env.max_turns": cfg.env.max_turns,
         "resources.torch_threads": cfg.resources.torch_threads,
+        "resources.learner_workers": cfg.resources.learner_workers,
     }
     for key, value in positive.items():
         _check(value > 0, f"{key}: must be > 0, got {value}")
@@ -88,6 +89,7 @@ def validate(cfg: Config) -> None:
         _check((p / "config.json").is_file(),
                f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
     _validate_engine(cfg)
+    _validate_cluster(cfg)
     check_loss_params(cfg.loss.name, cfg.loss.params)
 
 
@@ -147,3 +149,29 @@ def _validate_buffer(cfg: Config) -> None:
     if cfg.staleness.mode == "lag":  # every batch is exactly version t - k, used once
         _check(b.sampler == "fifo" and b.max_reuse == 1, "buffer.sampler/max_reuse: lag mode "
                "trains on each group of version t - k once; use sampler=fifo, max_reuse=1")
+
+
+def _validate_cluster(cfg: Config) -> None:
+    """Learner workers, custom resources and the cluster section."""
+    res, cl = cfg.resources, cfg.cluster
+    for key in ("learner_resources", "actor_resources"):
+        amounts = getattr(res, key)
+        _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                   for v in amounts.values()),
+               f"resources.{key}: expected a mapping of resource name to amount >= 0, "
+               f"got {amounts}")
+    if res.learner_workers > 1:
+        _check(not res.serial, "resources.learner_workers: > 1 needs Ray processes; "
+               "set resources.serial=false")
+        _check(res.learner_workers <= cfg.learner.batch_groups * cfg.rollout.group_size,
+               f"resources.learner_workers: {res.learner_workers} workers need at least as many "
+               "rows per batch (learner.batch_groups * rollout.group_size)")
+    _check(cl.placement_timeout_s > 0,
+           f"cluster.placement_timeout_s: must be > 0, got {cl.placement_timeout_s}")
+    _check(0 < cl.dashboard_port < 65536,
+           f"cluster.dashboard_port: {cl.dashboard_port} is not a TCP port")
+    if cl.address not in ("", "auto"):
+        host, sep, port = cl.address.rpartition(":")
+        _check(bool(sep and host and port.isdigit()),
+               f"cluster.address: expected '', 'auto' or HOST:PORT (a Ray cluster's GCS), "
+               f"got '{cl.address}'")

@@ -1,10 +1,15 @@
-"""Shared fixtures: a small random-weight model folder (no warm-up), and a fast config."""
+"""Shared fixtures: a small random-weight model folder (no warm-up), the quickstart's base
+model, and a fast config."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from offpolicy.config import load_config
-from offpolicy.models import char_tokenizer, tiny_llama
+from offpolicy.models import char_tokenizer, ensure_base_model, tiny_llama
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def fast_config(model_dir, *overrides):
@@ -26,3 +31,9 @@ def model_dir(tmp_path_factory):
     tiny_llama(len(tok), cfg, tok).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    """The quickstart's tiny base model (built once, ~1-2 minutes, then cached)."""
+    return ensure_base_model(load_config(QUICKSTART))

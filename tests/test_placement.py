@@ -41,22 +41,29 @@ def test_learner_side_and_actors_get_disjoint_cores(monkeypatch):
     assert placement.core_split(1.5) == ({0, 1}, {2, 3})  # rounded up to whole cores
     assert placement.core_split(4) is None  # nothing left for the actors: no pinning
 
-    roles = {"learner": _Handle(), "buffer": _Handle(), "store": _Handle(),
-             "actors": [_Handle(), _Handle()]}
+    learner = _Handle()
+    roles = {"learner": learner, "learners": [learner, _Handle()], "buffer": _Handle(),
+             "store": _Handle(), "actors": [_Handle(), _Handle()]}
+    one_node = {"driver": "a", "buffer": "a", "store": "a", "learners": ["a", "a"],
+                "actors": ["a", "a"]}
     cfg = load_config(None, ["resources.pin_cpus=true", "resources.learner_cpus=0.5"])
-    assert placement.pin_roles(cfg, roles, _Ray) == {"learner": [0], "actors": [1, 2, 3]}
-    assert [roles[k].cores for k in ("learner", "buffer", "store")] == [{0}] * 3
+    assert placement.pin_roles(cfg, roles, _Ray, one_node) == {"learner": [0], "actors": [1, 2, 3]}
+    assert [h.cores for h in (*roles["learners"], roles["buffer"], roles["store"])] == [{0}] * 4
     assert [a.cores for a in roles["actors"]] == [{1, 2, 3}] * 2
     assert set_calls == [{0}]  # the driver joins the learner's side
     # with actor_nice the actors are reniced instead and may use every core
     for a in roles["actors"]:
         a.cores = None
     cfg = load_config(None, ["resources.pin_cpus=true", "resources.actor_nice=19"])
-    placement.pin_roles(cfg, roles, _Ray)
-    assert roles["learner"].cores == {0} and [a.cores for a in roles["actors"]] == [19, 19]
+    placement.pin_roles(cfg, roles, _Ray, one_node)
+    assert learner.cores == {0} and [a.cores for a in roles["actors"]] == [19, 19]
     cfg = load_config(None, [])  # off by default: nothing is pinned
-    roles["learner"].cores = None
-    assert placement.pin_roles(cfg, roles, _Ray) is None and roles["learner"].cores is None
+    learner.cores = None
+    assert placement.pin_roles(cfg, roles, _Ray, one_node) is None and learner.cores is None
+    # core numbers are one machine's: roles on two nodes are not pinned
+    cfg = load_config(None, ["resources.pin_cpus=true"])
+    two_nodes = {**one_node, "actors": ["a", "b"]}
+    assert placement.pin_roles(cfg, roles, _Ray, two_nodes) is None and learner.cores is None
 
 
 def test_actor_nice_out_of_range_is_a_config_error():
@@ -72,7 +79,7 @@ def test_run_with_actor_nice_starts_ray_workers_at_niceness_0(monkeypatch):
     30% of a core from the learner. `start_ray` starts the workers at 0 instead."""
     import ray
 
-    from offpolicy.launch import start_ray
+    from offpolicy.placement import start_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_worker_niceness", raising=False)

@@ -17,16 +17,9 @@ from safetensors.torch import load_file
 
 from offpolicy.config import load_config
 from offpolicy.launch import train
-from offpolicy.models import ensure_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-
-
-@pytest.fixture(scope="session")
-def base_model():
-    """The quickstart's tiny base model (built once, ~1-2 minutes, then cached)."""
-    return ensure_base_model(load_config(QUICKSTART))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

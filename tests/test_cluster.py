@@ -1,0 +1,120 @@
+"""A real two-node Ray cluster started from the command line, and a run sent by `ray job submit`.
+
+What a user does on a cluster, on this one machine: `ray start --head` and `ray start --address`
+(both nodes on 127.0.0.1, each with its own CPUs and one `learner_slot`), then
+`ray job submit --working-dir . -- offpolicy train CONFIG`, then `ray stop`. The resources
+force the layout: each node fits exactly one learner worker (0.5 CPU + its slot) and one actor
+(1.5 CPU), so the data-parallel workers meet across nodes and the actors run on both.
+"""
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_ray_loop import QUICKSTART, ROOT, ray_processes
+
+BIN = Path(sys.executable).parent  # the `ray` and `offpolicy` commands of this environment
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args, env, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def cluster():
+    """Two Ray nodes started by the CLI with token authentication; stopped with `ray stop`."""
+    # `ray stop` stops every Ray process on the machine, so refuse to run beside another Ray
+    # (an earlier test's private Ray may still be exiting: give it time).
+    _wait_no_ray(30)
+    assert not ray_processes(), "another Ray is running on this machine; `ray stop` would end it"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = _free_port(), _free_port()
+    node = ["--node-ip-address=127.0.0.1", "--num-cpus=2", '--resources={"learner_slot": 1}',
+            "--disable-usage-stats"]
+    t0 = time.monotonic()
+    try:
+        head = _ray("start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", *node, env=env)
+        assert head.returncode == 0, head.stderr[-2000:]
+        second = _ray("start", f"--address=127.0.0.1:{gcs}", *node, env=env)
+        assert second.returncode == 0, second.stderr[-2000:]
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "dashboard_port": dashboard,
+               "start_s": time.monotonic() - t0}
+    finally:
+        stop = _ray("stop", env=env)
+        _wait_no_ray(30)  # Ray's processes exit asynchronously
+        left = ray_processes()
+        if left:  # never leave a cluster behind, even when the test failed
+            _ray("stop", "--force", env=env)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    assert not left, f"`ray stop` left Ray processes {sorted(left)}"
+
+
+def _wait_no_ray(timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _listeners(port: int) -> set[str]:
+    """Local addresses listening on TCP `port` (from /proc/net/tcp, LISTEN state)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        host, p = local.split(":")
+        if state == "0A" and int(p, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(host)[::-1]))
+    return found
+
+
+@pytest.mark.ray
+def test_ray_job_submit_runs_on_two_nodes(cluster, base_model, tmp_path):
+    env, run_dir = cluster["env"], tmp_path / "run"
+    # the dashboard, and with it the job server, listens on loopback only
+    assert _listeners(cluster["dashboard_port"]) == {"127.0.0.1"}
+    steps = 20
+    t0 = time.monotonic()
+    job = _ray("job", "submit", f"--address={cluster['dashboard']}", "--working-dir=.", "--",
+               "offpolicy", "train", str(QUICKSTART.relative_to(ROOT)), f"model.path={base_model}",
+               f"run.dir={run_dir}", f"learner.steps={steps}", "eval.every=10",
+               "learner.batch_groups=8", "rollout.prompts_per_batch=8", "rollout.num_actors=2",
+               "resources.learner_workers=2", "resources.learner_cpus=0.5",
+               "resources.learner_resources={learner_slot: 1}", "resources.actor_cpus=1.5",
+               "cluster.placement=spread", env=env, timeout=600)
+    job_s = time.monotonic() - t0
+    assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, \
+        (job.stdout + job.stderr)[-4000:]
+
+    # the run folder is complete
+    assert {"config.yaml", "metrics.jsonl", "summary.json"} <= {p.name for p in run_dir.iterdir()}
+    assert (run_dir / "checkpoints" / "final" / "model.safetensors").is_file()
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and not summary["interrupted"]
+    assert summary["cluster"] not in ("", "local")  # it joined the job's cluster
+
+    # where the processes ran: one learner worker and one actor on each node
+    where = summary["placement"]
+    nodes = set(where["learners"]) | set(where["actors"])
+    assert len(nodes) == 2, where
+    assert set(where["learners"]) == nodes and set(where["actors"]) == nodes
+    assert where["buffer"] == where["store"] == where["driver"]  # the driver's node
+    print(f"\ncluster start {cluster['start_s']:.1f} s, ray job submit of {steps} steps "
+          f"{job_s:.1f} s (training {summary['train_s']:.1f} s); placement {where}")
