@@ -118,3 +118,52 @@ def test_ray_job_submit_runs_on_two_nodes(cluster, base_model, tmp_path):
     assert where["buffer"] == where["store"] == where["driver"]  # the driver's node
     print(f"\ncluster start {cluster['start_s']:.1f} s, ray job submit of {steps} steps "
           f"{job_s:.1f} s (training {summary['train_s']:.1f} s); placement {where}")
+
+
+@pytest.mark.ray
+def test_private_ray_dashboard_on_loopback_and_placement_timeout(monkeypatch):
+    """A private Ray's dashboard binds to 127.0.0.1; a placement group the cluster cannot
+    grant ends the run after cluster.placement_timeout_s with one line naming the request."""
+    import ray
+
+    from offpolicy.config import ConfigError, load_config
+    from offpolicy.placement import reserve, start_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = _free_port()
+    cfg = load_config(None, ["cluster.dashboard=true", f"cluster.dashboard_port={port}",
+                             "resources.num_cpus=2", "resources.learner_cpus=0.5",
+                             "resources.actor_cpus=0.5", "cluster.placement_timeout_s=1"])
+    assert start_ray(cfg) == "local"
+    try:
+        deadline = time.monotonic() + 30  # the dashboard starts after ray.init returns
+        while not _listeners(port) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _listeners(port) == {"127.0.0.1"}
+        cfg.resources.actor_resources = {"gpu_node": 1}  # no node has one
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match=r"cluster.placement: the cluster did not grant "
+                                              r"1 CPU, 1 gpu_node \(pack\) within 1 s"):
+            reserve(cfg, ray, log=lambda *a: None)
+        assert time.monotonic() - t0 < 10
+        assert ray.available_resources().get("CPU") == 2  # the refused group was removed
+    finally:
+        ray.shutdown()
+
+
+def test_unreachable_cluster_address_is_a_one_line_error():
+    from offpolicy.config import ConfigError, load_config
+    from offpolicy.placement import start_ray
+
+    cfg = load_config(None, [f"cluster.address=127.0.0.1:{_free_port()}"])  # nothing listens
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"cluster.address: cannot reach a Ray cluster at "
+                                          r"127.0.0.1:\d+ \(Connection refused\)"):
+        start_ray(cfg)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(ConfigError, match="cluster.address: expected '', 'auto' or HOST:PORT"):
+        load_config(None, ["cluster.address=my-head-node"])
+    with pytest.raises(ConfigError, match="resources.learner_workers: must be > 0"):
+        load_config(None, ["resources.learner_workers=0"])
+    with pytest.raises(ConfigError, match="resources.actor_resources: expected a mapping"):
+        load_config(None, ["resources.actor_resources={gpu_node: yes}"])
