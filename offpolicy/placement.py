@@ -56,8 +56,10 @@ def start_ray(cfg: Config) -> str:
         return address
     cl = cfg.cluster
     with _worker_niceness(0 if cfg.resources.actor_nice else None):
-        ray.init(num_cpus=cfg.resources.num_cpus or os.cpu_count(), include_dashboard=cl.dashboard,
-                 dashboard_host=cl.dashboard_host, dashboard_port=cl.dashboard_port, **common)
+        # "local": a new instance even when this machine already runs a Ray cluster
+        ray.init(address="local", num_cpus=cfg.resources.num_cpus or os.cpu_count(),
+                 include_dashboard=cl.dashboard, dashboard_host=cl.dashboard_host,
+                 dashboard_port=cl.dashboard_port, **common)
     _check_fits(cfg, ray.cluster_resources())  # a private Ray never grows: fail now, not hang
     return "local"
 
