@@ -32,7 +32,9 @@ class RunConfig:
     name: str = ""
     """Run name; empty means the config file's stem (e.g. `quickstart`)."""
     dir: str = ""
-    """Run folder; empty means `runs/<name>`, or `runs/<name>-N` when that one already holds a run."""
+    """Run folder; empty means `runs/<name>`, or `runs/<name>-N` when that one already holds a run
+    (`~/runs/...` on the head node for a `ray job submit --working-dir` job, whose working
+    directory is a temporary copy)."""
     overwrite: bool = False
     """Allow writing into an explicit `run.dir` that already holds a run (its files are replaced)."""
     seed: int = 0

@@ -66,7 +66,7 @@ def prepare_run_dir(cfg: Config) -> Path:
             for name in ("metrics.jsonl", "summary.json"):
                 (run_dir / name).unlink(missing_ok=True)
     else:
-        base = Path("runs") / cfg.run.name
+        base = runs_root() / cfg.run.name
         run_dir, n = base, 2
         while (run_dir / "config.yaml").exists():
             run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
@@ -74,6 +74,14 @@ def prepare_run_dir(cfg: Config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return run_dir
+
+
+def runs_root() -> Path:
+    """`runs/` in the working directory; ~/runs when that directory is the temporary copy
+    `ray job submit --working-dir` made (Ray deletes it after the job)."""
+    if "working_dir_files" in Path.cwd().parts[-2:-1]:
+        return Path.home() / "runs"
+    return Path("runs")
 
 
 def start_roles(cfg: Config, model_path: str, log=print) -> dict:

@@ -85,14 +85,16 @@ def _listeners(port: int) -> set[str]:
 
 @pytest.mark.ray
 def test_ray_job_submit_runs_on_two_nodes(cluster, base_model, tmp_path):
-    env, run_dir = cluster["env"], tmp_path / "run"
+    # the job's working directory is a temporary copy: the run folder goes to ~/runs instead
+    env, run_dir = cluster["env"], tmp_path / "runs" / "on_two_nodes"
     # the dashboard, and with it the job server, listens on loopback only
     assert _listeners(cluster["dashboard_port"]) == {"127.0.0.1"}
     steps = 20
     t0 = time.monotonic()
-    job = _ray("job", "submit", f"--address={cluster['dashboard']}", "--working-dir=.", "--",
+    job = _ray("job", "submit", f"--address={cluster['dashboard']}", "--working-dir=.",
+               f"--runtime-env-json={json.dumps({'env_vars': {'HOME': str(tmp_path)}})}", "--",
                "offpolicy", "train", str(QUICKSTART.relative_to(ROOT)), f"model.path={base_model}",
-               f"run.dir={run_dir}", f"learner.steps={steps}", "eval.every=10",
+               "run.name=on_two_nodes", f"learner.steps={steps}", "eval.every=10",
                "learner.batch_groups=8", "rollout.prompts_per_batch=8", "rollout.num_actors=2",
                "resources.learner_workers=2", "resources.learner_cpus=0.5",
                "resources.learner_resources={learner_slot: 1}", "resources.actor_cpus=1.5",
@@ -167,3 +169,31 @@ def test_unreachable_cluster_address_is_a_one_line_error():
         load_config(None, ["resources.learner_workers=0"])
     with pytest.raises(ConfigError, match="resources.actor_resources: expected a mapping"):
         load_config(None, ["resources.actor_resources={gpu_node: yes}"])
+
+
+def test_cluster_yaml_passes_rays_schema_and_keeps_the_dashboard_private():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` checks first
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    for start in (head, " ".join(config["worker_start_ray_commands"])):
+        assert "RAY_AUTH_MODE=token" in start and "RAY_worker_niceness=0" in start
+    assert all((ROOT / src).exists() for src in config["file_mounts"].values()
+               if src.startswith("./"))
+
+
+def test_docker_images_copy_what_exists_and_install_real_extras():
+    import re
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name in ("Dockerfile", "Dockerfile.cpu"):
+        text = (ROOT / "docker" / name).read_text()
+        copied = [src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]]
+        assert {"offpolicy", "actors", "learner", "buffer", "pyproject.toml"} <= set(copied)
+        assert all((ROOT / src).exists() for src in copied), name
+        installed = re.findall(r'"\.\[([\w,-]+)\]"', text)
+        assert installed and all(e in extras for group in installed for e in group.split(","))
