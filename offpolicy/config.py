@@ -289,9 +289,10 @@ class ClusterConfig:
     its CPUs, GPUs and custom resources: `pack` fills as few nodes as possible, `spread` spreads
     the processes over nodes, `strict_*` insist; `none` lets Ray place each process alone. The
     buffer and weight store (no CPUs reserved) run on the driver's node."""
-    placement_timeout_s: float = 120.0
+    placement_timeout_s: float = 0.0
     """Seconds to wait for the cluster to grant the placement group before the run stops with
-    an error naming what it asked for (an autoscaling cluster may need longer to add nodes)."""
+    an error naming what it asked for; 0 = wait as long as it takes (while an autoscaler adds
+    nodes, or an ablation's earlier cells finish), saying what it waits for every 30 s."""
     dashboard: bool = False
     """Start the Ray dashboard (and with it the job server) with a private local Ray."""
     dashboard_host: str = "127.0.0.1"

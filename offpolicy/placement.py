@@ -37,7 +37,8 @@ from offpolicy.config import Config, ConfigError
 
 
 def start_ray(cfg: Config) -> str:
-    """Connect this driver to Ray; returns the cluster's address, or "local" for a private Ray."""
+    """Connect this driver to Ray; returns the cluster's GCS address, or "local" for a private
+    Ray."""
     import ray
 
     # Workers import the user's task module (env.module) from the driver's working directory;
@@ -53,7 +54,7 @@ def start_ray(cfg: Config) -> str:
         except ConnectionError as e:
             raise ConfigError(f"cluster.address: no Ray cluster at '{address}' "
                               f"({str(e).splitlines()[0]})") from None
-        return address
+        return ray.get_runtime_context().gcs_address
     cl = cfg.cluster
     with _worker_niceness(0 if cfg.resources.actor_nice else None):
         # "local": a new instance even when this machine already runs a Ray cluster

@@ -166,8 +166,8 @@ def _validate_cluster(cfg: Config) -> None:
         _check(res.learner_workers <= cfg.learner.batch_groups * cfg.rollout.group_size,
                f"resources.learner_workers: {res.learner_workers} workers need at least as many "
                "rows per batch (learner.batch_groups * rollout.group_size)")
-    _check(cl.placement_timeout_s > 0,
-           f"cluster.placement_timeout_s: must be > 0, got {cl.placement_timeout_s}")
+    _check(cl.placement_timeout_s >= 0,
+           f"cluster.placement_timeout_s: must be >= 0, got {cl.placement_timeout_s}")
     _check(0 < cl.dashboard_port < 65536,
            f"cluster.dashboard_port: {cl.dashboard_port} is not a TCP port")
     if cl.address not in ("", "auto"):
