@@ -54,15 +54,22 @@ ENGINES = {"hf": _hf, "vllm": _vllm}
 
 
 class RolloutActor:
-    def __init__(self, cfg: Config, actor_id: int, model_path: str, buffer, weights):
+    def __init__(self, cfg: Config, actor_id: int, model_path: str, buffer, weights,
+                 stream: int = 0):
         torch.set_num_threads(cfg.resources.torch_threads)
         self.cfg, self.actor_id = cfg, actor_id
+        # This process's name in the buffer's ledger: a restarted actor is a new incarnation,
+        # and the batch the old one was generating is counted as lost.
+        self.incarnation = f"{actor_id}:{uuid.uuid4().hex[:8]}"
         self.buffer, self.weights = buffer, weights
         self.engine = ENGINES[cfg.engine.name](cfg, model_path, cfg.run.seed * 1000 + actor_id)
         self.tokenizer = load_tokenizer(model_path)
         self.sampling = SamplingParams(cfg.engine.temperature, cfg.engine.top_p,
                                        cfg.engine.max_new_tokens, stop=tuple(cfg.engine.stop))
-        self.rng = np.random.default_rng([cfg.run.seed, actor_id])
+        # Prompt draws; a resumed run (stream = its first step) draws prompts afresh instead
+        # of replaying the interrupted run's from the start.
+        self.rng = np.random.default_rng([cfg.run.seed, actor_id, stream] if stream
+                                         else [cfg.run.seed, actor_id])
         import_env_module(cfg.env.module)
         self.make_env = partial(make_env, cfg.env.name, "train", eval_size=cfg.env.eval_size,
                                 **cfg.env.kwargs)
@@ -87,7 +94,7 @@ class RolloutActor:
         """Ask the buffer for admission (waiting up to `timeout`), load weights, generate one
         batch and add it. Returns "added", "refused" (not admitted in time) or "stop"."""
         n = self.cfg.rollout.prompts_per_batch
-        decision = self.buffer.admit(self.engine.version, n, timeout)
+        decision = self.buffer.admit(self.engine.version, n, timeout, actor=self.incarnation)
         if decision["stop"]:
             return "stop"
         if "version" in decision:  # lag mode: a work order for exactly this version
@@ -99,8 +106,9 @@ class RolloutActor:
             return "refused"
         reserved = decision.get("n_groups", n)
         groups = self.rollout_batch(reserved)
-        self.buffer.add(Groups(groups), reserved, self.engine.version)  # pickles packed
         self.counts["batches"] += 1
+        self.buffer.add(Groups(groups), reserved, self.engine.version,  # pickles packed
+                        actor=self.incarnation, report=dict(self.counts))
         return "added"
 
     def sync_weights(self, want: int | None = None) -> bool:

@@ -72,7 +72,7 @@ class ReplayBuffer:
                  drop_uniform_groups: bool = False, lag: int | None = None, *,
                  capacity_bytes: int = 0, sampler: str = "fifo", priority: str = "pass_rate",
                  alpha: float = 0.6, beta: float = 0.4, max_reuse: int = 1, seed: int = 0,
-                 filter_floor: float = 0.0):
+                 filter_floor: float = 0.0, group_size: int = 1):
         self.batch_groups = batch_groups
         self.lag = lag
         # lag mode: groups by version, and per version the groups consumed and reserved
@@ -101,7 +101,15 @@ class ReplayBuffer:
         self.closed = False
         self.counts = {"added": 0, "filtered": 0, "sampled": 0, "evicted_staleness": 0,
                        "evicted_capacity": 0, "evicted_surplus": 0, "retired": 0,
-                       "kept_uniform": 0, "admission_waits": 0, "held_off": 0}
+                       "kept_uniform": 0, "admission_waits": 0, "held_off": 0,
+                       # the ledger (`ledger`), in episodes: admitted batches' episodes end up
+                       # added, dropped by the actor (env_errors) or lost with a dead actor
+                       "admitted": 0, "env_errors": 0, "lost": 0, "in_flight": 0}
+        self.group_size = group_size
+        # the batch each actor incarnation ("<actor id>:<uuid>") was admitted for and has not
+        # added yet: (groups, lag-mode version or None); an actor has one batch at a time
+        self._outstanding: dict[str, tuple[int, int | None]] = {}
+        self.reports: dict[str, dict] = {}  # each actor incarnation's last reported counts
         self.reuse_hist: dict[int, int] = defaultdict(int)  # groups sampled for the n-th time
         self.held_off_s = 0.0          # time actors spent held off in admit (see _wait)
         self.keep_rate = 1.0           # recent share of groups that survive filtering (EMA)
@@ -115,30 +123,67 @@ class ReplayBuffer:
                     lag=cfg.staleness.k if cfg.staleness.mode == "lag" else None,
                     capacity_bytes=b.capacity_bytes, sampler=b.sampler, priority=b.priority,
                     alpha=b.alpha, beta=b.beta, max_reuse=b.max_reuse, seed=cfg.run.seed,
-                    filter_floor=b.filter_floor)
+                    filter_floor=b.filter_floor, group_size=cfg.rollout.group_size)
 
     # -- actors ---------------------------------------------------------------------------------
 
-    def admit(self, version: int, n_groups: int, timeout: float = 1.0) -> dict:
+    def admit(self, version: int, n_groups: int, timeout: float = 1.0,
+              actor: str | None = None) -> dict:
         """Block until a batch of `n_groups` started now would be fresh enough when consumed.
 
         The actor will load the newest published weights first, so the prediction uses
         max(version, published). Returns {"admitted", "published", "stop"}; an admitted batch
         reserves its place in the queue until `add` (so two actors cannot both take the last
-        fresh slot).
+        fresh slot). `actor` ("<actor id>:<incarnation>") lets the ledger tell a batch lost
+        with a dead actor from one still being generated.
         """
+        if actor is not None:
+            self._forget_dead(actor)
         if self.lag is not None:
-            return self._admit_lag(n_groups, timeout)
+            decision = self._admit_lag(n_groups, timeout)
+        else:
+            with self._cond:
+                ok = self._wait(lambda: self.closed
+                                or self._predicted_staleness(version) <= self.max_staleness,
+                                timeout)
+                admitted = ok and not self.closed
+                if admitted:
+                    self.reserved += n_groups
+                elif not self.closed:
+                    self.counts["admission_waits"] += 1
+                decision = {"admitted": admitted, "published": self.published,
+                            "stop": self.closed}
+        if decision["admitted"]:
+            self._order(decision.get("n_groups", n_groups), actor, decision.get("version"))
+        return decision
+
+    def _forget_dead(self, actor: str) -> None:
+        """An earlier incarnation of this actor that still owes a batch died with it (Ray
+        restarted the actor as `actor`): that batch is lost, and its reservation released."""
+        name = actor.split(":")[0]
         with self._cond:
-            ok = self._wait(
-                lambda: self.closed or self._predicted_staleness(version) <= self.max_staleness,
-                timeout)
-            admitted = ok and not self.closed
-            if admitted:
-                self.reserved += n_groups
-            elif not self.closed:
-                self.counts["admission_waits"] += 1
-            return {"admitted": admitted, "published": self.published, "stop": self.closed}
+            for other in [k for k in self._outstanding if k.split(":")[0] == name and k != actor]:
+                self._lose(other)
+
+    def _order(self, n_groups: int, actor: str | None, version: int | None) -> None:
+        """Ledger: `actor` starts n_groups groups (for lag-mode work order `version`)."""
+        with self._cond:
+            episodes = n_groups * self.group_size
+            self.counts["admitted"] += episodes
+            self.counts["in_flight"] += episodes
+            if actor is not None:
+                self._outstanding[actor] = (n_groups, version)
+
+    def _lose(self, actor: str) -> None:
+        """The incarnation `actor` is dead: its admitted groups will never arrive, so their
+        reservation is released (lag mode would otherwise wait for them forever)."""
+        n_groups, version = self._outstanding.pop(actor)
+        self.counts["lost"] += n_groups * self.group_size
+        self.counts["in_flight"] -= n_groups * self.group_size
+        self.reserved = max(0, self.reserved - n_groups)
+        if version is not None:
+            self._reserved_v[version] = max(0, self._reserved_v[version] - n_groups)
+        self._cond.notify_all()
 
     def _wait(self, ready, timeout: float) -> bool:
         """wait_for, counting the calls that had to wait (held off) and the time they waited."""
@@ -195,11 +240,21 @@ class ReplayBuffer:
         consumed_at = self.next_version + ahead // self.batch_groups
         return consumed_at - max(version, self.published)
 
-    def add(self, groups: list[Group], reserved: int = 0, version: int | None = None) -> int:
+    def add(self, groups: list[Group], reserved: int = 0, version: int | None = None,
+            actor: str | None = None, report: dict | None = None) -> int:
         """Store whole groups; `reserved` releases what `admit` reserved (for work order
-        `version` in lag mode). Returns the learner version (the next update's)."""
+        `version` in lag mode). `report` is the actor's counts so far; the groups it dropped
+        (reserved - len(groups): an environment failed) go to the ledger as env_errors.
+        Returns the learner version (the next update's)."""
         with self._cond:
             self.reserved = max(0, self.reserved - reserved)
+            if reserved:
+                self.counts["in_flight"] -= reserved * self.group_size
+                self.counts["env_errors"] += (reserved - len(groups)) * self.group_size
+            if actor is not None:
+                self._outstanding.pop(actor, None)
+                if report is not None:
+                    self.reports[actor] = report
             if self.lag is not None and version is not None:
                 self._reserved_v[version] = max(0, self._reserved_v[version] - reserved)
             kept, filter_off = 0, self._filter_off()
@@ -312,6 +367,7 @@ class ReplayBuffer:
             self._consumed[want] += self.batch_groups
             entries = [Entry.of(self._by_version[want].popleft(), -1)
                        for _ in range(self.batch_groups)]
+            self.counts["retired"] += sum(len(e.group) for e in entries)  # used once, gone
             self._size -= sum(len(e.group) for e in entries)
             self._bytes -= sum(e.nbytes for e in entries)
             return self._batch(entries, version, start, None)
@@ -379,6 +435,7 @@ class ReplayBuffer:
                     "rng": getattr(getattr(self.sampler, "rng", None), "getstate", lambda: None)(),
                     "by_version": {v: list(q) for v, q in self._by_version.items() if q},
                     "consumed": dict(self._consumed), "counts": dict(self.counts),
+                    "reports": dict(self.reports),
                     "reuse_hist": dict(self.reuse_hist), "held_off_s": self.held_off_s,
                     "keep_rate": self.keep_rate, "next_version": self.next_version,
                     "published": self.published}
@@ -406,6 +463,11 @@ class ReplayBuffer:
                 self._bytes += sum(t.nbytes for g in groups for t in g)
             self._consumed.update(state["consumed"])
             self.counts.update(state["counts"])
+            self.reports.update(state.get("reports", {}))
+            # batches being generated at the snapshot belong to the processes that wrote it:
+            # they never arrive here
+            self.counts["lost"] += self.counts["in_flight"]
+            self.counts["in_flight"] = 0
             self.reuse_hist.update(state["reuse_hist"])
             self.held_off_s, self.keep_rate = state["held_off_s"], state["keep_rate"]
             self.next_version, self.published = state["next_version"], state["published"]
@@ -421,6 +483,32 @@ class ReplayBuffer:
 
     def load(self, path: str | Path) -> None:
         self.restore(pickle.loads(Path(path).read_bytes()))
+
+    # -- the ledger -----------------------------------------------------------------------------
+
+    def ledger(self, final: bool = False) -> dict:
+        """Where every episode went, in trajectories. Admitted episodes were added, dropped by
+        their actor (env_errors), lost with a dead actor, or are still in flight; added ones
+        were filtered, trained on and retired, evicted (by reason), or are in the buffer.
+        `final` (every actor has stopped): whatever is still owed died with its actor.
+        `balanced` is the check that nothing went missing."""
+        with self._cond:
+            if final:
+                for actor in list(self._outstanding):
+                    self._lose(actor)
+            c = self.counts
+            fates = {k: c[k] for k in ("filtered", "retired", "evicted_staleness",
+                                       "evicted_capacity", "evicted_surplus")}
+            fates["in_buffer"] = self._size
+            out = {"admitted": c["admitted"], "added": c["added"], "env_errors": c["env_errors"],
+                   "lost": c["lost"], "in_flight": c["in_flight"], **fates,
+                   "actors_reported": sum(r.get("trajectories", 0) for r in self.reports.values())}
+            out["balanced"] = (
+                c["added"] == sum(fates.values())
+                and c["admitted"] == c["added"] + c["env_errors"] + c["lost"] + c["in_flight"]
+                # actors count what they sent; a group lost between actor and buffer shows here
+                and (not self.reports or out["actors_reported"] == c["added"]))
+            return out
 
     # -- metrics --------------------------------------------------------------------------------
 

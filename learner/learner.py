@@ -10,6 +10,7 @@ A plain class: `offpolicy/launch.py` wraps it as a Ray actor; tests call `step()
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
@@ -43,6 +44,7 @@ class Learner:
         self.rank = torch.distributed.get_rank() if distributed else 0
         self.world = torch.distributed.get_world_size() if distributed else 1
         self.samples = 0
+        self.nonfinite_skipped = 0  # steps skipped for a NaN/inf loss or gradient
         self.started = time.perf_counter()
         # Published weights by version, for the engine/learner log-prob parity check: tokens
         # are re-scored with the exact weights that generated them (a shadow model).
@@ -81,7 +83,13 @@ class Learner:
         loss, logprobs, loss_metrics = self._backward(d, adv)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.learner.grad_clip if cfg.learner.grad_clip > 0 else float("inf"))
-        self.opt.step()
+        if math.isfinite(loss) and torch.isfinite(grad_norm):
+            self.opt.step()
+        else:  # a NaN/inf loss or gradient would poison the weights: skip the step, count it.
+            # The version still advances (an update that changed nothing), so versions stay
+            # one per sampled batch for the buffer and the staleness bookkeeping.
+            self.opt.zero_grad(set_to_none=True)
+            self.nonfinite_skipped += 1
         self.version += 1
         self.samples += len(batch)
         t_pub = time.perf_counter()
@@ -95,6 +103,7 @@ class Learner:
             "step": self.version,
             "learner/loss": loss,
             "learner/grad_norm": grad_norm.item(),
+            "learner/nonfinite_skipped": self.nonfinite_skipped,
             "learner/tokens": int(mask.sum().item()),
             "learner/batch_size": len(batch),
             "rollout/reward_mean": float(rewards.mean()),
@@ -231,6 +240,32 @@ class Learner:
         """Write the current policy as a Hugging Face folder (loadable as `model.path`)."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+
+    def save_state(self, path: str) -> None:
+        """A resumable checkpoint's learner part: the policy (`model/`) and `learner.pt`
+        (optimizer, version, random state). The learner was built from `model/` on resume."""
+        self.save(f"{path}/model")
+        torch.save({"optimizer": self.opt.state_dict(), "version": self.version,
+                    "nonfinite_skipped": self.nonfinite_skipped,
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                    else None}, f"{path}/learner.pt")
+
+    def load_state(self, path: str) -> int:
+        """Continue from `save_state`'s checkpoint (the weights came with `model_path`):
+        versions count on from the checkpoint's, and rank 0 publishes the weights under that
+        version, so actors tag their tokens with it and the staleness bound holds at once."""
+        state = torch.load(f"{path}/learner.pt", map_location=self.device, weights_only=False)
+        self.opt.load_state_dict(state["optimizer"])
+        self.version = state["version"]
+        self.nonfinite_skipped = state["nonfinite_skipped"]
+        torch.set_rng_state(state["rng"].cpu())
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.rank == 0:
+            self.history.clear()  # the weights built in are this version's, not version 0's
+            self.publish()
+        return self.version
 
     def evaluate(self) -> float:
         """Greedy reward on the fixed held-out eval set with the current weights."""

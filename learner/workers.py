@@ -64,6 +64,12 @@ class LearnerWorker:
     def save(self, path: str) -> None:
         self.learner.save(path)
 
+    def save_state(self, path: str) -> None:
+        self.learner.save_state(path)
+
+    def load_state(self, path: str) -> int:
+        return self.learner.load_state(path)
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -17,8 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="offpolicy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train with a config (YAML) and key=value overrides")
-    p_train.add_argument("config", help="YAML file of overrides of the defaults")
+    p_train.add_argument("config", nargs="?", help="YAML file of overrides of the defaults")
     p_train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p_train.add_argument("--resume", metavar="RUN_DIR",
+                         help="continue this run from its newest checkpoint (no CONFIG: the run's "
+                              "own config.yaml, with any key=value overrides)")
     p_ablate = sub.add_parser("ablate", help="one run per cell of the config's `ablate.grid`, "
                               "then results.csv, results.md and plots")
     p_ablate.add_argument("config", help="YAML with an `ablate:` section (configs/ablation.yaml)")
@@ -60,13 +63,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        resume = None
+        if args.resume:
+            cfg, resume = _resume_config(args)
+        elif args.config is None:
+            raise ConfigError("train: give a CONFIG file, or --resume RUN_DIR")
+        else:
+            cfg = load_config(args.config, args.overrides)
         from offpolicy.launch import train
 
-        summary = train(cfg)
+        summary = train(cfg, resume=resume)
     except ConfigError as e:
         print(f"offpolicy: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a role failed; the message says how to resume
+        print(f"offpolicy: {e}", file=sys.stderr)
+        return 1
     if summary.get("interrupted"):
         print(f"interrupted; partial run in {summary['run_dir']}")
         return 130
@@ -75,6 +87,25 @@ def main(argv: list[str] | None = None) -> int:
           f"staleness mean {summary['staleness_mean']:.2f} max {summary['staleness_max']:.0f}; "
           f"{summary['run_dir']}")
     return 0
+
+
+def _resume_config(args):
+    """(config, (checkpoint, driver state)) for `train --resume RUN_DIR [key=value ...]`."""
+    from pathlib import Path
+
+    from offpolicy.checkpoint import latest
+
+    overrides = ([args.config] if args.config else []) + args.overrides  # all key=value here
+    run_dir = Path(args.resume)
+    checkpoint = latest(run_dir)
+    cfg = load_config(run_dir / "config.yaml", overrides + [f"run.dir={run_dir}"])
+    if cfg.staleness.mode == "lag":
+        raise ConfigError("--resume: lag-mode runs keep no checkpoints; rerun them (offpolicy "
+                          "ablate reruns unfinished cells)")
+    if checkpoint[1]["step"] >= cfg.learner.steps:
+        raise ConfigError(f"--resume: the checkpoint is at step {checkpoint[1]['step']} and the "
+                          f"run has {cfg.learner.steps} steps; raise learner.steps to go on")
+    return cfg, checkpoint
 
 
 if __name__ == "__main__":

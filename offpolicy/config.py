@@ -151,6 +151,10 @@ class RolloutConfig:
     """Completions per prompt (a GRPO group)."""
     prompts_per_batch: int = 32
     """Prompts per engine call; an actor pushes this many groups at once."""
+    max_restarts: int = 3
+    """Times Ray restarts a rollout actor whose process died (killed, out of memory, a crashed
+    engine); the batch it was generating is counted as lost (`ledger.lost` in summary.json).
+    One more death stops the run with an error."""
 
 
 @dataclass
@@ -226,6 +230,20 @@ class LossConfig:
     decoupled_ppo, m2po, cispo, gspo, topr (docs/losses.md)."""
     params: dict = field(default_factory=dict)
     """Parameters of the loss (e.g. `cap: 2.0` for `tis`); unset ones take the loss's defaults."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save a resumable checkpoint (policy, optimizer, learner version, random state, replay
+    buffer) every this many learner steps, as <run dir>/checkpoints/step-NNNNNN; 0 = only the
+    final policy. `offpolicy train --resume RUN_DIR` continues from the newest one. Lag-mode
+    runs (ablation cells) write none: `offpolicy ablate` reruns an unfinished cell instead."""
+    keep: int = 2
+    """Checkpoints kept; the oldest is deleted once a newer one is complete."""
+    buffer: bool = True
+    """Include the replay buffer's contents, so a resumed run trains on the data the
+    interrupted one held; off saves time and disk when the buffer is large."""
 
 
 @dataclass
@@ -339,6 +357,8 @@ class Config:
     """Policy loss and its off-policy correction."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Resumable checkpoints."""
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     """Processes, CPUs and GPUs."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

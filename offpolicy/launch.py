@@ -13,6 +13,7 @@ With `resources.serial` the same classes share this one process and take turns, 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from offpolicy.checkpoint import checkpoints, commit, staging
 from offpolicy.config import Config, ConfigError, to_dict
 from offpolicy.metrics import MetricsWriter, make_backends, write_summary
 from offpolicy.placement import nodes_of, pin_roles, reserve, start_ray
@@ -84,7 +86,7 @@ def runs_root() -> Path:
     return Path("runs")
 
 
-def start_roles(cfg: Config, model_path: str, log=print) -> dict:
+def start_roles(cfg: Config, model_path: str, log=print, stream: int = 0) -> dict:
     """Create buffer, weight store, learner worker(s) and actors as Ray actors, placed as
     `reserve` says; returns their handles ("learner" is rank 0 of "learners")."""
     import ray
@@ -109,8 +111,10 @@ def start_roles(cfg: Config, model_path: str, log=print) -> dict:
             "nccl": lambda: NCCLSync(Remote(store), [])}[kind]()
     # NCCL pushes weights into a running actor: a second thread takes those calls.
     actors = [ray.remote(RolloutActor).options(
-        max_concurrency=2 if kind == "nccl" else 1, **where["actor"][i]).remote(
-        cfg, i, model_path, Remote(buffer, fire_and_forget=("add",)), sync) for i in range(n)]
+        max_concurrency=2 if kind == "nccl" else 1, max_restarts=cfg.rollout.max_restarts,
+        max_task_retries=0, **where["actor"][i]).remote(
+        cfg, i, model_path, Remote(buffer, fire_and_forget=("add",)), sync, stream)
+        for i in range(n)]
     if kind == "nccl":
         sync = NCCLSync(Remote(store), actors, tp=cfg.engine.vllm_args.get("tensor_parallel_size", 1))
     args = (cfg, model_path, Remote(buffer), sync)
@@ -139,42 +143,59 @@ def weights_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir).resolve() / "weights"
 
 
-def train(cfg: Config, log=print) -> dict:
-    """Run `offpolicy train`: build/load the base model, start roles, train, write the run folder."""
+def train(cfg: Config, log=print, resume: tuple[Path, dict] | None = None) -> dict:
+    """Run `offpolicy train`: build/load the base model, start roles, train, write the run
+    folder. `resume` = (checkpoint folder, its driver state) from `checkpoint.latest`: continue
+    that run in its own folder from the checkpoint's step."""
     import ray
     import torch
 
     t_start = time.perf_counter()
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg) if resume is None else reopen_run_dir(cfg, resume[1]["step"])
     log(f"run folder: {run_dir}")
     from offpolicy.models import ensure_base_model
 
-    model_path = str(ensure_base_model(cfg, log=log))
+    model_path = str(resume[0] / "model") if resume else str(ensure_base_model(cfg, log=log))
+    first = resume[1]["step"] + 1 if resume else 1
     torch.set_num_threads(1)  # the driver only coordinates from here on
     driver_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     summary = {"run_dir": str(run_dir), "model_path": model_path, "interrupted": False}
     restore = signal.signal(signal.SIGTERM, _raise_interrupt)
     writer = None
     try:
-        session = (SerialRoles(cfg, model_path) if cfg.resources.serial
-                   else RayRoles(cfg, model_path, log))
+        session = (SerialRoles(cfg, model_path, first - 1) if cfg.resources.serial
+                   else RayRoles(cfg, model_path, log, first - 1))
         workers = cfg.resources.learner_workers
         log(f"started {'learner' if workers == 1 else f'{workers} learner workers'}, buffer and "
             f"{cfg.rollout.num_actors} rollout actor(s)"
             f"{' in this process' if cfg.resources.serial else ''}; base model {model_path}")
         if not cfg.resources.serial:
             summary["cluster"], summary["placement"] = session.cluster, session.nodes
+        if resume:
+            summary["resumed_from"] = session.load_state(resume[0])
+            log(f"resumed from {resume[0]}: learner version {summary['resumed_from']}")
         summary["base_eval_reward"] = session.evaluate()
         log(f"base eval reward {summary['base_eval_reward']:.3f}")
         writer = MetricsWriter(run_dir, cfg.learner.steps, cfg.log.progress_every_s,
                                backends=make_backends(cfg, run_dir))
         t_loop = time.perf_counter()
-        summary.update(_train_loop(cfg, session, writer, t_start))
+        summary.update(_train_loop(cfg, session, writer, t_start, run_dir, first,
+                                   resume[1]["totals"] if resume else None))
         summary["train_s"] = time.perf_counter() - t_loop
-        summary["buffer"], summary["actors"] = session.finish(run_dir / "checkpoints" / "final")
+        summary["buffer"], summary["actors"], summary["ledger"] = session.finish(
+            run_dir / "checkpoints" / "final")
+        log(describe_ledger(summary["ledger"]))
     except KeyboardInterrupt:
         summary["interrupted"] = True
         log("interrupted: stopping all roles")
+    except ConfigError:
+        raise
+    except Exception as e:  # a role failed: say so in one line and how to continue
+        summary["error"] = _one_line(e)
+        newest = checkpoints(run_dir)
+        hint = (f"resume from {newest[-1].name} with `offpolicy train --resume {run_dir}`"
+                if newest else "no checkpoint was written yet (checkpoint.every)")
+        raise RuntimeError(f"run failed: {summary['error']}; {hint}") from e
     finally:
         if writer is not None:
             writer.close()
@@ -184,43 +205,73 @@ def train(cfg: Config, log=print) -> dict:
         if driver_cores is not None:  # resources.pin_cpus may have pinned this process
             os.sched_setaffinity(0, driver_cores)
         shutil.rmtree(weights_dir(cfg), ignore_errors=True)  # FileSync's working copies
-    summary["wall_s"] = time.perf_counter() - t_start
-    write_summary(run_dir, summary)
+        summary["wall_s"] = time.perf_counter() - t_start
+        write_summary(run_dir, summary)
     return summary
 
 
-def _train_loop(cfg: Config, session, writer: MetricsWriter, t_start: float) -> dict:
-    """Ask the learner for `learner.steps` updates; evaluate every `eval.every`; write metrics."""
-    out = {"steps": 0, "samples": 0, "final_eval_reward": None}
-    staleness = []
-    for step in range(1, cfg.learner.steps + 1):
+def _one_line(e: BaseException) -> str:
+    """`Type: first line` of an error; for a Ray task error, of the error raised in the role."""
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
+def reopen_run_dir(cfg: Config, step: int) -> Path:
+    """A resumed run's folder: config.yaml rewritten (with any new overrides), metrics.jsonl
+    cut back to the checkpoint's step (the lines after it belong to the lost stretch)."""
+    run_dir = Path(cfg.run.dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        keep = [line for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        metrics.write_text("".join(line + "\n" for line in keep))
+    return run_dir
+
+
+def _train_loop(cfg: Config, session, writer: MetricsWriter, t_start: float, run_dir: Path,
+                first: int = 1, totals: dict | None = None) -> dict:
+    """Ask the learner for updates `first`..`learner.steps`; evaluate every `eval.every`; write
+    metrics; checkpoint every `checkpoint.every`. Running totals survive a resume (`totals`)."""
+    out = totals or {"steps": 0, "samples": 0, "final_eval_reward": None, "staleness_sum": 0.0,
+                     "staleness_max": 0}
+    for step in range(first, cfg.learner.steps + 1):
         m = session.step()
         if step % cfg.eval.every == 0 or step == cfg.learner.steps:
             m["eval/reward"] = session.evaluate()
             out["final_eval_reward"] = m["eval/reward"]
         m["time/elapsed_s"] = time.perf_counter() - t_start
         writer.write(m)
-        staleness.append(m["staleness/mean"])
+        out["staleness_sum"] += m["staleness/mean"]
         out["steps"], out["samples"] = step, out["samples"] + m["learner/batch_size"]
         out["samples_per_s"] = m["throughput/samples_per_s"]
-        out["staleness_max"] = max(out.get("staleness_max", 0), m["staleness/max"])
-    out["staleness_mean"] = sum(staleness) / max(len(staleness), 1)
+        out["staleness_max"] = max(out["staleness_max"], m["staleness/max"])
+        every = cfg.checkpoint.every if cfg.staleness.mode == "bound" else 0  # see CLI resume
+        if every and step % every == 0 and step < cfg.learner.steps:
+            folder = staging(run_dir, step)  # complete, or invisible: see offpolicy/checkpoint
+            session.save_state(folder, cfg.checkpoint.buffer)
+            commit(folder, {"step": step, "totals": out}, cfg.checkpoint.keep)
+    out["staleness_mean"] = out["staleness_sum"] / max(out["steps"], 1)
     return out
 
 
 class RayRoles:
     """Every role its own Ray actor (process); rollout actors generate continuously."""
 
-    def __init__(self, cfg: Config, model_path: str, log=print):
+    def __init__(self, cfg: Config, model_path: str, log=print, stream: int = 0):
         import ray
 
         self.cluster = start_ray(cfg)
-        roles = start_roles(cfg, model_path, log)
+        roles = start_roles(cfg, model_path, log, stream)
         self.learners, self.buffer = roles["learners"], roles["buffer"]
         self.nodes = nodes_of(roles, ray)
         log(describe_nodes(self.nodes))
         self.pinned = pin_roles(cfg, roles, ray, self.nodes)  # before the actors' loops start
-        self.runs = [a.run.remote() for a in roles["actors"]]
+        self.actors, self.cfg, self.log = roles["actors"], cfg, log
+        self.pids = ray.get([a.__ray_call__.remote(_pid) for a in self.actors])
+        self.runs = [a.run.remote() for a in self.actors]
+        self.restarts = [0] * len(self.actors)
         self.ray = ray
 
     def step(self) -> dict:
@@ -230,23 +281,97 @@ class RayRoles:
         pending = list(refs)
         while pending:
             done, _ = self.ray.wait(pending + self.runs, num_returns=1)
-            if done[0] not in pending:  # an actor's loop ended: re-raise its error, or say so
-                self.ray.get(done[0])
-                raise RuntimeError("a rollout actor stopped before the run ended")
+            if done[0] not in pending:  # an actor's loop ended
+                self._actor_ended(self.runs.index(done[0]))
+                continue
             self.ray.get(done[0])  # a failed worker raises here, not after its peers time out
             pending.remove(done[0])
         return self.ray.get(refs[0])
 
+    def _actor_ended(self, i: int) -> None:
+        """Actor i's loop ended before the run did. If its process died, Ray restarts it (up
+        to rollout.max_restarts), its loop starts again and the buffer counts its lost batch.
+        Anything else (an error raised in the actor, or a clean stop) ends the run."""
+        try:
+            self.ray.get(self.runs[i])
+        except self.ray.exceptions.RayActorError as e:
+            pid = self._wait_restarted(i)
+            if pid is None:
+                raise RuntimeError(
+                    f"rollout actor {i} died and Ray did not restart it (restarted "
+                    f"{self.restarts[i]} of rollout.max_restarts={self.cfg.rollout.max_restarts} "
+                    f"times): {_one_line(e)}") from None
+            if pid != self.pids[i]:  # a new process, not a passing unavailability
+                self.pids[i] = pid
+                self.restarts[i] += 1
+                self.log(f"rollout actor {i} died; Ray restarted it "
+                         f"({self.restarts[i]}/{self.cfg.rollout.max_restarts}); its batch in "
+                         "flight is counted as lost")
+                if self.cfg.resources.actor_nice:  # the new process starts at Ray's niceness
+                    from offpolicy.placement import _renice
+
+                    self.ray.get(self.actors[i].__ray_call__.remote(
+                        _renice, self.cfg.resources.actor_nice))
+            self.runs[i] = self.actors[i].run.remote()
+            return
+        raise RuntimeError(f"rollout actor {i} stopped before the run ended")
+
+    def _wait_restarted(self, i: int, timeout_s: float = 300.0) -> int | None:
+        """Actor i's process id once it answers again (Ray restarts a dead actor
+        asynchronously: meanwhile calls fail as unavailable); None if Ray gave it up."""
+        exc = self.ray.exceptions
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                return self.ray.get(self.actors[i].__ray_call__.remote(_pid))
+            except exc.ActorUnavailableError:
+                time.sleep(0.5)
+            except exc.RayActorError:  # died for good (out of restarts)
+                return None
+        return None
+
     def evaluate(self) -> float:
         return self.ray.get(self.learners[0].evaluate.remote())
 
-    def finish(self, checkpoint: Path) -> tuple[dict, list[dict]]:
-        """Save the policy, stop the actors; returns (buffer stats, each actor's counts)."""
+    def save_state(self, folder: Path, with_buffer: bool) -> None:
+        """Rank 0's policy and optimizer, and the buffer's snapshot, into `folder`."""
+        refs = [self.learners[0].save_state.remote(str(folder))]
+        if with_buffer:
+            refs.append(self.buffer.save.remote(str(folder / "buffer.pkl")))
+        self.ray.get(refs)
+
+    def load_state(self, folder: Path) -> int:
+        """Every learner worker continues from `folder` (after the buffer's snapshot)."""
+        if (folder / "buffer.pkl").is_file():
+            self.ray.get(self.buffer.load.remote(str(folder / "buffer.pkl")))
+        return self.ray.get([w.load_state.remote(str(folder)) for w in self.learners])[0]
+
+    def finish(self, checkpoint: Path) -> tuple[dict, list[dict], dict]:
+        """Save the policy, stop the actors; returns (buffer stats, each actor's counts, the
+        buffer's ledger once every actor has stopped)."""
         ray = self.ray
         ray.get(self.learners[0].save.remote(str(checkpoint)))
-        stats = ray.get(self.buffer.stats.remote())
         ray.get(self.buffer.close.remote())
-        return stats, ray.get(self.runs)
+        counts = []
+        for i, run in enumerate(self.runs):
+            try:
+                counts.append(ray.get(run))
+            except ray.exceptions.RayActorError:  # died at the very end: its batch is lost
+                counts.append({"died": True})
+        counts = [{**c, "restarts": r} for c, r in zip(counts, self.restarts)]
+        return (ray.get(self.buffer.stats.remote()), counts,
+                ray.get(self.buffer.ledger.remote(final=True)))
+
+
+def describe_ledger(ledger: dict) -> str:
+    """One line: where the run's episodes went, and whether every one is accounted for."""
+    fates = ", ".join(f"{k} {ledger[k]}" for k in (
+        "retired", "filtered", "evicted_staleness", "evicted_capacity", "evicted_surplus",
+        "in_buffer", "env_errors", "lost") if ledger[k])
+    if ledger["balanced"]:
+        return f"ledger: {ledger['admitted']} episodes: {fates}; all accounted for"
+    return (f"error: ledger does not balance: {ledger}; some trajectories went uncounted "
+            "(please report this)")
 
 
 def describe_nodes(nodes: dict) -> str:
@@ -265,7 +390,7 @@ class SerialRoles:
     """`resources.serial`: the same role classes in this process, taking turns. Before each
     update the actors (round robin) generate until the buffer holds that update's batch."""
 
-    def __init__(self, cfg: Config, model_path: str):
+    def __init__(self, cfg: Config, model_path: str, stream: int = 0):
         from offpolicy.actors.rollout import RolloutActor
         from offpolicy.buffer.replay import ReplayBuffer
         from offpolicy.learner.learner import Learner
@@ -274,7 +399,7 @@ class SerialRoles:
         lag = cfg.staleness.mode == "lag"
         self.buffer = ReplayBuffer(**ReplayBuffer.config_kwargs(cfg))
         sync = LocalSync(keep=cfg.staleness.k + 2 if lag else 1)
-        self.actors = [RolloutActor(cfg, i, model_path, self.buffer, sync)
+        self.actors = [RolloutActor(cfg, i, model_path, self.buffer, sync, stream)
                        for i in range(cfg.rollout.num_actors)]
         self.learner = Learner(cfg, model_path, self.buffer, sync)
         self.turn = 0
@@ -293,10 +418,25 @@ class SerialRoles:
     def evaluate(self) -> float:
         return self.learner.evaluate()
 
-    def finish(self, checkpoint: Path) -> tuple[dict, list[dict]]:
+    def save_state(self, folder: Path, with_buffer: bool) -> None:
+        self.learner.save_state(str(folder))
+        if with_buffer:
+            self.buffer.save(folder / "buffer.pkl")
+
+    def load_state(self, folder: Path) -> int:
+        if (folder / "buffer.pkl").is_file():
+            self.buffer.load(folder / "buffer.pkl")
+        return self.learner.load_state(str(folder))
+
+    def finish(self, checkpoint: Path) -> tuple[dict, list[dict], dict]:
         self.learner.save(str(checkpoint))
         self.buffer.close()
-        return self.buffer.stats(), [dict(a.counts) for a in self.actors]
+        return (self.buffer.stats(), [dict(a.counts) for a in self.actors],
+                self.buffer.ledger(final=True))
+
+
+def _pid(_instance) -> int:
+    return os.getpid()
 
 
 def _raise_interrupt(signum, frame):

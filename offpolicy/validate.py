@@ -75,6 +75,9 @@ def validate(cfg: Config) -> None:
     _check(0 <= cfg.resources.actor_nice <= 19,
            f"resources.actor_nice: {cfg.resources.actor_nice} is not a niceness from 0 to 19")
     _check(cfg.learner.micro_batch >= 0, "learner.micro_batch: must be >= 0")
+    _check(cfg.rollout.max_restarts >= 0, "rollout.max_restarts: must be >= 0")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every: must be >= 0")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep: must be >= 1")
     _check(cfg.env.max_tokens >= 0, "env.max_tokens: must be >= 0")
     _check(cfg.env.timeout_s >= 0, "env.timeout_s: must be >= 0")
     try:

@@ -12,6 +12,22 @@ from offpolicy.models import char_tokenizer, ensure_base_model, tiny_llama
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
+class OneBatch:
+    """Stands in for the buffer in learner tests: always the same batch; publishing is a no-op."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def sample(self, version):
+        return self.batch
+
+    def publish(self, version):
+        pass
+
+    def is_closed(self):
+        return False
+
+
 def fast_config(model_dir, *overrides):
     """A config for seconds-long runs on the random model: small batches, few steps."""
     return load_config(None, [f"model.path={model_dir}", "rollout.prompts_per_batch=4",

@@ -12,27 +12,11 @@ from offpolicy.learner.learner import Learner
 from offpolicy.types import Batch
 from offpolicy.weights import LocalSync, cpu_state
 
-from conftest import fast_config
-
-
-class _OneBatch:
-    """Stands in for the buffer: always the same batch; publishing is a no-op."""
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def sample(self, version):
-        return self.batch
-
-    def publish(self, version):
-        pass
-
-    def is_closed(self):
-        return False
+from conftest import OneBatch, fast_config
 
 
 def _train_one_step(cfg, model_dir, batch):
-    learner = Learner(cfg, str(model_dir), _OneBatch(batch), LocalSync())
+    learner = Learner(cfg, str(model_dir), OneBatch(batch), LocalSync())
     metrics = learner.step()
     return metrics, cpu_state(learner.model)
 
