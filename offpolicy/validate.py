@@ -91,6 +91,7 @@ def validate(cfg: Config) -> None:
         _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")
         _check((p / "config.json").is_file(),
                f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
+        _check_tokenizer_fits(p)
     _validate_engine(cfg)
     _validate_cluster(cfg)
     check_loss_params(cfg.loss.name, cfg.loss.params)
@@ -178,3 +179,21 @@ def _validate_cluster(cfg: Config) -> None:
         _check(bool(sep and host and port.isdigit()),
                f"cluster.address: expected '', 'auto' or HOST:PORT (a Ray cluster's GCS), "
                f"got '{cl.address}'")
+
+
+def _check_tokenizer_fits(path: Path) -> None:
+    """Every token id the folder's tokenizer can produce has a row in the model's embedding
+    (a tokenizer from another model would fail deep inside a role instead)."""
+    import json
+
+    from offpolicy.models import load_tokenizer
+
+    try:
+        model_cfg = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise ConfigError(f"model.path: {path}/config.json is not valid JSON ({e})") from None
+    vocab = model_cfg.get("vocab_size") or model_cfg.get("text_config", {}).get("vocab_size")
+    tokens = len(load_tokenizer(path))
+    _check(vocab is None or tokens <= vocab,
+           f"model.path: the tokenizer in {path} has {tokens} tokens but the model's vocabulary "
+           f"has {vocab} (tokenizer and model do not match)")
