@@ -50,7 +50,13 @@ def _vllm(cfg: Config, model_path: str, seed: int):
                       prefix_caching=not ec.inflight_updates, extra_args=extra)
 
 
-ENGINES = {"hf": _hf, "vllm": _vllm}
+def _fake(cfg: Config, model_path: str, seed: int):
+    from offpolicy.actors.fake import FakeEngine
+
+    return FakeEngine(model_path, seed=seed)
+
+
+ENGINES = {"hf": _hf, "vllm": _vllm, "fake": _fake}
 
 
 class RolloutActor:

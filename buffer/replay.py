@@ -257,6 +257,8 @@ class ReplayBuffer:
                     self.reports[actor] = report
             if self.lag is not None and version is not None:
                 self._reserved_v[version] = max(0, self._reserved_v[version] - reserved)
+            if self.capacity_bytes and self.lag is None and groups:
+                self._check_bytes_fit(groups)
             kept, filter_off = 0, self._filter_off()
             for g in groups:
                 self.counts["added"] += len(g)
@@ -283,6 +285,16 @@ class ReplayBuffer:
                 self._remove(next(iter(self._age)), "evicted_capacity")  # the oldest
             self._cond.notify_all()
             return self.next_version
+
+    def _check_bytes_fit(self, groups: list[Group]) -> None:
+        """A byte capacity below one learner batch would evict every batch before the
+        learner could take it, and the run would stall: fail with the size it needs."""
+        per_group = sum(t.nbytes for g in groups for t in g) / len(groups)
+        if per_group * self.batch_groups > self.capacity_bytes:
+            raise ValueError(
+                f"buffer.capacity_bytes: {self.capacity_bytes} bytes cannot hold one learner "
+                f"batch ({self.batch_groups} groups of about {per_group:.0f} bytes); raise it "
+                f"above {per_group * self.batch_groups:.0f}")
 
     def _filter_off(self) -> bool:
         """Filtering pauses while fewer than `filter_floor` of recent groups carry signal: a

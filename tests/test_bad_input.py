@@ -35,7 +35,7 @@ CASES = {  # name: (overrides, what the one line must say)
     "max_staleness < 0": (["buffer.max_staleness=-1"], "buffer.max_staleness: must be >= 0"),
     "empty dataset": (["env.name=gsm8k", "env.kwargs.path=EMPTY"], "holds no problems"),
     "unreachable cluster": (["cluster.address=127.0.0.1:PORT"], "cannot reach a Ray cluster"),
-    "bad choice": (["engine.name=tgi"], "engine.name: 'tgi' is not a valid choice; valid: hf, vllm"),
+    "bad choice": (["engine.name=tgi"], "engine.name: 'tgi' is not a valid choice; valid: hf, vllm, fake"),
 }
 
 

@@ -225,3 +225,44 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(base_model, tmp_path
     assert summary["ledger"]["balanced"], summary["ledger"]
     assert summary["ledger"]["lost"] > 0  # what was being generated at the checkpoint
     assert [p.name for p in checkpoints(run_dir)] == ["step-000020", "step-000030"]
+
+
+def test_a_byte_capacity_below_one_batch_fails_instead_of_stalling():
+    buf = ReplayBuffer(8, max_staleness=4, capacity=1000, capacity_bytes=1000)
+    with pytest.raises(ValueError, match=r"buffer.capacity_bytes: 1000 bytes cannot hold one "
+                                         r"learner batch \(8 groups of about \d+ bytes\)"):
+        buf.add([mixed("a")])
+
+
+def _pids_of(title: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if title in line]
+
+
+@pytest.mark.ray
+def test_a_learner_crash_ends_the_run_with_a_resumable_checkpoint(base_model, tmp_path):
+    from offpolicy.checkpoint import latest
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(QUICKSTART, [
+        f"model.path={base_model}", f"run.dir={run_dir}", "learner.steps=500",
+        "checkpoint.every=5", "learner.batch_groups=4", "rollout.prompts_per_batch=8",
+        "eval.every=500", "env.eval_size=32"])
+
+    def kill_the_learner_after_a_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if (run_dir / "checkpoints" / "step-000005").is_dir() and _pids_of("ray::Learner"):
+                for pid in _pids_of("ray::Learner"):
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_the_learner_after_a_checkpoint, daemon=True).start()
+    with pytest.raises(RuntimeError, match=r"^run failed: \w+: .*; resume from step-\d{6} with "
+                                           r"`offpolicy train --resume "):
+        train(cfg, log=lambda *a: None)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["error"] and summary["interrupted"] is False
+    checkpoint, state = latest(run_dir)  # complete and loadable
+    assert state["step"] >= 5 and state["step"] % 5 == 0
