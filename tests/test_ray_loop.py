@@ -39,6 +39,7 @@ def test_ray_loop_versions_staleness_and_parameters(base_model, tmp_path):
     assert all(0 <= m["staleness/min"] <= m["staleness/max"] <= 2 for m in metrics)
     assert [m["step"] for m in metrics if "eval/reward" in m] == [4, 8]
     assert summary["steps"] == 8 and summary["samples"] == 8 * 4 * 8
+    assert summary["ledger"]["balanced"] and summary["ledger"]["retired"] == 8 * 4 * 8
     assert not summary["interrupted"]
     base = load_file(str(base_model / "model.safetensors"))
     final = load_file(str(run_dir / "checkpoints" / "final" / "model.safetensors"))

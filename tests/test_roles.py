@@ -358,7 +358,8 @@ def test_env_timeouts_and_errors_are_counted_and_latency_runs_concurrently(model
     def actor_for(*overrides, **env_kwargs):
         register_env("slow", lambda split="train", eval_size=0: _Slow(**env_kwargs))
         cfg = fast_config(model_dir, "env.name=slow", "rollout.prompts_per_batch=2", *overrides)
-        return RolloutActor(cfg, 0, str(model_dir), ReplayBuffer(2, 2, 1000), LocalSync())
+        buffer = ReplayBuffer(2, 2, 1000, group_size=cfg.rollout.group_size)
+        return RolloutActor(cfg, 0, str(model_dir), buffer, LocalSync())
 
     try:
         actor = actor_for("env.timeout_s=0.3", hang=3.0)  # every step hangs past the timeout
@@ -369,6 +370,14 @@ def test_env_timeouts_and_errors_are_counted_and_latency_runs_concurrently(model
         assert all(t.finish_reason == "timeout" and t.reward == 0.0 for g in groups for t in g)
         actor = actor_for(fail=True)
         assert actor.rollout_batch() == [] and actor.counts["env_errors"] == 2  # both groups
+        # through the buffer: the ledger counts the dropped episodes, and a cut one arrives
+        assert actor.one_batch(timeout=0) == "added"
+        ledger = actor.buffer.ledger()
+        assert (ledger["env_errors"], ledger["added"], ledger["balanced"]) == (8, 0, True)
+        actor = actor_for("env.timeout_s=0.1", hang=1.0)
+        assert actor.one_batch(timeout=0) == "added"
+        ledger = actor.buffer.ledger()
+        assert (ledger["added"], ledger["in_buffer"], ledger["balanced"]) == (8, 8, True)
         # 8 steps of 0.4 s simulated latency overlap: far less than 3.2 s in sequence
         actor = actor_for("env.latency=fixed:0.4")
         t0 = time.perf_counter()
