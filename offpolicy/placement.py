@@ -114,18 +114,19 @@ def _amounts(cpus: float, gpus: float, custom: dict) -> dict[str, float]:
     return {k: float(v) for k, v in {"CPU": cpus, "GPU": gpus, **custom}.items() if v}
 
 
-def _role_amounts(cfg: Config) -> dict[str, tuple[int, dict[str, float]]]:
+def _roles(cfg: Config) -> dict[str, tuple[int, float, float, dict]]:
+    """(processes, CPUs, GPUs, custom resources) per placed role."""
     res = cfg.resources
-    return {"learner": (res.learner_workers,
-                        _amounts(res.learner_cpus, res.learner_gpus, res.learner_resources)),
-            "actor": (cfg.rollout.num_actors,
-                      _amounts(res.actor_cpus, res.actor_gpus, res.actor_resources))}
+    return {"learner": (res.learner_workers, res.learner_cpus, res.learner_gpus,
+                        res.learner_resources),
+            "actor": (cfg.rollout.num_actors, res.actor_cpus, res.actor_gpus,
+                      res.actor_resources)}
 
 
 def _total(cfg: Config) -> dict[str, float]:
     total: dict[str, float] = {}
-    for n, amounts in _role_amounts(cfg).values():
-        for k, v in amounts.items():
+    for n, *amounts in _roles(cfg).values():
+        for k, v in _amounts(*amounts).items():
             total[k] = total.get(k, 0.0) + n * v
     return total
 
@@ -142,14 +143,11 @@ def reserve(cfg: Config, ray, log=print) -> dict[str, list[dict]]:
     from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
                                                 PlacementGroupSchedulingStrategy)
 
-    res = cfg.resources
-    custom = {"learner": res.learner_resources, "actor": res.actor_resources}
-    gpus = {"learner": res.learner_gpus, "actor": res.actor_gpus}
-    cpus = {"learner": res.learner_cpus, "actor": res.actor_cpus}
-    options = {name: [dict(num_cpus=cpus[name], num_gpus=gpus[name], resources=dict(custom[name]))
-                      for _ in range(n)] for name, (n, _) in _role_amounts(cfg).items()}
-    bundles = [(name, i, amounts) for name, (n, amounts) in _role_amounts(cfg).items()
-               if amounts for i in range(n)]
+    roles = _roles(cfg)
+    options = {name: [dict(num_cpus=cpus, num_gpus=gpus, resources=dict(custom))
+                      for _ in range(n)] for name, (n, cpus, gpus, custom) in roles.items()}
+    bundles = [(name, i, _amounts(*amounts)) for name, (n, *amounts) in roles.items()
+               if _amounts(*amounts) for i in range(n)]
     if cfg.cluster.placement != "none" and bundles:
         group = placement_group([b for _, _, b in bundles], strategy=cfg.cluster.placement.upper(),
                                 name=f"offpolicy-{os.getpid()}")
