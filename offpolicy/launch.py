@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -52,6 +53,34 @@ class Remote:
 
     def __getstate__(self):
         return {"_handle": self._handle, "_ff": self._ff, "_pending": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+class ActorRef:
+    """A Ray actor found by its name: it pickles as the name and looks the handle up where it
+    is used. Roles get the buffer and weight store this way, so no actor handle rides in a
+    restartable actor's constructor arguments (Ray cannot promise those survive a restart,
+    and logs an error for every such actor)."""
+
+    def __init__(self, name: str):
+        import ray
+
+        self.name, self._handle = name, None
+        self.namespace = ray.get_runtime_context().namespace  # the driver's: actors differ
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        if self._handle is None:
+            import ray
+
+            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+        return getattr(self._handle, attr)
+
+    def __getstate__(self):
+        return {"name": self.name, "namespace": self.namespace, "_handle": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -102,22 +131,26 @@ def start_roles(cfg: Config, model_path: str, log=print, stream: int = 0) -> dic
     where = reserve(cfg, ray, log)
     local = where["local"][0]
     lag = cfg.staleness.k if cfg.staleness.mode == "lag" else None
-    buffer = ray.remote(ReplayBuffer).options(max_concurrency=2 * n + 8, **local).remote(
-        **ReplayBuffer.config_kwargs(cfg))
+    names = {role: f"offpolicy-{role}-{uuid.uuid4().hex[:8]}" for role in ("buffer", "store")}
+    buffer = ray.remote(ReplayBuffer).options(max_concurrency=2 * n + 8, name=names["buffer"],
+                                              **local).remote(**ReplayBuffer.config_kwargs(cfg))
     keep = 1 if lag is None else lag + 2  # lag mode: actors load the exact version asked for
-    store = ray.remote(WeightStore).options(**local).remote(keep)
-    sync = {"filesystem": lambda: FileSync(Remote(store), weights_dir(cfg), keep=max(3, keep)),
-            "object_store": lambda: ObjectStoreSync(store),
-            "nccl": lambda: NCCLSync(Remote(store), [])}[kind]()
+    store = ray.remote(WeightStore).options(name=names["store"], **local).remote(keep)
+    store_ref = ActorRef(names["store"])
+    sync = {"filesystem": lambda: FileSync(Remote(store_ref), weights_dir(cfg), keep=max(3, keep)),
+            "object_store": lambda: ObjectStoreSync(store_ref),
+            "nccl": lambda: NCCLSync(Remote(store_ref), [])}[kind]()
     # NCCL pushes weights into a running actor: a second thread takes those calls.
     actors = [ray.remote(RolloutActor).options(
         max_concurrency=2 if kind == "nccl" else 1, max_restarts=cfg.rollout.max_restarts,
         max_task_retries=0, **where["actor"][i]).remote(
-        cfg, i, model_path, Remote(buffer, fire_and_forget=("add",)), sync, stream)
+        cfg, i, model_path, Remote(ActorRef(names["buffer"]), fire_and_forget=("add",)), sync,
+        stream)
         for i in range(n)]
     if kind == "nccl":
-        sync = NCCLSync(Remote(store), actors, tp=cfg.engine.vllm_args.get("tensor_parallel_size", 1))
-    args = (cfg, model_path, Remote(buffer), sync)
+        sync = NCCLSync(Remote(store_ref), actors,
+                        tp=cfg.engine.vllm_args.get("tensor_parallel_size", 1))
+    args = (cfg, model_path, Remote(ActorRef(names["buffer"])), sync)
     if cfg.resources.learner_workers == 1:
         learners = [ray.remote(Learner).options(**where["learner"][0]).remote(*args)]
     else:  # data-parallel: rank 0 offers a rendezvous address, then all join at once
@@ -263,7 +296,9 @@ class RayRoles:
         import ray
 
         self.cluster = start_ray(cfg)
-        roles = start_roles(cfg, model_path, log, stream)
+        # Holding every handle keeps its actor alive: roles reach the buffer and weight store
+        # by name (ActorRef), which does not.
+        self.roles = roles = start_roles(cfg, model_path, log, stream)
         self.learners, self.buffer = roles["learners"], roles["buffer"]
         self.nodes = nodes_of(roles, ray)
         log(describe_nodes(self.nodes))
