@@ -22,6 +22,7 @@ from offpolicy.types import Batch
 from offpolicy.weights import LocalSync, cpu_state
 
 from conftest import QUICKSTART, OneBatch, fast_config
+from test_ray_loop import read_metrics
 from test_replay import group, mixed
 
 
@@ -86,9 +87,10 @@ def test_a_nonfinite_loss_skips_the_step_and_counts_it(model_dir):
     assert any(not torch.equal(v, before[k]) for k, v in cpu_state(learner.model).items())
 
 
-def _rollout_actor_pids() -> list[int]:
+def _pids_of(title: str) -> list[int]:
+    """Processes whose command line holds `title` (Ray names actor processes ray::<Class>)."""
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ray::RolloutActor" in line]
+    return [int(line.split()[0]) for line in out.splitlines() if title in line]
 
 
 @pytest.mark.ray
@@ -106,7 +108,7 @@ def test_a_killed_rollout_actor_is_restarted_and_the_ledger_balances(base_model,
         while time.monotonic() < deadline:
             metrics = run_dir / "metrics.jsonl"
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                pids = _rollout_actor_pids()
+                pids = _pids_of("ray::RolloutActor")
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
                     killed.append(pids[0])
@@ -180,10 +182,6 @@ def test_checkpoints_are_atomic_kept_and_checked_on_resume(model_dir, tmp_path, 
     assert err.count("\n") == 1 and "is not a run folder" in err
 
 
-def _read_steps(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.ray
 def test_a_killed_run_resumes_where_its_checkpoint_left_off(base_model, tmp_path):
     import sys
@@ -209,7 +207,7 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(base_model, tmp_path
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    original = _read_steps(run_dir)
+    original = read_metrics(run_dir)
     assert len(original) >= 25 and not (run_dir / "summary.json").exists()
     eval_at_20 = next(m["eval/reward"] for m in original if m["step"] == 20)
     assert [p.name for p in checkpoints(run_dir)] == ["step-000010", "step-000020"]
@@ -217,7 +215,7 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(base_model, tmp_path
     checkpoint = latest(run_dir)
     cfg = load_config(run_dir / "config.yaml", [f"run.dir={run_dir}"])
     summary = train(cfg, log=lambda *a: None, resume=checkpoint)
-    metrics = _read_steps(run_dir)
+    metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 41))  # 21-25 of the lost stretch redone
     assert summary["resumed_from"] == 20 and summary["steps"] == 40
     assert summary["base_eval_reward"] == eval_at_20  # the very weights of step 20
@@ -232,11 +230,6 @@ def test_a_byte_capacity_below_one_batch_fails_instead_of_stalling():
     with pytest.raises(ValueError, match=r"buffer.capacity_bytes: 1000 bytes cannot hold one "
                                          r"learner batch \(8 groups of about \d+ bytes\)"):
         buf.add([mixed("a")])
-
-
-def _pids_of(title: str) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if title in line]
 
 
 @pytest.mark.ray
