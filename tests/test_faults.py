@@ -133,6 +133,32 @@ def test_a_killed_rollout_actor_is_restarted_and_the_ledger_balances(base_model,
     print(f"\nkilled actor pid {killed[0]}; ledger {ledger}")
 
 
+@pytest.mark.ray
+def test_an_actor_that_dies_past_max_restarts_ends_the_run_in_one_line(base_model, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = load_config(QUICKSTART, [
+        f"model.path={base_model}", f"run.dir={run_dir}", "learner.steps=500",
+        "learner.batch_groups=4", "rollout.prompts_per_batch=8", "rollout.max_restarts=0",
+        "eval.every=500", "env.eval_size=32", "checkpoint.every=0"])
+
+    def kill_the_actor():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and metrics.read_text().count("\n") >= 3:
+                for pid in _pids_of("ray::RolloutActor"):
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_the_actor, daemon=True).start()
+    with pytest.raises(RuntimeError, match=r"^run failed: RuntimeError: rollout actor 0 died and "
+                                           r"Ray did not restart it \(restarted 0 of "
+                                           r"rollout.max_restarts=0 times\)"):
+        train(cfg, log=lambda *a: None)
+    assert "rollout actor 0 died" in json.loads((run_dir / "summary.json").read_text())["error"]
+
+
 def _checkpoint(run_dir, learner, step, keep=2):
     from offpolicy.checkpoint import commit, staging
 
