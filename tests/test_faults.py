@@ -247,7 +247,8 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(base_model, tmp_path
     assert summary["base_eval_reward"] == eval_at_20  # the very weights of step 20
     assert all(0 <= m["staleness/min"] <= m["staleness/max"] <= 2 for m in metrics[20:])
     assert summary["ledger"]["balanced"], summary["ledger"]
-    assert summary["ledger"]["lost"] > 0  # what was being generated at the checkpoint
+    # the batch the one actor was generating at the checkpoint, if it was not held off then
+    assert summary["ledger"]["lost"] in (0, 8 * 8)
     assert [p.name for p in checkpoints(run_dir)] == ["step-000020", "step-000030"]
 
 
