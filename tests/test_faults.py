@@ -93,6 +93,31 @@ def _pids_of(title: str) -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if title in line]
 
 
+def _kill_when(ready, title: str, first_only: bool = False) -> list[int]:
+    """A background thread SIGKILLs the processes titled `title` (or the first of them) once
+    `ready()` holds and one exists; returns the list it fills with the pids it killed."""
+    killed = []
+
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            pids = _pids_of(title) if ready() else []
+            if pids:
+                for pid in pids[:1] if first_only else pids:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def _metric_lines(run_dir) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.read_text().count("\n") if metrics.exists() else 0
+
+
 @pytest.mark.ray
 def test_a_killed_rollout_actor_is_restarted_and_the_ledger_balances(base_model, tmp_path):
     run_dir = tmp_path / "run"
@@ -101,25 +126,10 @@ def test_a_killed_rollout_actor_is_restarted_and_the_ledger_balances(base_model,
         "learner.batch_groups=4", "rollout.prompts_per_batch=8", "rollout.num_actors=2",
         "resources.actor_cpus=0.5", "resources.learner_cpus=0.5", "buffer.max_staleness=4",
         "eval.every=60", "env.eval_size=32"])
-    killed = []
-
-    def kill_one_actor_mid_run():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                pids = _pids_of("ray::RolloutActor")
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_one_actor_mid_run, daemon=True)
-    killer.start()
+    killed = _kill_when(lambda: _metric_lines(run_dir) >= 3, "ray::RolloutActor",
+                        first_only=True)
     logs = []
     summary = train(cfg, log=logs.append)
-    killer.join(timeout=10)
     assert killed, "no rollout actor process was found to kill"
     assert summary["steps"] == 60 and not summary["interrupted"]
     assert sum(a["restarts"] for a in summary["actors"]) == 1
@@ -141,17 +151,7 @@ def test_an_actor_that_dies_past_max_restarts_ends_the_run_in_one_line(base_mode
         "learner.batch_groups=4", "rollout.prompts_per_batch=8", "rollout.max_restarts=0",
         "eval.every=500", "env.eval_size=32", "checkpoint.every=0"])
 
-    def kill_the_actor():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and metrics.read_text().count("\n") >= 3:
-                for pid in _pids_of("ray::RolloutActor"):
-                    os.kill(pid, signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=kill_the_actor, daemon=True).start()
+    _kill_when(lambda: _metric_lines(run_dir) >= 3, "ray::RolloutActor")
     with pytest.raises(RuntimeError, match=r"^run failed: RuntimeError: rollout actor 0 died and "
                                            r"Ray did not restart it \(restarted 0 of "
                                            r"rollout.max_restarts=0 times\)"):
@@ -269,16 +269,7 @@ def test_a_learner_crash_ends_the_run_with_a_resumable_checkpoint(base_model, tm
         "checkpoint.every=5", "learner.batch_groups=4", "rollout.prompts_per_batch=8",
         "eval.every=500", "env.eval_size=32"])
 
-    def kill_the_learner_after_a_checkpoint():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if (run_dir / "checkpoints" / "step-000005").is_dir() and _pids_of("ray::Learner"):
-                for pid in _pids_of("ray::Learner"):
-                    os.kill(pid, signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=kill_the_learner_after_a_checkpoint, daemon=True).start()
+    _kill_when((run_dir / "checkpoints" / "step-000005").is_dir, "ray::Learner")
     with pytest.raises(RuntimeError, match=r"^run failed: \w+: .*; resume from step-\d{6} with "
                                            r"`offpolicy train --resume "):
         train(cfg, log=lambda *a: None)
