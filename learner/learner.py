@@ -17,7 +17,8 @@ import torch
 
 from offpolicy.advantages import ADVANTAGES
 from offpolicy.config import Config, max_staleness
-from offpolicy.losses import LOSSES, LossInputs, importance_diagnostics
+from offpolicy.losses import (LOSSES, LossInputs, importance_diagnostics, kl_penalty,
+                              regularized)
 from offpolicy.models import evaluate, load_policy, token_logprobs
 from offpolicy.types import Batch
 from offpolicy.weights import cpu_state
@@ -37,6 +38,11 @@ class Learner:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
                                      weight_decay=lc.weight_decay)
         self.loss_fn, self.advantage_fn = LOSSES[cfg.loss.name], ADVANTAGES[lc.advantage]
+        # The frozen reference of the KL penalty, loaded only when the penalty is on.
+        self.reference = None
+        if cfg.loss.kl_coef > 0:
+            self.reference = load_policy(cfg.loss.kl_reference or model_path)[0]
+            self.reference.to(self.device).eval().requires_grad_(False)
         self.version = 0  # optimizer steps taken; the base model is version 0
         # Data-parallel workers (torch.distributed already initialised by the launcher): rank 0
         # samples and publishes; every rank trains on its share of the same batch.
@@ -146,8 +152,15 @@ class Learner:
         loss_sum, metrics, logprobs = 0.0, {}, []
         for lo in range(0, len(mine), size):
             c = {k: v[mine[lo:lo + size]].to(self.device) for k, v in d.items()}
-            lp = token_logprobs(self.model, c["input_ids"], c["attention_mask"], c["targets"],
-                                cfg.engine.temperature)                         # (b, T)
+            lp, entropy = token_logprobs(self.model, c["input_ids"], c["attention_mask"],
+                                         c["targets"], cfg.engine.temperature, entropy=True,
+                                         entropy_grad=cfg.loss.entropy_coef != 0)  # (b, T) x2
+            kl = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref = token_logprobs(self.reference, c["input_ids"], c["attention_mask"],
+                                         c["targets"], cfg.engine.temperature)
+                kl = kl_penalty(lp, ref, cfg.loss.kl_estimator)
             # One optimizer step per batch: the weights at the start of the step (the proximal
             # policy of decoupled losses) are the current ones, so no second forward is needed.
             inputs = LossInputs(logprobs=lp, behavior_logprobs=c["behavior_logprobs"],
@@ -155,6 +168,9 @@ class Learner:
                                 .expand_as(lp),
                                 mask=c["loss_mask"], proximal_logprobs=lp.detach())
             loss, m = self.loss_fn(inputs, **cfg.loss.params)
+            loss, reg = regularized(loss, c["loss_mask"], entropy, cfg.loss.entropy_coef,
+                                    kl, cfg.loss.kl_coef)
+            m.update(reg)
             w = (c["loss_mask"].sum() / total).item()
             (loss * w).backward()
             loss_sum += loss.item() * w

@@ -2,8 +2,9 @@
 run.seed), run in parallel, resumable, then one table and two plots.
 
 Reads: a config YAML whose `ablate:` section holds `grid` ({key: [values]}), `parallel` and
-optionally `dir` and `threshold` (an eval reward: the table then also gives the samples each
-cell needed to reach it); the rest of the file is the base config of every cell.
+optionally `dir`, `threshold` (an eval reward: the table then also gives the samples each
+cell needed to reach it) and `base` (a config file, relative to this one, that the cells start
+from); the rest of the file is the base config of every cell (over `base`'s, key by key).
 Writes, in the ablation folder (default `ablations/<config stem>`): `base.yaml`, one normal run
 folder per cell (with its `train.log`), `results.csv`, `results.md`, `reward_vs_samples.png`,
 `final_vs_k.png`. A cell whose `summary.json` says it finished is skipped on a rerun.
@@ -37,16 +38,33 @@ def load_ablation(path: str) -> tuple[dict, dict]:
     spec = data.pop("ablate", None)
     if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
         raise ConfigError(f"{path}: needs an `ablate:` section with `grid: {{key: [values]}}`")
-    unknown = set(spec) - {"grid", "parallel", "dir", "threshold"}
+    unknown = set(spec) - {"grid", "parallel", "dir", "threshold", "base"}
     if unknown:
         raise ConfigError(f"ablate: unknown keys {sorted(unknown)}; "
-                          "valid: grid, parallel, dir, threshold")
+                          "valid: grid, parallel, dir, threshold, base")
+    if spec.get("base"):  # cells start from another config file; this file's keys win
+        base_file = Path(path).parent / spec["base"]
+        try:
+            inherited = yaml.safe_load(base_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"ablate.base: cannot read {base_file}: "
+                              f"{str(e).splitlines()[0]}") from None
+        data = _merged(inherited, data)
     if not isinstance(spec.get("threshold", 0.0), (int, float)):
         raise ConfigError("ablate.threshold: expected a number (an eval reward)")
     for key, values in spec["grid"].items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"ablate.grid.{key}: expected a non-empty list")
     return data, spec
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """`base` with `top`'s keys set on it, nested sections merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = (_merged(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
 
 
 def cell_name(cell: dict) -> str:
@@ -108,6 +126,9 @@ def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dic
 
     env = dict(os.environ)
     if use_ray and todo:
+        from offpolicy.placement import private_ray_auth
+
+        private_ray_auth()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
                  configure_logging=True)
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
@@ -233,7 +254,8 @@ def write_results(root: Path, grid: dict, rows: list[dict],
     keys = [k for k in grid if k != "run.seed"] or list(grid)
     down, across = keys[0], keys[1] if len(keys) > 1 else None
     (root / "results.md").write_text(_table(rows, grid, down, across)
-                                     + _threshold_table(rows, grid, down, across, threshold))
+                                     + _threshold_table(rows, grid, down, across, threshold)
+                                     + _runs_table(rows, grid))
     _plots(root, rows, grid, down, across)
 
 
@@ -262,6 +284,20 @@ def _table(rows: list[dict], grid: dict, down: str, across: str | None) -> str:
             {across: c} if across else {}))]) for c in cols]
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _runs_table(rows: list[dict], grid: dict) -> str:
+    """Every run on its own line: the spread behind the means, and the worst run."""
+    lines = ["", "Every run:", "", "| " + " | ".join(f"`{k}`" for k in grid)
+             + " | base eval | final eval | wall (s) |", "|---" * (len(grid) + 3) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[k]) for k in grid)
+                     + f" | {r['base_eval_reward']:.3f} | {r['final_eval_reward']:.3f} | "
+                       f"{r['wall_s']:.0f} |")
+    finals = [r["final_eval_reward"] for r in rows]
+    lines += ["", f"{len(rows)} runs: final eval min {min(finals):.3f}, mean "
+                  f"{statistics.mean(finals):.3f}, max {max(finals):.3f}.", ""]
+    return "\n".join(lines)
 
 
 def _threshold_table(rows, grid, down, across, threshold) -> str:

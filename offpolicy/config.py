@@ -51,16 +51,33 @@ class TinyModelConfig:
     """Attention heads."""
     intermediate_size: int = 352
     """MLP width."""
-    sft_lr: float = 3e-3
-    """Learning rate of the brief supervised warm-up."""
+    sft_lr: float = 5e-4
+    """Peak learning rate of the supervised warm-up (reached after `sft_warmup_steps`)."""
+    sft_warmup_steps: int = 50
+    """Steps of linear learning-rate warm-up."""
     sft_batch_size: int = 64
     """Supervised examples per step."""
     sft_max_steps: int = 3000
-    """Hard cap on supervised steps."""
+    """Hard cap on supervised steps; a build that has not settled by then is an error."""
+    flawed_share: float = 0.7
+    """Share of warm-up demonstrations that show the task's systematic mistake (for addition:
+    every carry dropped) instead of the right answer, for tasks that define one. The base
+    model then has the skill but applies it unreliably: sampling applies a carry about
+    1 - flawed_share of the time, and greedy decoding (which takes the likelier answer) fails
+    wherever a carry is needed. Its accuracy is set by this mixture, not by when training
+    stops; RL has to make the rare right behaviour the habit."""
+    sft_settle_checks: int = 6
+    """With flawed demonstrations: stop once this many probe checks in a row (sft_check_every
+    steps apart) fall within `base_accuracy`, i.e. the model sits on the mixture's plateau."""
     sft_target_accuracy: float = 0.3
-    """Stop supervising once greedy accuracy on a probe set reaches this (base pass rate target)."""
-    sft_check_every: int = 10
-    """Steps between probe-set checks."""
+    """Tasks without flawed demonstrations: stop supervising once greedy accuracy on the
+    probe set reaches this."""
+    base_accuracy: list = field(default_factory=lambda: [0.1, 0.5])
+    """The usable range of the base model's greedy probe accuracy: RL needs successes to
+    amplify (above the low end) and room to improve (below the high end). A build that ends
+    outside it fails with an error instead of starting RL on a useless model."""
+    sft_check_every: int = 50
+    """Steps between probe-set checks (200 greedy problems of the train split)."""
     seed: int = 0
     """Seed of the tiny model's initialisation and warm-up. Separate from run.seed, so runs
     that differ only in run.seed (an ablation's seeds) share one base model."""
@@ -231,6 +248,19 @@ class LossConfig:
     decoupled_ppo, m2po, cispo, gspo, topr (docs/losses.md)."""
     params: dict = field(default_factory=dict)
     """Parameters of the loss (e.g. `cap: 2.0` for `tis`); unset ones take the loss's defaults."""
+    kl_coef: float = 0.0
+    """Weight of a KL penalty to a frozen reference policy, added to any loss (token mean over
+    policy tokens). 0 = no reference is loaded and no reference forward runs; > 0 logs
+    `kl/ref` every step."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator with log r = log pi_ref - log pi: `k1` = -log r, `k2` =
+    (log r)^2 / 2, `k3` = r - 1 - log r (unbiased, always >= 0; Schulman 2020)."""
+    kl_reference: str = ""
+    """The reference policy's HF folder; empty = the run's base model (the resolved path is
+    written to the run's config.yaml)."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus (the loss subtracts entropy_coef times the mean token entropy
+    of the current policy over policy tokens). `learner/entropy` is logged whatever it is."""
 
 
 @dataclass
@@ -325,6 +355,10 @@ class ClusterConfig:
 class LogConfig:
     progress_every_s: float = 2.0
     """Seconds between progress lines."""
+    stall_warn_s: float = 120.0
+    """When the learner has made no step for this many seconds, print what it waits for
+    (the buffer's contents, the groups dropped as uniform, the actors' admission waits), and
+    again every as many seconds; 0 = never."""
     tensorboard: bool = False
     """Also write every numeric metric to TensorBoard (<run dir>/tensorboard; needs the
     `tensorboard` package)."""

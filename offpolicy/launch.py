@@ -102,9 +102,18 @@ def prepare_run_dir(cfg: Config) -> Path:
         while (run_dir / "config.yaml").exists():
             run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
         cfg.run.dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, run_dir)
+    except OSError as e:
+        raise ConfigError(f"run.dir: cannot create or write {run_dir}: "
+                          f"{e.strerror or type(e).__name__}") from None
     return run_dir
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+    """The resolved config as `<run dir>/config.yaml`."""
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def runs_root() -> Path:
@@ -186,13 +195,17 @@ def train(cfg: Config, log=print, resume: tuple[Path, dict] | None = None) -> di
     t_start = time.perf_counter()
     run_dir = prepare_run_dir(cfg) if resume is None else reopen_run_dir(cfg, resume[1]["step"])
     log(f"run folder: {run_dir}")
-    from offpolicy.models import ensure_base_model
+    from offpolicy.models import build_info, ensure_base_model, environment_info
 
     model_path = str(resume[0] / "model") if resume else str(ensure_base_model(cfg, log=log))
+    if cfg.loss.kl_coef > 0 and not cfg.loss.kl_reference:  # the base model, recorded
+        cfg.loss.kl_reference = str(ensure_base_model(cfg, log=log))
+        write_config(cfg, run_dir)
     first = resume[1]["step"] + 1 if resume else 1
     torch.set_num_threads(1)  # the driver only coordinates from here on
     driver_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    summary = {"run_dir": str(run_dir), "model_path": model_path, "interrupted": False}
+    summary = {"run_dir": str(run_dir), "model_path": model_path, "interrupted": False,
+               "base_model_build": build_info(model_path), "machine": environment_info()}
     restore = signal.signal(signal.SIGTERM, _raise_interrupt)
     writer = None
     try:
@@ -254,7 +267,7 @@ def reopen_run_dir(cfg: Config, step: int) -> Path:
     """A resumed run's folder: config.yaml rewritten (with any new overrides), metrics.jsonl
     cut back to the checkpoint's step (the lines after it belong to the lost stretch)."""
     run_dir = Path(cfg.run.dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_config(cfg, run_dir)
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         keep = [line for line in metrics.read_text().splitlines()
@@ -314,14 +327,42 @@ class RayRoles:
         an actor whose loop ends meanwhile stops the run with its error."""
         refs = [w.step.remote() for w in self.learners]
         pending = list(refs)
+        warn_s = self.cfg.log.stall_warn_s or None
+        since, stats = time.monotonic(), None
         while pending:
-            done, _ = self.ray.wait(pending + self.runs, num_returns=1)
+            done, _ = self.ray.wait(pending + self.runs, num_returns=1, timeout=warn_s)
+            if not done:  # no step for log.stall_warn_s: say what the learner waits for
+                stats = self._describe_stall(time.monotonic() - since, stats)
+                continue
             if done[0] not in pending:  # an actor's loop ended
                 self._actor_ended(self.runs.index(done[0]))
                 continue
             self.ray.get(done[0])  # a failed worker raises here, not after its peers time out
             pending.remove(done[0])
         return self.ray.get(refs[0])
+
+    def _describe_stall(self, waited_s: float, before: dict | None) -> dict:
+        """Log one line on what a stalled learner waits for; returns the buffer's counts, the
+        baseline of the next line's "since then" numbers."""
+        try:
+            now = self.ray.get(self.buffer.stats.remote(), timeout=30)
+        except Exception as e:  # noqa: BLE001 - a stalled buffer is itself the answer
+            self.log(f"no learner step for {waited_s:.0f}s; the buffer does not answer either "
+                     f"({_one_line(e)})")
+            return before or {}
+        before = before or {}
+        delta = {k: now[k] - before.get(k, 0) for k in
+                 ("buffer/added", "buffer/filtered", "buffer/admission_waits")}
+        hint = ""
+        if delta["buffer/filtered"] > 4 * max(delta["buffer/added"], 1):
+            hint = ("; nearly every group scores all-equal rewards (see buffer.filter_floor, "
+                    "engine.temperature)")
+        self.log(f"no learner step for {waited_s:.0f}s: waiting for a batch of "
+                 f"{self.cfg.learner.batch_groups} groups; the buffer holds "
+                 f"{now['buffer/groups']} groups; {'since the last notice' if before else 'so far'}"
+                 f": {delta['buffer/added']} episodes added, {delta['buffer/filtered']} dropped "
+                 f"as uniform, {delta['buffer/admission_waits']} admission waits{hint}")
+        return now
 
     def _actor_ended(self, i: int) -> None:
         """Actor i's loop ended before the run did. If its process died, Ray restarts it (up

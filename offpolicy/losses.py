@@ -270,3 +270,36 @@ def importance_diagnostics(logprobs: torch.Tensor, behavior_logprobs: torch.Tens
             "is/kl_k1": masked_mean(-log_ratio, mask).item(),
             "is/kl_k3": masked_mean(ratio - 1 - log_ratio, mask).item(),
         }
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+               estimator: str = "k3") -> torch.Tensor:
+    """(B, T) per-token estimate of KL(pi || pi_ref) on sampled tokens, differentiable in
+    `logprobs`. With log r = log pi_ref - log pi: k1 = -log r, k2 = (log r)^2 / 2,
+    k3 = r - 1 - log r (Schulman 2020, "Approximating KL divergence"; k3 is GRPO's)."""
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r ** 2
+    if estimator == "k3":
+        return torch.exp(log_r) - 1 - log_r
+    raise ValueError(f"unknown KL estimator '{estimator}'; valid: k1, k2, k3")
+
+
+def regularized(loss: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
+                entropy_coef: float = 0.0, kl: torch.Tensor | None = None,
+                kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Any registry loss plus the regularisers every loss shares: `loss - entropy_coef * H +
+    kl_coef * KL`, both token means over policy tokens. Returns (loss, metrics):
+    `learner/entropy` always, `kl/ref` when a per-token KL is given."""
+    ent = masked_mean(entropy, mask)
+    metrics = {"learner/entropy": ent.item()}
+    if entropy_coef:
+        loss = loss - entropy_coef * ent
+    if kl is not None:
+        kl_mean = masked_mean(kl, mask)
+        metrics["kl/ref"] = kl_mean.item()
+        if kl_coef:
+            loss = loss + kl_coef * kl_mean
+    return loss, metrics

@@ -91,10 +91,16 @@ class MetricsWriter:
 
 def progress_line(m: dict, total: int, last_eval: float | None) -> str:
     ev = f"{last_eval:.2f}" if last_eval is not None else "  - "
+    entropy = f"entropy {m['learner/entropy']:.2f} | " if "learner/entropy" in m else ""
     return (f"step {m['step']:>4}/{total} | reward {m['rollout/reward_mean']:.2f} | eval {ev} | "
-            f"staleness {m['staleness/mean']:.1f} (max {m['staleness/max']:.0f}) | "
-            f"IS ratio {m['is/ratio_mean']:.3f} | {m['throughput/samples_per_s']:.0f} samples/s | "
-            f"{m['time/elapsed_s']:.0f}s")
+            f"{entropy}staleness {m['staleness/mean']:.1f} (max {m['staleness/max']:.0f}) | "
+            f"IS ratio {m['is/ratio_mean']:.3f} | "
+            f"{rate(m['throughput/samples_per_s'])} samples/s | {m['time/elapsed_s']:.0f}s")
+
+
+def rate(x: float) -> str:
+    """A throughput with one decimal below 10 (a real model trains at 1.3/s, not "1")."""
+    return f"{x:.1f}" if x < 10 else f"{x:.0f}"
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

@@ -32,7 +32,7 @@ from offpolicy.envs import env_from_config
 
 hf_logging.disable_progress_bar()  # per-file load/save bars would drown the progress lines
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bump when the build code changes in a way that changes the model."""
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -100,14 +100,25 @@ def ensure_base_model(cfg: Config, log=print) -> Path:
     return out
 
 
+class BuildError(ConfigError):
+    """The tiny base model did not reach a usable accuracy; the message says how far it got
+    (a config problem: the `model.tiny` recipe, so a one-line error with exit 2)."""
+
+
 def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
-    """Supervise a fresh tiny Llama on reference solutions until the probe accuracy target."""
+    """Supervise a fresh tiny Llama on demonstrations until it is a usable base model.
+
+    For a task with a systematic mistake (`flawed` demonstrations, addition's dropped carry),
+    a share `flawed_share` of the demonstrations shows the mistake. Training runs until the
+    probe accuracy has sat inside `base_accuracy` for `sft_settle_checks` checks in a row: the
+    plateau the mixture defines, reached whatever the machine's floating point. Other tasks
+    stop at the first check at or above `sft_target_accuracy`. A build that ends outside
+    `base_accuracy` raises BuildError. Writes the model and `offpolicy_build.json`.
+    """
     t = cfg.model.tiny
     tokenizer = char_tokenizer()
     model = tiny_llama(len(tokenizer), cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"building tiny base model ({n_params / 1e6:.2f}M params) for env '{cfg.env.name}' "
-        f"until greedy accuracy >= {t.sft_target_accuracy} -> {out}")
     env = env_from_config(cfg.env)
     try:
         env.reset(0)
@@ -115,44 +126,102 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
     except (NotImplementedError, AttributeError):
         raise ConfigError(f"model.path: env '{cfg.env.name}' has no reference solutions to "
                           "build a tiny model from; set model.path to a model folder") from None
-    probe = [cfg.model.tiny.seed * 7919 + 10_000_000 + i for i in range(200)]
+    flawed = t.flawed_share > 0 and _has_flawed(env)
+    lo, hi = t.base_accuracy
+    goal = (f"{t.flawed_share:.0%} flawed demonstrations, until greedy accuracy settles in "
+            f"[{lo}, {hi}]" if flawed else f"until greedy accuracy >= {t.sft_target_accuracy}")
+    log(f"building tiny base model ({n_params / 1e6:.2f}M params) for env '{cfg.env.name}' "
+        f"({goal}) -> {out}")
+    probe = [t.seed * 7919 + 10_000_000 + i for i in range(200)]
     opt = torch.optim.AdamW(model.parameters(), lr=t.sft_lr, weight_decay=0.0)
-    rng = np.random.default_rng(cfg.model.tiny.seed)
-    start, acc, step = time.time(), 0.0, 0
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / max(t.sft_warmup_steps, 1)))
+    rng = np.random.default_rng(t.seed)
+    start, acc, step, settled = time.time(), 0.0, 0, 0
     for step in range(1, t.sft_max_steps + 1):
         seeds = rng.integers(0, 2**31, size=t.sft_batch_size)
-        loss = _sft_loss(model, tokenizer, env, seeds)
+        show_flawed = rng.random(t.sft_batch_size) < t.flawed_share if flawed else None
+        loss = _sft_loss(model, tokenizer, env, seeds, show_flawed)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % t.sft_check_every == 0:
-            acc = evaluate(model, tokenizer, cfg.env, probe, cfg.engine.max_new_tokens,
-                           split="train")
-            log(f"  sft step {step}: loss {loss.item():.3f}, probe greedy accuracy {acc:.2f} "
+        warmup.step()
+        if step % t.sft_check_every:
+            continue
+        acc = evaluate(model, tokenizer, cfg.env, probe, cfg.engine.max_new_tokens, split="train")
+        settled = settled + 1 if lo <= acc <= hi else 0
+        if step % (4 * t.sft_check_every) == 0 or settled:
+            log(f"  sft step {step}: loss {loss.item():.3f}, probe greedy accuracy {acc:.2f}"
+                f"{f' (in range {settled}/{t.sft_settle_checks})' if flawed and settled else ''} "
                 f"({time.time() - start:.0f}s)")
-            if acc >= t.sft_target_accuracy:
-                break
-    if acc < t.sft_target_accuracy:
-        log(f"WARNING: tiny model reached only {acc:.2f} greedy accuracy after {step} steps "
-            f"(target {t.sft_target_accuracy}); RL may have too little to amplify")
+        if settled >= t.sft_settle_checks if flawed else acc >= t.sft_target_accuracy:
+            break
+    info = {"recipe": recipe_key(cfg), "sft_steps": step, "probe_accuracy": acc,
+            "build_s": round(time.time() - start, 1), "params": n_params,
+            "flawed_share": t.flawed_share if flawed else 0.0, **environment_info()}
+    if not lo <= acc <= hi:
+        raise BuildError(
+            f"tiny base model build failed: probe greedy accuracy {acc:.2f} after {step} "
+            f"supervised steps is outside model.tiny.base_accuracy [{lo}, {hi}] (RL needs a "
+            f"base that succeeds sometimes); try another model.tiny.seed or raise "
+            f"model.tiny.sft_max_steps")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = {"recipe": recipe_key(cfg), "sft_steps": step, "probe_accuracy": acc,
-            "build_s": round(time.time() - start, 1), "params": n_params}
     (out / "offpolicy_build.json").write_text(json.dumps(info, indent=1))
+    log(f"built in {info['build_s']:.0f}s: {step} supervised steps, probe greedy accuracy "
+        f"{acc:.2f}")
     return info
 
 
-def demo_batch(tokenizer, env, seeds) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, labels), both (B, L), of one demonstration episode per seed. Labels are the policy's
-    tokens (each turn closed by end-of-sequence); prompt, observations and padding are -100."""
+def _has_flawed(env) -> bool:
+    try:
+        env.demonstration(flawed=True)
+        return True
+    except (NotImplementedError, TypeError):
+        return False
+
+
+def environment_info() -> dict:
+    """The library versions and CPU that a result was measured with."""
+    import platform
+
+    import tokenizers
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "numpy": np.__version__}
+
+
+def build_info(model_dir: str | Path) -> dict | None:
+    """The `offpolicy_build.json` of a built tiny model, or None for any other model."""
+    try:
+        return json.loads((Path(model_dir) / "offpolicy_build.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def demo_batch(tokenizer, env, seeds, flawed=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels), both (B, L), of one demonstration episode per seed (the task's flawed
+    one where `flawed[i]`). Labels are the policy's tokens (each turn closed by
+    end-of-sequence); prompt, observations and padding are -100."""
     rows, masks = [], []
-    for s in seeds:
+    for i, s in enumerate(seeds):
         row = tokenizer(env.reset(int(s)))["input_ids"]
         mask = [False] * len(row)
-        for text, policy in env.demonstration():
+        pieces = env.demonstration(flawed=True) if flawed is not None and flawed[i] else \
+            env.demonstration()
+        for text, policy in pieces:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = ids + [tokenizer.eos_token_id] if policy else ids
             row, mask = row + ids, mask + [policy] * len(ids)
@@ -167,9 +236,9 @@ def demo_batch(tokenizer, env, seeds) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def _sft_loss(model, tokenizer, env, seeds) -> torch.Tensor:
+def _sft_loss(model, tokenizer, env, seeds, flawed=None) -> torch.Tensor:
     """Next-token cross-entropy on the policy's tokens of demonstration episodes."""
-    ids, labels = demo_batch(tokenizer, env, seeds)
+    ids, labels = demo_batch(tokenizer, env, seeds, flawed)
     logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
@@ -203,13 +272,25 @@ def load_policy(path: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(B, L-1) log-prob of each next token under `model`, logits divided by `temperature`."""
+                   targets: torch.Tensor, temperature: float = 1.0,
+                   entropy: bool = False, entropy_grad: bool = True):
+    """(B, L-1) log-prob of each next token under `model`, logits divided by `temperature`.
+
+    With `entropy`, also the (B, L-1) entropy of each position's next-token distribution, from
+    the same logits: differentiable (an entropy bonus) when `entropy_grad`, else detached, which
+    keeps no (B, L-1, V) softmax for the backward pass.
+    """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     logits = logits.float() / temperature
     # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the (B, L, V) log-softmax.
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return picked
+    if not entropy_grad:
+        logits, lse = logits.detach(), lse.detach()
+    # H = logsumexp(x) - sum softmax(x) * x
+    return picked, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 @torch.no_grad()

@@ -36,6 +36,21 @@ from offpolicy.config import Config, ConfigError
 # Ray: join a cluster or start a private one
 
 
+class _TokenAuthNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster" line: a new private
+    Ray turns token auth on by default (what we want) and says so at every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
+
+def private_ray_auth() -> None:
+    """Before a private `ray.init`: keep Ray's secure default without its notice line."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenAuthNotice) for f in logger.filters):
+        logger.addFilter(_TokenAuthNotice())
+
+
 def start_ray(cfg: Config) -> str:
     """Connect this driver to Ray; returns the cluster's GCS address, or "local" for a private
     Ray."""
@@ -56,6 +71,7 @@ def start_ray(cfg: Config) -> str:
                               f"({str(e).splitlines()[0]})") from None
         return ray.get_runtime_context().gcs_address
     cl = cfg.cluster
+    private_ray_auth()
     with _worker_niceness(0 if cfg.resources.actor_nice else None):
         # "local": a new instance even when this machine already runs a Ray cluster
         ray.init(address="local", num_cpus=cfg.resources.num_cpus or os.cpu_count(),

@@ -24,6 +24,21 @@ def mean_of(metrics: list[dict], key: str) -> float | None:
     return statistics.mean(vals) if vals else None
 
 
+def filtered_share(metrics: list[dict], window: int = 20) -> tuple[list[int], list[float]]:
+    """(step, share of the groups that arrived in the last `window` steps which were dropped as
+    uniform), from the cumulative `buffer/filtered` and `buffer/added` counts. A share near 1
+    means the policy answers most prompts the same way every time: little signal is left."""
+    rows = [(m["step"], m["buffer/filtered"], m["buffer/added"]) for m in metrics
+            if "buffer/filtered" in m and "buffer/added" in m]
+    out = ([], [])
+    for (_, f0, a0), (step, f1, a1) in zip(rows, rows[window:]):
+        arrived = (f1 - f0) + (a1 - a0)
+        if arrived:
+            out[0].append(step)
+            out[1].append((f1 - f0) / arrived)
+    return out
+
+
 def eval_curve(summary: dict, metrics: list[dict]) -> tuple[list[float], list[float]]:
     """(samples trained, eval reward) at each evaluation, starting from the base model at 0."""
     xs, ys, samples = [0.0], [summary.get("base_eval_reward") or 0.0], 0
@@ -54,7 +69,7 @@ def report(run_dir: str | Path) -> Path:
     def series(key):
         return [m.get(key) for m in metrics]
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     ax = axes[0][0]
     ax.plot(steps, series("rollout/reward_mean"), lw=0.6, alpha=0.6, label="batch reward")
     ev = [(m["step"], m["eval/reward"]) for m in metrics if m.get("eval/reward") is not None]
@@ -76,6 +91,15 @@ def report(run_dir: str | Path) -> Path:
     ax = axes[1][1]
     ax.plot(steps, series("throughput/samples_per_s"), lw=0.8)
     ax.set_title("trained samples/s (cumulative)")
+    ax = axes[0][2]
+    ax.plot(steps, series("learner/entropy"), lw=0.8, label="learner/entropy")
+    if any(v is not None for v in series("kl/ref")):
+        ax.plot(steps, series("kl/ref"), lw=0.8, label="kl/ref")
+    ax.set_title("policy entropy (nats/token) and KL to the reference")
+    ax.legend(fontsize=8)
+    ax = axes[1][2]
+    ax.plot(*filtered_share(metrics), lw=0.8)
+    ax.set_title("share of arriving groups dropped as uniform (20 steps)")
     for a in axes.flat:
         a.set_xlabel("learner step")
         a.grid(alpha=0.3)
@@ -89,6 +113,7 @@ def report(run_dir: str | Path) -> Path:
             ("staleness mean / max", f"{mean_of(metrics, 'staleness/mean'):.2f} / "
                                      f"{max(m['staleness/max'] for m in metrics):.0f}"),
             ("mean is/ess_frac", mean_of(metrics, "is/ess_frac")),
+            ("mean learner/entropy", mean_of(metrics, "learner/entropy")),
             ("mean is/clip_frac", mean_of(metrics, "is/clip_frac")),
             ("mean engine/logprob_abs_diff", mean_of(metrics, "engine/logprob_abs_diff"))]
     lines = [f"# Run report: {run_dir}", "", "| | |", "|---|---|"]

@@ -36,6 +36,14 @@ CASES = {  # name: (overrides, what the one line must say)
     "empty dataset": (["env.name=gsm8k", "env.kwargs.path=EMPTY"], "holds no problems"),
     "unreachable cluster": (["cluster.address=127.0.0.1:PORT"], "cannot reach a Ray cluster"),
     "bad choice": (["engine.name=tgi"], "engine.name: 'tgi' is not a valid choice; valid: hf, vllm, fake"),
+    "no group can carry signal": (["rollout.group_size=1"],
+                                  "rollout.group_size: 1 with buffer.drop_uniform_groups"),
+    "one-sample groups, group-relative advantage": (
+        ["rollout.group_size=1", "buffer.drop_uniform_groups=false"],
+        "rollout.group_size: 1 with learner.advantage=grpo gives every sample advantage 0"),
+    "run folder cannot be created": (["run.dir=/proc/offpolicy-run"],
+                                     "run.dir: cannot create or write /proc/offpolicy-run"),
+    "negative KL coefficient": (["loss.kl_coef=-0.1"], "loss.kl_coef: must be >= 0"),
 }
 
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from offpolicy.losses import LOSSES, LossInputs, importance_diagnostics
+from offpolicy.losses import (LOSSES, LossInputs, importance_diagnostics, kl_penalty,
+                              regularized)
 
 # Two sequences, two target positions; the last token of row 2 is masked out.
 LP = [[-1.0, -2.0], [-0.5, -3.0]]
@@ -129,3 +130,68 @@ def test_importance_diagnostics_by_hand():
     assert m["is/ess_frac"] == pytest.approx(5.5 ** 2 / (3 * (1 + 16 + 0.25)))
     assert m["is/kl_k1"] == pytest.approx(-(math.log(4) + math.log(0.5)) / 3)
     assert m["is/kl_k3"] == pytest.approx(((3 - math.log(4)) + (-0.5 - math.log(0.5))) / 3)
+
+
+# Reference log-probs chosen so log r = ref - lp = [[0, ln 2], [-ln 2, 5]] (the last is masked).
+REF = [[-1.0, -2.0 + math.log(2)], [-0.5 - math.log(2), 2.0]]
+
+
+def test_kl_estimators_by_hand():
+    lp, ref = torch.tensor(LP), torch.tensor(REF)
+    ln2 = math.log(2)
+    assert torch.allclose(kl_penalty(lp, ref, "k1")[:, :1], torch.tensor([[0.0], [ln2]]))
+    assert kl_penalty(lp, ref, "k1")[0, 1].item() == pytest.approx(-ln2)
+    assert kl_penalty(lp, ref, "k2")[0, 1].item() == pytest.approx(ln2 ** 2 / 2)
+    # k3 = r - 1 - log r: r = 2 -> 1 - ln 2; r = 1/2 -> ln 2 - 1/2; never negative
+    k3 = kl_penalty(lp, ref, "k3")
+    assert k3[0, 1].item() == pytest.approx(1 - ln2)
+    assert k3[1, 0].item() == pytest.approx(ln2 - 0.5)
+    assert (k3 >= 0).all() and k3[0, 0].item() == 0.0
+    with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
+        kl_penalty(lp, ref, "k4")
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_kl_and_entropy_terms_add_to_every_loss(name):
+    """loss - c_H * mean H + c_KL * mean k3, over policy tokens, for each registered loss."""
+    x, lp = inputs()
+    base, _ = LOSSES[name](x)
+    base.backward()
+    base_grad = lp.grad.clone()
+    x, lp = inputs()
+    entropy = torch.tensor([[1.0, 2.0], [3.0, 100.0]], requires_grad=True)  # 100 is masked
+    kl = kl_penalty(lp, torch.tensor(REF), "k3")
+    loss, m = regularized(LOSSES[name](x)[0], x.mask, entropy, 0.1, kl, 0.5)
+    ln2 = math.log(2)
+    kl_mean = ((1 - ln2) + (ln2 - 0.5)) / 3
+    assert m["learner/entropy"] == pytest.approx(2.0)  # (1 + 2 + 3) / 3
+    assert m["kl/ref"] == pytest.approx(kl_mean)
+    assert loss.item() == pytest.approx(base.item() - 0.1 * 2.0 + 0.5 * kl_mean, rel=1e-5)
+    loss.backward()
+    # d k3 / d lp = 1 - r: [[0, -1], [1/2, -]] / 3 tokens, times 0.5
+    kl_grad = torch.tensor([[0.0, -1.0], [0.5, 0.0]]) * 0.5 / 3
+    assert torch.allclose(lp.grad, base_grad + kl_grad, atol=1e-6)
+    assert torch.allclose(entropy.grad, torch.tensor([[-0.1, -0.1], [-0.1, 0.0]]) / 3)
+
+
+def test_zero_coefficients_leave_the_loss_alone():
+    x, lp = inputs()
+    base, _ = LOSSES["tis"](x)
+    loss, m = regularized(base, x.mask, torch.ones(2, 2))
+    assert loss is base and m == {"learner/entropy": 1.0}
+
+
+def test_token_entropy_matches_the_distribution():
+    from offpolicy.models import token_logprobs
+
+    class Fixed(torch.nn.Module):  # logits: uniform over 4 tokens, then one-hot-ish
+        def forward(self, input_ids, attention_mask):
+            logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [10.0, 0.0, 0.0, 0.0], [0.0] * 4]])
+            return type("Out", (), {"logits": logits})
+
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    lp, ent = token_logprobs(Fixed(), ids, torch.ones_like(ids), ids[:, 1:], entropy=True)
+    p = torch.softmax(torch.tensor([10.0, 0, 0, 0]), 0)
+    assert ent[0, 0].item() == pytest.approx(math.log(4))
+    assert ent[0, 1].item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-3)  # float32
+    assert lp[0, 0].item() == pytest.approx(-math.log(4))

@@ -73,3 +73,27 @@ def test_ctrl_c_stops_cleanly(base_model, tmp_path):
     assert not ray_processes() - before
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["interrupted"] is True
+
+
+@pytest.mark.ray
+def test_a_stalled_learner_says_what_it_waits_for(base_model, tmp_path):
+    """Random tokens never answer right, so every group is uniform and dropped: the learner
+    gets no batch. The run says so every log.stall_warn_s instead of sitting silent."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offpolicy.cli", "train", str(QUICKSTART), f"model.path={base_model}",
+         f"run.dir={tmp_path / 'run'}", "engine.name=fake", "log.stall_warn_s=3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    seen = []
+    try:
+        for line in proc.stdout:
+            if line.startswith("no learner step for"):
+                seen.append(line)
+                if len(seen) == 2:
+                    break
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, rest
+    assert "waiting for a batch of 16 groups; the buffer holds 0 groups; so far:" in seen[0]
+    assert "since the last notice" in seen[1] and "dropped as uniform" in seen[1]
+    assert "nearly every group scores all-equal rewards" in seen[1]

@@ -70,6 +70,42 @@ def test_learner_step_changes_parameters_and_publishes(model_dir, loss):
     assert abs(metrics["is/ratio_mean"] - 1.0) < 1e-4 and metrics["is/ratio_max"] < 1.001
 
 
+def test_kl_penalty_and_entropy_bonus_in_a_learner_step(model_dir):
+    """The reference is the base model: at the first step the policy equals it, so kl/ref is 0;
+    once the policy moved, it is > 0. Entropy is logged with or without the bonus, and the
+    bonus changes the update."""
+    updates = {}
+    for name, extra in {"plain": [], "bonus": ["loss.entropy_coef=0.5"],
+                        "kl": ["loss.kl_coef=0.1", "loss.kl_estimator=k2"]}.items():
+        cfg = fast_config(model_dir, "loss.name=pg", *extra)
+        buf, sync = ReplayBuffer(4, max_staleness=2, capacity=1000), LocalSync()
+        actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
+        learner = Learner(cfg, str(model_dir), buf, sync)
+        assert (learner.reference is not None) == (name == "kl")
+        torch.manual_seed(1)
+        groups = actor.rollout_batch()
+        for g in groups:
+            g[0].reward = 1.0
+        buf.add(groups)
+        before = cpu_state(learner.model)
+        m = learner.step()
+        assert 0 < m["learner/entropy"] <= np.log(len(learner.tokenizer)) + 1e-4
+        updates[name] = torch.cat([(cpu_state(learner.model)[k] - before[k]).flatten()
+                                   for k in before])
+        if name == "kl":
+            assert m["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+            groups = actor.rollout_batch()
+            for g in groups:
+                g[0].reward = 1.0
+            buf.add(groups)
+            assert learner.step()["kl/ref"] > 0
+        else:
+            assert "kl/ref" not in m
+    assert not torch.allclose(updates["plain"], updates["bonus"])
+    # kl at step 1 is 0 and so is its gradient (k2's is log r): the same update as plain pg
+    assert torch.allclose(updates["plain"], updates["kl"], atol=1e-7)
+
+
 @pytest.mark.parametrize("loss", ["tis", "pg", "m2po"])
 def test_micro_batches_give_the_full_batch_gradient(model_dir, loss):
     """Token-mean losses: accumulating chunks weighted by their token share is exact."""

@@ -79,14 +79,17 @@ class SingleTurnEnv:
     problems(rng) -> {"prompt": str, "answer": Any} draws a problem; reward(text, answer) scores
     a completion. The eval split is a fixed list of `eval_size` problems drawn with a seed of its
     own, and the train split never yields one of them, so eval rewards are held out.
-    `solution(answer) -> str`, if given, is the target text used to warm up a tiny base model.
+    `solution(answer) -> str`, if given, is the target text used to warm up a tiny base model;
+    `flawed(problem) -> str`, if given, a plausible systematic mistake on a problem (for
+    addition: every carry dropped), which the warm-up mixes in (`model.tiny.flawed_share`).
     """
 
     def __init__(self, name: str, problems: Callable[[random.Random], dict],
                  reward: Callable[[str, Any], float], split: str = "train",
-                 eval_size: int = 200, solution: Callable[[Any], str] | None = None):
+                 eval_size: int = 200, solution: Callable[[Any], str] | None = None,
+                 flawed: Callable[[dict], str] | None = None):
         self.name, self.problems, self.reward_fn = name, problems, reward
-        self.split, self.solution_fn = split, solution
+        self.split, self.solution_fn, self.flawed_fn = split, solution, flawed
         self.eval_set, self._eval_prompts = _eval_problems(name, problems, eval_size)
         self.current: dict | None = None
 
@@ -115,9 +118,14 @@ class SingleTurnEnv:
             raise NotImplementedError(f"env '{self.name}' has no reference solutions")
         return self.solution_fn(self.current["answer"])
 
-    def demonstration(self) -> list[tuple[str, bool]]:
-        """A warm-up episode as (text, written by the policy) pieces: here the solution."""
-        return [(self.solution(), True)]
+    def demonstration(self, flawed: bool = False) -> list[tuple[str, bool]]:
+        """A warm-up episode as (text, written by the policy) pieces: here the solution, or
+        with `flawed` the task's systematic mistake (NotImplementedError if it has none)."""
+        if not flawed:
+            return [(self.solution(), True)]
+        if self.flawed_fn is None:
+            raise NotImplementedError(f"env '{self.name}' has no flawed solutions")
+        return [(self.flawed_fn(self.current), True)]
 
 
 _EVAL_CACHE: dict[tuple, tuple[list[dict], set[str]]] = {}

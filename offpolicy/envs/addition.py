@@ -23,6 +23,14 @@ def addition_problem(rng: random.Random, digits: int = 2, pad: bool = True) -> d
     return {"prompt": f"{a}+{b}=", "answer": str(a + b)[::-1]}
 
 
+def without_carries(problem: dict, digits: int = 2, pad: bool = True) -> str:
+    """The classic mistake: each column's sum mod 10, carries dropped ("07+45=" -> "240"
+    where "250" is right), written like the answer. Equals the answer when no column carries."""
+    a, b = (int(x) for x in problem["prompt"].rstrip("=").split("+"))
+    n = sum(((a // 10 ** i + b // 10 ** i) % 10) * 10 ** i for i in range(digits))
+    return f"{n:0{digits + 1}d}"[::-1] if pad else str(n)[::-1]
+
+
 def exact_match(text: str, answer: str) -> float:
     """1.0 when the completion, stripped of surrounding whitespace, is exactly the answer."""
     return float(text.strip() == answer)
@@ -32,7 +40,8 @@ def make_addition(split: str = "train", digits: int = 2, pad: bool = True,
                   eval_size: int = 200) -> SingleTurnEnv:
     return SingleTurnEnv(f"addition{digits}{'p' if pad else ''}",
                          partial(addition_problem, digits=digits, pad=pad),
-                         exact_match, split=split, eval_size=eval_size, solution=str)
+                         exact_match, split=split, eval_size=eval_size, solution=str,
+                         flawed=partial(without_carries, digits=digits, pad=pad))
 
 
 register_env("addition", make_addition)
