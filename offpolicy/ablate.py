@@ -68,10 +68,13 @@ def _merged(base: dict, top: dict) -> dict:
 
 
 def cell_name(cell: dict) -> str:
-    """`k4_tis_seed0` for {staleness.k: 4, loss.name: tis, run.seed: 0}."""
+    """`k4_tis_seed0` for {staleness.k: 4, loss.name: tis, run.seed: 0}; keys whose last parts
+    clash keep their section: `tiny-seed1_run-seed0` for model.tiny.seed and run.seed."""
+    lasts = [key.split(".")[-1] for key in cell]
     parts = []
-    for key, value in cell.items():
-        last = key.split(".")[-1]
+    for (key, value), last in zip(cell.items(), lasts):
+        if lasts.count(last) > 1:
+            last = "-".join(key.split(".")[-2:])
         parts.append(str(value) if last == "name" else f"{last}{value}")
     return "_".join(parts)
 
@@ -124,13 +127,16 @@ def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dic
     # Ctrl-C does.
     import ray
 
-    env = dict(os.environ)
     if use_ray and todo:
         from offpolicy.placement import private_ray_auth
 
         private_ray_auth()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
                  configure_logging=True)
+    # Copied after ray.init: Ray sets RAY_AUTH_MODE=token in this process when it turns on
+    # token auth, and cells without it cannot join ("InvalidAuthToken").
+    env = dict(os.environ)
+    if use_ray and todo:
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     restore = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

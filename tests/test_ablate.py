@@ -29,6 +29,7 @@ def test_lag_mode_staleness_is_exactly_k(model_dir, tmp_path):
     assert all(m["engine/logprob_abs_diff"] < 1e-4 for m in metrics)
     out = report(run_dir)
     assert "final eval reward" in out.read_text() and (run_dir / "report.png").stat().st_size
+    assert "| mean learner/entropy | " in out.read_text()  # and plotted beside kl/ref
 
 
 def test_serial_layout_lag_mode_is_exact_without_ray(model_dir, tmp_path):
@@ -74,7 +75,10 @@ def test_ablation_config_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.ray
-def test_ablate_runs_the_grid_resumes_and_writes_results(model_dir, tmp_path):
+def test_ablate_runs_the_grid_resumes_and_writes_results(model_dir, tmp_path, monkeypatch):
+    # As in a fresh `offpolicy ablate` process: Ray turns token auth on in this process only
+    # at ray.init, and the cells must still be able to join (an earlier test may have set it).
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     spec = {"model": {"path": str(model_dir)}, "learner": {"steps": 3, "batch_groups": 2},
             "rollout": {"prompts_per_batch": 2, "group_size": 4}, "eval": {"every": 3},
             "env": {"eval_size": 8}, "staleness": {"mode": "lag"},
@@ -133,3 +137,21 @@ def test_threshold_gives_samples_to_reach_it(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| fifo | 150 (2/2) |" in table  # seeds are averaged, never a table axis
     assert "| uniform | not reached (0/2) |" in table
+    assert "Every run:" in table and "| uniform | 1 | 0.200 | 0.450 | 1 |" in table
+    assert "4 runs: final eval min 0.400, mean 0.537, max 0.700." in table
+
+
+def test_ablate_base_inherits_a_config_and_names_clashing_keys(tmp_path):
+    """`ablate.base` cells start from another config; this file's keys win, section by
+    section. Keys that end alike (model.tiny.seed, run.seed) keep their section in names."""
+    (tmp_path / "parent.yaml").write_text(
+        "learner: {steps: 7, lr: 0.5}\nbuffer: {max_staleness: 3}\n")
+    (tmp_path / "grid.yaml").write_text(
+        "ablate:\n  base: parent.yaml\n  grid: {model.tiny.seed: [0, 1], run.seed: [0]}\n"
+        "learner: {lr: 0.25}\n")
+    base, spec = load_ablation(str(tmp_path / "grid.yaml"))
+    assert base == {"learner": {"steps": 7, "lr": 0.25}, "buffer": {"max_staleness": 3}}
+    assert cell_name({"model.tiny.seed": 1, "run.seed": 0}) == "tiny-seed1_run-seed0"
+    (tmp_path / "grid.yaml").write_text("ablate: {base: nope.yaml, grid: {run.seed: [0]}}\n")
+    with pytest.raises(ConfigError, match="ablate.base: cannot read .*nope.yaml"):
+        load_ablation(str(tmp_path / "grid.yaml"))

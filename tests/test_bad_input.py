@@ -44,6 +44,10 @@ CASES = {  # name: (overrides, what the one line must say)
     "run folder cannot be created": (["run.dir=/proc/offpolicy-run"],
                                      "run.dir: cannot create or write /proc/offpolicy-run"),
     "negative KL coefficient": (["loss.kl_coef=-0.1"], "loss.kl_coef: must be >= 0"),
+    "a base model build that never gets usable": (
+        ["model.cache_dir=CACHE", "model.tiny.sft_max_steps=20", "model.tiny.sft_check_every=10"],
+        "tiny base model build failed: probe greedy accuracy 0.00 after 20 supervised steps is "
+        "outside model.tiny.base_accuracy [0.1, 0.5]"),
 }
 
 
@@ -52,7 +56,8 @@ def test_bad_input_exits_2_with_one_line(case, model_dir, tmp_path, capsys):
     overrides, message = CASES[case]
     (tmp_path / "empty.jsonl").write_text("")
     overrides = [o.replace("EMPTY", str(tmp_path / "empty.jsonl"))
-                 .replace("PORT", str(_closed_port())) for o in overrides]
+                 .replace("PORT", str(_closed_port()))
+                 .replace("CACHE", str(tmp_path / "cache")) for o in overrides]
     if case == "tokenizer/model mismatch":
         overrides.append(f"model.path={_mismatched_model(model_dir, tmp_path)}")
     assert main(["train", str(QUICKSTART), f"run.dir={tmp_path / 'run'}", *overrides]) == 2

@@ -20,3 +20,10 @@ def test_short_quickstart_run_learns(tmp_path):
     assert saved["final_eval_reward"] == summary["final_eval_reward"]
     assert 0.1 <= summary["base_eval_reward"] <= 0.5
     assert summary["final_eval_reward"] >= summary["base_eval_reward"] + 0.1
+    build = saved["base_model_build"]  # the base model's recipe outcome and where it was built
+    assert build["flawed_share"] == 0.7 and 0.1 <= build["probe_accuracy"] <= 0.5
+    assert {"cpu", "torch", "transformers", "sft_steps", "build_s"} <= set(build)
+    assert saved["machine"]["torch"] == build["torch"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(x) for x in lines]
+    assert all(0 < m["learner/entropy"] < 4.6 for m in metrics)  # log(98 tokens) = 4.58

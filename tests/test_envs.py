@@ -186,3 +186,24 @@ def test_step_pool_reuses_threads_and_survives_a_hung_step():
     assert hung.result(timeout=5) is True
     t0 = time.perf_counter()
     assert pool.submit(lambda: 7).result(timeout=5) == 7 and time.perf_counter() - t0 < 1
+
+
+def test_addition_flawed_demonstration_drops_every_carry():
+    from offpolicy.envs import make_env
+
+    env = make_env("addition")
+    seen = {True: 0, False: 0}
+    for seed in range(200):
+        prompt = env.reset(seed)
+        a, b = (int(x) for x in prompt[:-1].split("+"))
+        right, flawed = env.demonstration()[0][0], env.demonstration(flawed=True)[0][0]
+        no_carry = (a % 10 + b % 10 < 10) and (a // 10 + b // 10 < 10)
+        assert right == f"{a + b:03d}"[::-1] and len(flawed) == 3
+        assert (flawed == right) == no_carry  # the mistake shows exactly where a carry is due
+        assert flawed == f"{(a % 10 + b % 10) % 10 + 10 * ((a // 10 + b // 10) % 10):03d}"[::-1]
+        seen[no_carry] += 1
+    assert min(seen.values()) > 40  # both kinds of problem occur
+    assert env.step(flawed)[1] == float(no_carry)
+    from offpolicy.models import _has_flawed
+
+    assert _has_flawed(env) and not _has_flawed(make_env("guess"))  # guess keeps the old rule
