@@ -9,6 +9,7 @@ divided by the temperature, after top-p), so it is exactly the distribution that
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,9 @@ class HFEngine:
         self._prev = None  # the previous call's keys/values, for multi-turn continuations
         self.reused_calls = 0  # calls that continued the previous call's rows
         self.generator_seed = seed
+        # transformers renamed the forward's `past_key_values` to `cache` (5.2x) and warns on
+        # every call that uses the old name: pass whichever this version takes.
+        self._cache_arg = cache_argument(self.model)
         torch.manual_seed(seed)
 
     def load_weights(self, version: int, source: str | dict[str, torch.Tensor]) -> None:
@@ -90,7 +94,7 @@ class HFEngine:
         # Positions count real tokens only, so padding (left, or between turns) is invisible.
         pos = (attn.cumsum(1) - 1).clamp(min=0)[:, -new_ids.shape[1]:]
         logits = model(input_ids=new_ids, attention_mask=attn, position_ids=pos,
-                       past_key_values=cache, use_cache=True).logits[:, -1]    # (B, V)
+                       use_cache=True, **{self._cache_arg: cache}).logits[:, -1]  # (B, V)
         B = len(prompts)
         tokens, logprobs = [], []
         finished = torch.zeros(B, dtype=torch.bool)
@@ -110,7 +114,7 @@ class HFEngine:
             attn = torch.cat([attn, (~finished).long()[:, None]], dim=1)
             pos = attn.sum(1, keepdim=True) - 1
             logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos,
-                           past_key_values=cache, use_cache=True).logits[:, -1]
+                           use_cache=True, **{self._cache_arg: cache}).logits[:, -1]
         tokens, logprobs = torch.stack(tokens, 1).numpy(), torch.stack(logprobs, 1).numpy()
         completions = []
         for row, lp, done in zip(tokens, logprobs, finished.tolist()):
@@ -157,6 +161,12 @@ class HFEngine:
     def _stopped(self, tokens: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
         """(B,) whether each row's completion so far ends with a stop string."""
         return torch.tensor([_ends_with(self.tokenizer, row, stop) for row in tokens.tolist()])
+
+
+def cache_argument(model) -> str:
+    """The name under which `model`'s forward takes its key/value cache."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _sample(logits: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:

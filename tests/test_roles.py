@@ -424,3 +424,25 @@ def test_env_timeouts_and_errors_are_counted_and_latency_runs_concurrently(model
             fast_config(model_dir, "env.latency=gamma:1")
     finally:
         ENVS.pop("slow", None)
+
+
+def test_hf_engine_passes_the_cache_under_the_name_the_model_takes(model_dir):
+    """transformers >= 5.2x calls it `cache` and warns on every `past_key_values` call (964
+    warning lines in one quickstart); older versions only know `past_key_values`."""
+    from offpolicy.actors.hf import cache_argument
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None):
+            pass
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None):
+            pass
+
+    assert cache_argument(New()) == "cache" and cache_argument(Old()) == "past_key_values"
+    engine = HFEngine(str(model_dir), seed=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the installed version's name is used
+        engine.generate([engine.tokenizer("1+2=")["input_ids"]], SamplingParams(max_new_tokens=3))
