@@ -151,7 +151,7 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
             continue
         acc = evaluate(model, tokenizer, cfg.env, probe, cfg.engine.max_new_tokens, split="train")
         settled = settled + 1 if lo <= acc <= hi else 0
-        if step % (4 * t.sft_check_every) == 0 or settled:
+        if step % (4 * t.sft_check_every) == 0 or (flawed and settled):
             log(f"  sft step {step}: loss {loss.item():.3f}, probe greedy accuracy {acc:.2f}"
                 f"{f' (in range {settled}/{t.sft_settle_checks})' if flawed and settled else ''} "
                 f"({time.time() - start:.0f}s)")
