@@ -24,6 +24,19 @@ from offpolicy.types import Batch
 from offpolicy.weights import cpu_state
 
 
+def lr_at(lc, version: int) -> float:
+    """The learning rate of the update that takes the policy from `version` to `version + 1`
+    under `learner.lr_schedule` (warm-up, then constant or decaying to lr * min_lr_ratio)."""
+    if version < lc.warmup_steps:
+        return lc.lr * (version + 1) / lc.warmup_steps
+    if lc.lr_schedule == "constant":
+        return lc.lr
+    span = max(lc.steps - lc.warmup_steps, 1)
+    done = min((version - lc.warmup_steps) / span, 1.0)
+    shape = 1 - done if lc.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * done))
+    return lc.lr * (lc.min_lr_ratio + (1 - lc.min_lr_ratio) * shape)
+
+
 class Learner:
     def __init__(self, cfg: Config, model_path: str, buffer, weights):
         torch.set_num_threads(cfg.resources.torch_threads)
@@ -87,6 +100,9 @@ class Learner:
         t_fwd = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         loss, logprobs, loss_metrics = self._backward(d, adv)
+        lr = lr_at(cfg.learner, self.version)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.learner.grad_clip if cfg.learner.grad_clip > 0 else float("inf"))
         if math.isfinite(loss) and torch.isfinite(grad_norm):
@@ -109,6 +125,7 @@ class Learner:
             "step": self.version,
             "learner/loss": loss,
             "learner/grad_norm": grad_norm.item(),
+            "learner/lr": lr,
             "learner/nonfinite_skipped": self.nonfinite_skipped,
             "learner/tokens": int(mask.sum().item()),
             "learner/batch_size": len(batch),

@@ -226,6 +226,14 @@ class LearnerConfig:
     """Groups per learner step (batch size = batch_groups * rollout.group_size)."""
     lr: float = 2e-4
     """AdamW learning rate."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate over the run, a function of the learner version (so a resumed run
+    continues it exactly): `constant`, or decaying from `lr` after `warmup_steps` to
+    `lr * min_lr_ratio` at `steps` along a straight line (`linear`) or a half cosine."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up from 0 to `lr`."""
+    min_lr_ratio: float = 0.0
+    """The decaying schedules' final learning rate as a fraction of `lr`."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: list = field(default_factory=lambda: [0.9, 0.999])

@@ -48,6 +48,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         _check(value > 0, f"{key}: must be > 0, got {value}")
     _check(cfg.learner.lr > 0, f"learner.lr: must be > 0, got {cfg.learner.lr}")
+    _check(cfg.learner.warmup_steps >= 0 and 0 <= cfg.learner.min_lr_ratio <= 1,
+           "learner.warmup_steps/min_lr_ratio: need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
     _check(cfg.engine.temperature > 0,
            f"engine.temperature: must be > 0, got {cfg.engine.temperature}")
     _check(0 < cfg.engine.top_p <= 1, f"engine.top_p: must be in (0, 1], got {cfg.engine.top_p}")

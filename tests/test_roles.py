@@ -1,5 +1,6 @@
 """Roles without Ray: the HF engine's log-probs, a rollout actor, a learner step."""
 
+import math
 import time
 
 import numpy as np
@@ -66,8 +67,27 @@ def test_learner_step_changes_parameters_and_publishes(model_dir, loss):
     assert sum(not torch.equal(before[k], after[k]) for k in before) > 0
     assert learner.version == 1 and sync.version == 1 and buf.published == 1
     assert metrics["staleness/max"] == 0 and metrics["rollout/reward_mean"] == 0.25
+    assert metrics["learner/lr"] == cfg.learner.lr  # constant schedule
     # Same weights sampled and scored the batch: every IS ratio is 1 up to float error.
     assert abs(metrics["is/ratio_mean"] - 1.0) < 1e-4 and metrics["is/ratio_max"] < 1.001
+
+
+def test_learning_rate_schedules_by_hand():
+    from offpolicy.config import load_config
+    from offpolicy.learner.learner import lr_at
+
+    def lrs(schedule, *extra):
+        lc = load_config(None, [f"learner.lr_schedule={schedule}", "learner.steps=10",
+                                "learner.lr=1.0", *extra]).learner
+        return [lr_at(lc, v) for v in range(10)]
+
+    assert lrs("constant") == [1.0] * 10
+    assert lrs("linear") == pytest.approx([1 - v / 10 for v in range(10)])
+    # warm-up 2 steps (0.5, 1.0), then a half cosine from 1.0 over 8 steps to min_lr_ratio 0.2
+    cos = lrs("cosine", "learner.warmup_steps=2", "learner.min_lr_ratio=0.2")
+    assert cos[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert cos[6] == pytest.approx(0.2 + 0.8 * 0.5)  # half way: (1 + cos(pi/2)) / 2
+    assert cos[9] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
 
 
 def test_kl_penalty_and_entropy_bonus_in_a_learner_step(model_dir):
