@@ -354,14 +354,14 @@ class RayRoles:
         delta = {k: now[k] - before.get(k, 0) for k in
                  ("buffer/added", "buffer/filtered", "buffer/admission_waits")}
         hint = ""
-        if delta["buffer/filtered"] > 4 * max(delta["buffer/added"], 1):
+        if delta["buffer/added"] and delta["buffer/filtered"] >= 0.9 * delta["buffer/added"]:
             hint = ("; nearly every group scores all-equal rewards (see buffer.filter_floor, "
                     "engine.temperature)")
         self.log(f"no learner step for {waited_s:.0f}s: waiting for a batch of "
                  f"{self.cfg.learner.batch_groups} groups; the buffer holds "
                  f"{now['buffer/groups']} groups; {'since the last notice' if before else 'so far'}"
-                 f": {delta['buffer/added']} episodes added, {delta['buffer/filtered']} dropped "
-                 f"as uniform, {delta['buffer/admission_waits']} admission waits{hint}")
+                 f": {delta['buffer/added']} episodes arrived, {delta['buffer/filtered']} of them "
+                 f"dropped as uniform, {delta['buffer/admission_waits']} admission waits{hint}")
         return now
 
     def _actor_ended(self, i: int) -> None:

@@ -32,7 +32,7 @@ def filtered_share(metrics: list[dict], window: int = 20) -> tuple[list[int], li
             if "buffer/filtered" in m and "buffer/added" in m]
     out = ([], [])
     for (_, f0, a0), (step, f1, a1) in zip(rows, rows[window:]):
-        arrived = (f1 - f0) + (a1 - a0)
+        arrived = a1 - a0  # `added` counts every arrival, the dropped ones included
         if arrived:
             out[0].append(step)
             out[1].append((f1 - f0) / arrived)

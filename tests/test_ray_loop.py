@@ -5,6 +5,7 @@ Also Ctrl-C: an interrupted `offpolicy train` exits cleanly and leaves no Ray pr
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,5 +96,8 @@ def test_a_stalled_learner_says_what_it_waits_for(base_model, tmp_path):
         rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, rest
     assert "waiting for a batch of 16 groups; the buffer holds 0 groups; so far:" in seen[0]
-    assert "since the last notice" in seen[1] and "dropped as uniform" in seen[1]
+    assert "since the last notice" in seen[1] and "of them dropped as uniform" in seen[1]
     assert "nearly every group scores all-equal rewards" in seen[1]
+    counts = re.search(r"(\d+) episodes arrived, (\d+) of them", seen[1]).groups()
+    arrived, dropped = map(int, counts)
+    assert arrived > 0 and dropped == arrived  # random tokens never answer right
