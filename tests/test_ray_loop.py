@@ -78,11 +78,13 @@ def test_ctrl_c_stops_cleanly(base_model, tmp_path):
 
 @pytest.mark.ray
 def test_a_stalled_learner_says_what_it_waits_for(base_model, tmp_path):
-    """Random tokens never answer right, so every group is uniform and dropped: the learner
-    gets no batch. The run says so every log.stall_warn_s instead of sitting silent."""
+    """Random tokens never answer right, so every group is uniform and dropped (no filter
+    floor): the learner gets no batch. The run says so every log.stall_warn_s instead of
+    sitting silent."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "offpolicy.cli", "train", str(QUICKSTART), f"model.path={base_model}",
-         f"run.dir={tmp_path / 'run'}", "engine.name=fake", "log.stall_warn_s=3"],
+         f"run.dir={tmp_path / 'run'}", "engine.name=fake", "log.stall_warn_s=3",
+         "buffer.filter_floor=0"],  # the quickstart's floor would keep the uniform groups
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     seen = []
     try:
