@@ -54,13 +54,20 @@ def ray_processes() -> set[int]:
             if any(k in line for k in ("raylet", "gcs_server", "ray::", "ray/_private"))}
 
 
+def sigint_default() -> None:
+    """In the child before exec: Ctrl-C's default action, whatever this process inherited. A
+    shell starts background jobs with SIGINT ignored, and Python would keep it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.ray
 def test_ctrl_c_stops_cleanly(base_model, tmp_path):
     before = ray_processes()
     proc = subprocess.Popen(
         [sys.executable, "-m", "offpolicy.cli", "train", str(QUICKSTART), f"model.path={base_model}",
          f"run.dir={tmp_path / 'run'}", "learner.steps=100000", "log.progress_every_s=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        preexec_fn=sigint_default)
     for line in proc.stdout:  # wait until training is really under way
         if line.startswith("step"):
             break
@@ -85,7 +92,8 @@ def test_a_stalled_learner_says_what_it_waits_for(base_model, tmp_path):
         [sys.executable, "-m", "offpolicy.cli", "train", str(QUICKSTART), f"model.path={base_model}",
          f"run.dir={tmp_path / 'run'}", "engine.name=fake", "log.stall_warn_s=3",
          "buffer.filter_floor=0"],  # the quickstart's floor would keep the uniform groups
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        preexec_fn=sigint_default)
     seen = []
     try:
         for line in proc.stdout:
