@@ -155,7 +155,8 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
             log(f"  sft step {step}: loss {loss.item():.3f}, probe greedy accuracy {acc:.2f}"
                 f"{f' (in range {settled}/{t.sft_settle_checks})' if flawed and settled else ''} "
                 f"({time.time() - start:.0f}s)")
-        if settled >= t.sft_settle_checks if flawed else acc >= t.sft_target_accuracy:
+        done = settled >= t.sft_settle_checks if flawed else acc >= t.sft_target_accuracy
+        if done:
             break
     info = {"recipe": recipe_key(cfg), "sft_steps": step, "probe_accuracy": acc,
             "build_s": round(time.time() - start, 1), "params": n_params,
