@@ -100,9 +100,7 @@ class Learner:
         t_fwd = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         loss, logprobs, loss_metrics = self._backward(d, adv)
-        lr = lr_at(cfg.learner, self.version)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        lr = self._set_lr()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.learner.grad_clip if cfg.learner.grad_clip > 0 else float("inf"))
         if math.isfinite(loss) and torch.isfinite(grad_norm):
@@ -150,6 +148,13 @@ class Learner:
             "throughput/samples_per_s": self.samples / (time.perf_counter() - self.started),
         }
         return metrics
+
+    def _set_lr(self) -> float:
+        """Set this update's learning rate (`learner.lr_schedule`) and return it."""
+        lr = lr_at(self.cfg.learner, self.version)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _backward(self, d: dict[str, torch.Tensor], adv: torch.Tensor):
         """Loss and gradients for the batch, `learner.micro_batch` rows at a time; with

@@ -199,7 +199,7 @@ def train(cfg: Config, log=print, resume: tuple[Path, dict] | None = None) -> di
 
     model_path = str(resume[0] / "model") if resume else str(ensure_base_model(cfg, log=log))
     if cfg.loss.kl_coef > 0 and not cfg.loss.kl_reference:  # the base model, recorded
-        cfg.loss.kl_reference = str(ensure_base_model(cfg, log=log))
+        cfg.loss.kl_reference = str(ensure_base_model(cfg, log=log)) if resume else model_path
         write_config(cfg, run_dir)
     first = resume[1]["step"] + 1 if resume else 1
     torch.set_num_threads(1)  # the driver only coordinates from here on

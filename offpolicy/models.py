@@ -132,6 +132,32 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
             f"[{lo}, {hi}]" if flawed else f"until greedy accuracy >= {t.sft_target_accuracy}")
     log(f"building tiny base model ({n_params / 1e6:.2f}M params) for env '{cfg.env.name}' "
         f"({goal}) -> {out}")
+    start = time.time()
+    step, acc = _supervise(cfg, model, tokenizer, env, flawed, log)
+    info = {"recipe": recipe_key(cfg), "sft_steps": step, "probe_accuracy": acc,
+            "build_s": round(time.time() - start, 1), "params": n_params,
+            "flawed_share": t.flawed_share if flawed else 0.0, **environment_info()}
+    if not lo <= acc <= hi:
+        raise BuildError(
+            f"tiny base model build failed: probe greedy accuracy {acc:.2f} after {step} "
+            f"supervised steps is outside model.tiny.base_accuracy [{lo}, {hi}] (RL needs a "
+            f"base that succeeds sometimes); try another model.tiny.seed or raise "
+            f"model.tiny.sft_max_steps")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "offpolicy_build.json").write_text(json.dumps(info, indent=1))
+    log(f"built in {info['build_s']:.0f}s: {step} supervised steps, probe greedy accuracy "
+        f"{acc:.2f}")
+    return info
+
+
+def _supervise(cfg: Config, model, tokenizer, env, flawed: bool, log) -> tuple[int, float]:
+    """The warm-up loop of `build_tiny_model`: AdamW with linear warm-up, a probe check every
+    `sft_check_every` steps, until the stop rule holds or `sft_max_steps`. Returns (steps taken,
+    the last probe accuracy)."""
+    t = cfg.model.tiny
+    lo, hi = t.base_accuracy
     probe = [t.seed * 7919 + 10_000_000 + i for i in range(200)]
     opt = torch.optim.AdamW(model.parameters(), lr=t.sft_lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(
@@ -158,22 +184,7 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
         done = settled >= t.sft_settle_checks if flawed else acc >= t.sft_target_accuracy
         if done:
             break
-    info = {"recipe": recipe_key(cfg), "sft_steps": step, "probe_accuracy": acc,
-            "build_s": round(time.time() - start, 1), "params": n_params,
-            "flawed_share": t.flawed_share if flawed else 0.0, **environment_info()}
-    if not lo <= acc <= hi:
-        raise BuildError(
-            f"tiny base model build failed: probe greedy accuracy {acc:.2f} after {step} "
-            f"supervised steps is outside model.tiny.base_accuracy [{lo}, {hi}] (RL needs a "
-            f"base that succeeds sometimes); try another model.tiny.seed or raise "
-            f"model.tiny.sft_max_steps")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "offpolicy_build.json").write_text(json.dumps(info, indent=1))
-    log(f"built in {info['build_s']:.0f}s: {step} supervised steps, probe greedy accuracy "
-        f"{acc:.2f}")
-    return info
+    return step, acc
 
 
 def _has_flawed(env) -> bool:

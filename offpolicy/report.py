@@ -50,20 +50,14 @@ def eval_curve(summary: dict, metrics: list[dict]) -> tuple[list[float], list[fl
     return xs, ys
 
 
-def report(run_dir: str | Path) -> Path:
+def _plot(metrics: list[dict], path: Path) -> None:
+    """The run's six panels: reward, staleness, importance sampling, throughput, entropy and
+    KL, and the share of groups dropped as uniform."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    metrics = read_metrics(run_dir)
-    if not metrics:
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl with any step (not a run folder?)")
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        summary = {}  # a run still going, or killed: plot what is there
     steps = [m["step"] for m in metrics]
 
     def series(key):
@@ -104,8 +98,20 @@ def report(run_dir: str | Path) -> Path:
         a.set_xlabel("learner step")
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "report.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    if not metrics:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl with any step (not a run folder?)")
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        summary = {}  # a run still going, or killed: plot what is there
+    _plot(metrics, run_dir / "report.png")
 
     rows = [("steps", len(metrics)), ("base eval reward", summary.get("base_eval_reward")),
             ("final eval reward", summary.get("final_eval_reward")),

@@ -63,18 +63,7 @@ def validate(cfg: Config) -> None:
     _validate_staleness_and_logging(cfg)
     _validate_buffer(cfg)
     _validate_signal(cfg)
-    t = cfg.model.tiny
-    _check(len(t.base_accuracy) == 2 and 0 <= t.base_accuracy[0] < t.base_accuracy[1] <= 1,
-           f"model.tiny.base_accuracy: expected [low, high] with 0 <= low < high <= 1, got "
-           f"{t.base_accuracy}")
-    _check(0 <= t.flawed_share < 1,
-           f"model.tiny.flawed_share: must be in [0, 1), got {t.flawed_share}")
-    _check(min(t.sft_settle_checks, t.sft_check_every, t.sft_max_steps) > 0,
-           "model.tiny.sft_settle_checks/sft_check_every/sft_max_steps: must be > 0")
-    _check(cfg.loss.kl_coef >= 0, f"loss.kl_coef: must be >= 0, got {cfg.loss.kl_coef}")
-    if cfg.loss.kl_reference:
-        _check((Path(cfg.loss.kl_reference).expanduser() / "config.json").is_file(),
-               f"loss.kl_reference: {cfg.loss.kl_reference} is not a Hugging Face model folder")
+    _validate_tiny_and_regularisers(cfg)
     if cfg.resources.serial:
         _check(cfg.engine.weight_sync in ("auto", "object_store") and
                not cfg.engine.inflight_updates and cfg.resources.learner_gpus == 0,
@@ -168,6 +157,22 @@ def _validate_buffer(cfg: Config) -> None:
     if cfg.staleness.mode == "lag":  # every batch is exactly version t - k, used once
         _check(b.sampler == "fifo" and b.max_reuse == 1, "buffer.sampler/max_reuse: lag mode "
                "trains on each group of version t - k once; use sampler=fifo, max_reuse=1")
+
+
+def _validate_tiny_and_regularisers(cfg: Config) -> None:
+    """The tiny base model's recipe and the KL reference."""
+    t = cfg.model.tiny
+    _check(len(t.base_accuracy) == 2 and 0 <= t.base_accuracy[0] < t.base_accuracy[1] <= 1,
+           f"model.tiny.base_accuracy: expected [low, high] with 0 <= low < high <= 1, got "
+           f"{t.base_accuracy}")
+    _check(0 <= t.flawed_share < 1,
+           f"model.tiny.flawed_share: must be in [0, 1), got {t.flawed_share}")
+    _check(min(t.sft_settle_checks, t.sft_check_every, t.sft_max_steps) > 0,
+           "model.tiny.sft_settle_checks/sft_check_every/sft_max_steps: must be > 0")
+    _check(cfg.loss.kl_coef >= 0, f"loss.kl_coef: must be >= 0, got {cfg.loss.kl_coef}")
+    if cfg.loss.kl_reference:
+        _check((Path(cfg.loss.kl_reference).expanduser() / "config.json").is_file(),
+               f"loss.kl_reference: {cfg.loss.kl_reference} is not a Hugging Face model folder")
 
 
 GROUP_RELATIVE = ("grpo", "dr_grpo", "rloo")
