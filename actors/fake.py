@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from offpolicy.actors.hf import Completion, SamplingParams
+from offpolicy.actors.engine import Completion, SamplingParams
 from offpolicy.models import load_tokenizer
 
 

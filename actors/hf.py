@@ -10,7 +10,6 @@ divided by the temperature, after top-p), so it is exactly the distribution that
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,29 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
+from offpolicy.actors.engine import Completion, SamplingParams
 from offpolicy.models import left_pad, load_policy
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 8
-    greedy: bool = False
-    stop: tuple[str, ...] = ()
-    """Strings that end a completion (the string's tokens are kept); end-of-sequence always does."""
-
-
-@dataclass
-class Completion:
-    token_ids: np.ndarray
-    """(T,) int32 sampled tokens, end-of-sequence included when it was sampled."""
-    logprobs: np.ndarray
-    """(T,) float32 log-prob of each token under the sampling distribution."""
-    finish_reason: str
-    """`stop` or `length`."""
-    versions: np.ndarray
-    """(T,) int32 policy version of the weights that produced each token."""
 
 
 class HFEngine:

@@ -8,7 +8,7 @@ Loop (one iteration = one batch of `prompts_per_batch` prompts x `group_size` sa
   flight) -> generate -> score in the environment -> add to the buffer.
 With `engine.inflight_updates` (vLLM) the engine also polls for new weights between its steps,
 so one trajectory's tokens can carry several versions.
-A plain class: `offpolicy/launch.py` wraps it as a Ray actor; tests drive it directly.
+A plain class: `offpolicy/ray_roles.py` wraps it as a Ray actor; tests drive it directly.
 """
 
 from __future__ import annotations
@@ -20,43 +20,15 @@ import time
 import uuid
 from concurrent.futures import Future, TimeoutError
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from offpolicy.actors.hf import HFEngine, SamplingParams
+from offpolicy.actors.engine import SamplingParams, make_engine
 from offpolicy.config import Config
 from offpolicy.envs import import_env_module, latency_sampler, make_env
 from offpolicy.models import load_tokenizer
 from offpolicy.types import Groups, Trajectory
-
-
-def _hf(cfg: Config, model_path: str, seed: int) -> HFEngine:
-    return HFEngine(model_path, seed=seed)
-
-
-def _vllm(cfg: Config, model_path: str, seed: int):
-    from offpolicy.actors.vllm import VLLMEngine  # imports vLLM: only when asked for
-
-    ec = cfg.engine
-    extra = dict(ec.vllm_args)
-    if ec.weight_sync == "nccl":  # the worker side of NCCLSync
-        extra["weight_transfer_config"] = {"backend": "nccl"}
-    # In-flight updates keep sequences running across a load, so the prefix cache could not be
-    # reset safely then; without them it is reset after every load.
-    return VLLMEngine(model_path, seed=seed, dtype=ec.dtype,
-                      max_model_len=ec.max_model_len or None,
-                      prefix_caching=not ec.inflight_updates, extra_args=extra)
-
-
-def _fake(cfg: Config, model_path: str, seed: int):
-    from offpolicy.actors.fake import FakeEngine
-
-    return FakeEngine(model_path, seed=seed)
-
-
-ENGINES = {"hf": _hf, "vllm": _vllm, "fake": _fake}
 
 
 class RolloutActor:
@@ -68,7 +40,7 @@ class RolloutActor:
         # and the batch the old one was generating is counted as lost.
         self.incarnation = f"{actor_id}:{uuid.uuid4().hex[:8]}"
         self.buffer, self.weights = buffer, weights
-        self.engine = ENGINES[cfg.engine.name](cfg, model_path, cfg.run.seed * 1000 + actor_id)
+        self.engine = make_engine(cfg, model_path, cfg.run.seed * 1000 + actor_id)
         self.tokenizer = load_tokenizer(model_path)
         self.sampling = SamplingParams(cfg.engine.temperature, cfg.engine.top_p,
                                        cfg.engine.max_new_tokens, stop=tuple(cfg.engine.stop))
@@ -100,20 +72,19 @@ class RolloutActor:
         """Ask the buffer for admission (waiting up to `timeout`), load weights, generate one
         batch and add it. Returns "added", "refused" (not admitted in time) or "stop"."""
         n = self.cfg.rollout.prompts_per_batch
-        decision = self.buffer.admit(self.engine.version, n, timeout, actor=self.incarnation)
-        if decision["stop"]:
+        admission = self.buffer.admit(self.engine.version, n, timeout, actor=self.incarnation)
+        if admission.stop:
             return "stop"
-        if "version" in decision:  # lag mode: a work order for exactly this version
-            if decision["version"] != self.engine.version:
-                self.sync_weights(want=decision["version"])
-        elif decision["published"] > self.engine.version:
+        if admission.version is not None:  # lag mode: a work order for exactly this version
+            if admission.version != self.engine.version:
+                self.sync_weights(want=admission.version)
+        elif admission.published > self.engine.version:
             self.sync_weights()
-        if not decision["admitted"]:
+        if not admission.admitted:
             return "refused"
-        reserved = decision.get("n_groups", n)
-        groups = self.rollout_batch(reserved)
+        groups = self.rollout_batch(admission.n_groups)
         self.counts["batches"] += 1
-        self.buffer.add(Groups(groups), reserved, self.engine.version,  # pickles packed
+        self.buffer.add(Groups(groups), admission.n_groups, self.engine.version,  # pickles packed
                         actor=self.incarnation, report=dict(self.counts))
         return "added"
 
@@ -126,36 +97,21 @@ class RolloutActor:
             try:
                 self.engine.load_weights(*got)
             except Exception:
-                # FileSync keeps a few versions: when the learner has moved on and deleted the
-                # folder before it was read, fetch again; anything else is a real error.
-                if isinstance(got[1], str) and not Path(got[1]).exists():
+                # A sync that keeps few versions (FileSync) may have dropped this one since
+                # the fetch: fetch again; anything else is a real error.
+                if self.weights.vanished(got[1]):
                     continue
                 raise
             self.counts["weight_loads"] += 1
             return True
-        raise RuntimeError("weights: the published folder vanished 3 times in a row")
+        raise RuntimeError("weights: the published weights vanished 3 times in a row")
 
     def weight_rpc(self, method: str, *args) -> None:
-        """NCCLSync's calls into the engine (a second Ray thread of this actor; GPU only).
-
-        `start_weight_update` takes the engine lock (the generation loop takes it for every
-        step) and `finish_weight_update(version)` sets the version and releases it, so the
-        weights and the version tag change together between two engine steps.
-        """
-        engine = self.engine
-        if method == "start_weight_update":
-            engine.lock.acquire()
-        try:
-            engine.llm.collective_rpc(method, args=args if method != "finish_weight_update"
-                                      else ())
-        except BaseException:
-            if method in ("start_weight_update", "update_weights"):
-                engine.lock.release()
-            raise
+        """NCCLSync's calls into a running engine (a second Ray thread of this actor; GPU
+        only); the engine (`PushedWeights`) keeps its steps out while weights change."""
+        self.engine.weight_rpc(method, *args)
         if method == "finish_weight_update":
-            engine.version = args[0]
             self.counts["weight_loads"] += 1
-            engine.lock.release()
 
     def _inflight_sync(self) -> None:
         """Between engine steps: load newer weights if the learner published any. Polls the

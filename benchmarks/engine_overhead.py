@@ -104,7 +104,7 @@ def update_latency(model_path: str, reps: int, root: str) -> dict:
     processes; handing the folder name over is a queue message (the WeightStore's job in runs)."""
     import multiprocessing as mp
 
-    from offpolicy.actors.hf import SamplingParams
+    from offpolicy.actors.engine import SamplingParams
     from offpolicy.actors.vllm import VLLMEngine
     from offpolicy.models import load_tokenizer
 

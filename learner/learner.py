@@ -4,7 +4,7 @@ Reads: Batches from the buffer (blocking `sample(version)`).
 Writes: weights (WeightSync) every `sync_every` steps, the published version to the buffer,
 and a metrics dict per step (returned to the driver, which writes metrics.jsonl).
 
-A plain class: `offpolicy/launch.py` wraps it as a Ray actor; tests call `step()` directly.
+A plain class: `offpolicy/ray_roles.py` wraps it as a Ray actor; tests call `step()` directly.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Learner:
         self.started = time.perf_counter()
         # Published weights by version, for the engine/learner log-prob parity check: tokens
         # are re-scored with the exact weights that generated them (a shadow model).
-        if hasattr(weights, "connect") and self.rank == 0:  # NCCLSync: meet the actors' engines
+        if self.rank == 0:  # NCCLSync meets the actors' engines here; the others need nothing
             weights.connect(self.model)
         self.history: dict[int, dict[str, torch.Tensor]] = {}
         self.shadow = None
@@ -264,8 +264,7 @@ class Learner:
     def publish(self) -> None:
         """Send the weights for `self.version` to actors; then tell the buffer (admission)."""
         keep = self.shadow is not None
-        state = (cpu_state(self.model) if keep or getattr(self.weights, "needs_cpu_state", True)
-                 else None)
+        state = cpu_state(self.model) if keep or self.weights.needs_cpu_state else None
         self.weights.publish(state, self.version)
         self.buffer.publish(self.version)
         if keep:

@@ -2,7 +2,7 @@
 
 Reads: the rendezvous address rank 0 offers. Writes: what the Learner writes (rank 0 only).
 
-`offpolicy/launch.py` starts `resources.learner_workers` of these as Ray actors, asks rank 0
+`offpolicy/ray_roles.py` starts `resources.learner_workers` of these as Ray actors, asks rank 0
 for an address, and has every worker `join` the group (gloo on CPU, NCCL on GPU) before the
 Learner is built, so each Learner sees its rank. From then on one update is a `step` call on
 every worker at once: the step has collective sync points (the batch broadcast, the gradient
@@ -28,14 +28,9 @@ class LearnerWorker:
         self.learner: Learner | None = None
         self.rank = None
 
-    def address(self) -> str:
-        """HOST:PORT of a free port on this node, for the group's TCP rendezvous (rank 0)."""
-        try:
-            import ray
-
-            host = ray.util.get_node_ip_address()
-        except Exception:  # not inside Ray (tests): this machine
-            host = "127.0.0.1"
+    def address(self, host: str = "127.0.0.1") -> str:
+        """HOST:PORT of a free port on this node, for the group's TCP rendezvous (rank 0);
+        `host` is this node's address as the other workers reach it (the launcher knows it)."""
         with socket.socket() as s:  # the port is free now; the TCP store binds it next
             s.bind(("", 0))
             port = s.getsockname()[1]

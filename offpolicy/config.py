@@ -27,6 +27,13 @@ class ConfigError(ValueError):
     """A bad config key or value. The message is one line and names the key."""
 
 
+def one_line(e: BaseException) -> str:
+    """`Type: first line` of an error; for a Ray task error, of the error raised in the role."""
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
 @dataclass
 class RunConfig:
     name: str = ""

@@ -231,7 +231,7 @@ def _set_affinity(_instance, cores: set[int]) -> int:
     return os.getpid()
 
 
-def _renice(_instance, niceness: int) -> int:
+def renice(_instance, niceness: int) -> int:
     """Lower the priority of every thread of this process (Linux niceness is per thread)."""
     for tid in os.listdir("/proc/self/task"):
         os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
@@ -253,7 +253,7 @@ def pin_roles(cfg, roles: dict, ray, nodes: dict) -> dict | None:
             print(f"warning: resources.actor_nice {nice} does not lower the actors below the "
                   f"learner (niceness {learner_nice}); start Ray with RAY_worker_niceness=0",
                   file=sys.stderr)
-        ray.get([a.__ray_call__.remote(_renice, nice) for a in roles["actors"]])
+        ray.get([a.__ray_call__.remote(renice, nice) for a in roles["actors"]])
     split = core_split(cfg.resources.learner_cpus) if cfg.resources.pin_cpus else None
     if split is None:
         return None

@@ -1,18 +1,22 @@
 """WeightSync: how the learner's weights reach the rollout actors.
 
 Reads/writes: state dicts (name -> CPU tensor) tagged with the policy version.
-Protocol: the learner calls `publish(state, version)`; an actor calls `fetch(have_version)` at
-a safe point (between batches, or between engine steps with in-flight updates) and gets
-`(version, source)` when something newer exists, or `fetch(have_version, want=v)` for exactly
-version v (lag mode); `source` is what the engine's `load_weights` takes: a state dict, or a
-folder holding `model.safetensors`.
+Protocol (`WeightSync`): the learner calls `connect(model)` once and `publish(state, version)`
+after updates; an actor calls `fetch(have_version)` at a safe point (between batches, or
+between engine steps with in-flight updates) and gets `(version, source)` when something newer
+exists, or `fetch(have_version, want=v)` for exactly version v (lag mode); `source` is what the
+engine's `load_weights` takes: a state dict, or a folder holding `model.safetensors`.
 
-- `LocalSync`: in-process, for tests and single-process use.
+- `LocalSync`: in-process, for tests and the serial layout.
 - `ObjectStoreSync`: the learner `ray.put`s the state once; a tiny `WeightStore` actor holds the
   newest reference; actors pull it from the object store (shared memory on one node).
 - `FileSync`: the learner writes `<root>/v<version>/model.safetensors` (atomic rename) and the
   `WeightStore` holds the newest folder; the vLLM engine reloads from it in place
   (`reload_weights`). Needs a filesystem the learner and actors share.
+- `NCCLSync` (GPU): the learner broadcasts into the actors' running vLLM engines.
+
+Every sync that talks to the `WeightStore` actor takes it as a `Remote` (calls look local), so
+the store has one calling convention; only ObjectStoreSync itself touches Ray (`ray.put`).
 """
 
 from __future__ import annotations
@@ -32,9 +36,34 @@ from offpolicy.weight_store import WeightStore
 
 
 class WeightSync(Protocol):
-    def publish(self, state: dict[str, torch.Tensor], version: int) -> None: ...
+    needs_cpu_state: bool
+    """Whether `publish` needs a CPU state dict (False: it reads the model itself, NCCL)."""
+
+    def connect(self, model: torch.nn.Module) -> None:
+        """Called once by the learner (rank 0) with its model, before the first publish."""
+        ...
+
+    def publish(self, state: dict[str, torch.Tensor] | None, version: int) -> None: ...
 
     def fetch(self, have_version: int, want: int | None = None) -> tuple[int, Any] | None: ...
+
+    def vanished(self, source: Any) -> bool:
+        """Whether a fetched `source` is gone (a sync that keeps few versions dropped it since
+        the fetch): the actor then fetches again."""
+        ...
+
+
+class _PullSync:
+    """What the pull-based syncs share: nothing to connect, a CPU state to publish, sources
+    that never vanish."""
+
+    needs_cpu_state = True
+
+    def connect(self, model: torch.nn.Module) -> None:
+        pass
+
+    def vanished(self, source: Any) -> bool:
+        return False
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -50,7 +79,7 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class LocalSync:
+class LocalSync(_PullSync):
     """In-process: the learner and actor share this object (tests, serial use)."""
 
     def __init__(self, keep: int = 1) -> None:
@@ -68,23 +97,24 @@ class LocalSync:
         return self.store.latest()[0]
 
 
-class ObjectStoreSync:
+class ObjectStoreSync(_PullSync):
     """State dicts go through the object store as numpy arrays: Ray stores those without
     pickling and actors read them from shared memory in place (torch tensors would be pickled
     by torch on publish and unpickled by every reader, about 12% of a tiny-model run's CPU)."""
 
     def __init__(self, store) -> None:
-        self.store = store  # a Ray actor handle of WeightStore
+        self.store = store  # the WeightStore actor (a Remote)
 
     def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
         import ray
 
-        ray.get(self.store.put.remote(version, [ray.put(to_numpy(state))]))
+        # The reference is passed inside a list, so Ray hands it over as a reference.
+        self.store.put(version, [ray.put(to_numpy(state))])
 
     def fetch(self, have_version: int, want: int | None = None):
         import ray
 
-        got = ray.get(self.store.pick.remote(have_version, want))
+        got = self.store.pick(have_version, want)
         return None if got is None else (got[0], from_numpy(ray.get(got[1][0])))
 
 
@@ -118,7 +148,7 @@ def from_numpy(arrays: dict[str, tuple[np.ndarray, str]]) -> dict[str, torch.Ten
     return out
 
 
-class FileSync:
+class FileSync(_PullSync):
     """Weights through a shared folder; keeps the newest `keep` versions on disk.
 
     Few versions are kept because a fresh folder costs fresh memory (page cache), which is what
@@ -126,7 +156,7 @@ class FileSync:
     """
 
     def __init__(self, store, root: str | Path, keep: int = 3) -> None:
-        self.store, self.root, self.keep = store, Path(root), keep  # store: WeightStore (actor)
+        self.store, self.root, self.keep = store, Path(root), keep  # the WeightStore (Remote)
         self._cleaner: threading.Thread | None = None
 
     def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
@@ -155,6 +185,9 @@ class FileSync:
         got = self.store.pick(have_version, want)
         return None if got is None else (got[0], got[1][0])
 
+    def vanished(self, source: Any) -> bool:
+        return not Path(source).exists()
+
 
 class NCCLSync:
     """GPU only: the learner broadcasts its parameters straight into every actor's running vLLM
@@ -162,17 +195,26 @@ class NCCLSync:
 
     The learner process is NCCL rank 0; actor i's vLLM workers are ranks 1 + i * tp ... .
     vLLM's trainer engine drives each update as start -> update (during the broadcast) ->
-    finish; the calls reach the actors through `RolloutActor.weight_rpc`, which holds the
-    engine from start to finish so no token is sampled with half-loaded weights or a stale
+    finish; the calls reach the actors through `RolloutActor.weight_rpc`, whose engine holds
+    its step lock from start to finish so no token is sampled with half-loaded weights or a stale
     version tag. Actors never pull (`fetch` returns None): weights are pushed.
     Not exercised on CPU (no NCCL there); `filesystem` is the same protocol on a CPU.
     """
 
     needs_cpu_state = False  # the broadcast reads the learner's GPU parameters directly
 
-    def __init__(self, store, actors: list, tp: int = 1) -> None:
-        self.store, self.actors, self.tp = store, actors, tp  # store: WeightStore (local-like)
+    def __init__(self, store, tp: int = 1) -> None:
+        self.store, self.tp = store, tp  # the WeightStore (Remote)
+        self.actors: list = []           # the rollout actors' handles (`attach`)
         self.engine, self.version = None, 0
+
+    def attach(self, actors: list) -> None:
+        """The rollout actors to push into (their handles exist only after they are created
+        with this sync; the learner gets it after this call)."""
+        self.actors = list(actors)
+
+    def vanished(self, source: Any) -> bool:
+        return False
 
     def connect(self, model: torch.nn.Module) -> None:
         """Rendezvous with every actor's workers (called by the learner once, on its GPU)."""

@@ -1,6 +1,7 @@
 """Replay buffer: whole groups, staleness eviction, admission control, capacity."""
 
 import threading
+import time
 
 import numpy as np
 
@@ -36,7 +37,7 @@ def test_sample_times_out_empty_and_close_releases():
     buf = ReplayBuffer(batch_groups=1, max_staleness=0, capacity=10)
     assert buf.sample(version=0, timeout=0.01) is None
     buf.close()
-    assert buf.admit(0, 1)["stop"] is True
+    assert buf.admit(0, 1).stop is True
 
 
 def test_capacity_evicts_oldest():
@@ -50,29 +51,36 @@ def test_capacity_evicts_oldest():
 def test_admission_predicts_the_consuming_version():
     # Batches of 2 groups, bound 1. Next update is version 0.
     buf = ReplayBuffer(batch_groups=2, max_staleness=1, capacity=100)
-    assert buf.admit(version=0, n_groups=2, timeout=0)["admitted"]   # consumed at 0: staleness 0
+    assert buf.admit(version=0, n_groups=2, timeout=0).admitted   # consumed at 0: staleness 0
     buf.add([group(0, "a"), group(0, "b")], reserved=2)
-    assert buf.admit(version=0, n_groups=2, timeout=0)["admitted"]   # consumed at 1: staleness 1
+    assert buf.admit(version=0, n_groups=2, timeout=0).admitted   # consumed at 1: staleness 1
     buf.add([group(0, "c"), group(0, "d")], reserved=2)
     # A third batch from version 0 would be consumed at version 2: staleness 2 > 1.
-    assert not buf.admit(version=0, n_groups=2, timeout=0)["admitted"]
+    assert not buf.admit(version=0, n_groups=2, timeout=0).admitted
     # Once weights 1 are published an actor loading them would be 1 behind: admitted.
     buf.publish(1)
     decision = buf.admit(version=0, n_groups=2, timeout=0)
-    assert decision["admitted"] and decision["published"] == 1
+    assert decision.admitted and decision.published == 1
 
 
 def test_blocked_admission_wakes_when_the_learner_consumes():
     buf = ReplayBuffer(batch_groups=1, max_staleness=0, capacity=100)
-    assert buf.admit(0, 1, timeout=0)["admitted"]
+    assert buf.admit(0, 1, timeout=0).admitted
     buf.add([group(0, "a")], reserved=1)
     result = {}
-    waiter = threading.Thread(target=lambda: result.update(buf.admit(0, 1, timeout=30)))
+    waiter = threading.Thread(target=lambda: result.update(admission=buf.admit(0, 1, timeout=30)))
     waiter.start()
+    deadline = time.monotonic() + 10
+    while buf.counts["held_off"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    # the waiter is blocked: it was held off, and it has no answer yet
+    assert buf.counts["held_off"] == 1 and waiter.is_alive() and not result
     buf.sample(version=0, timeout=0)   # the learner takes version 0's batch ...
     buf.publish(1)                     # ... and publishes version 1
     waiter.join(timeout=30)
-    assert result["admitted"] and result["published"] == 1
+    admission = result["admission"]
+    assert admission.admitted and admission.published == 1 and buf.held_off_s > 0.04
 
 
 def run_lag(k, steps, batch_groups=2, n_per_order=3, drop_every=0):
@@ -86,18 +94,18 @@ def run_lag(k, steps, batch_groups=2, n_per_order=3, drop_every=0):
             if batch is not None:
                 break
             order = buf.admit(0, n_per_order, timeout=0)
-            assert order["admitted"], f"no work offered at step {t} but no batch either"
-            orders.append(order["version"])
-            assert order["version"] <= buf.published  # only versions that exist
+            assert order.admitted, f"no work offered at step {t} but no batch either"
+            orders.append(order.version)
+            assert order.version <= buf.published  # only versions that exist
             groups = []
-            for _ in range(order["n_groups"]):
+            for _ in range(order.n_groups):
                 made += 1
-                g = group(order["version"], f"g{made}")
+                g = group(order.version, f"g{made}")
                 if drop_every and made % drop_every == 0:
                     for tr in g:
                         tr.reward = 0.0  # uniform: filtered, the order must be re-issued
                 groups.append(g)
-            buf.add(groups, reserved=order["n_groups"], version=order["version"])
+            buf.add(groups, reserved=order.n_groups, version=order.version)
         seen.append(sorted({int(v) for tr in batch.trajectories for v in tr.versions}))
         buf.publish(t + 1)
     return seen, orders, buf
@@ -117,7 +125,7 @@ def test_lag_mode_trains_on_exactly_version_t_minus_k():
 def test_lag_orders_grow_with_the_filter_rate():
     """When half the groups are filtered, a batch of 2 groups is ordered as 4, not 2 then 1..."""
     buf = ReplayBuffer(2, max_staleness=0, capacity=1000, drop_uniform_groups=True, lag=0)
-    assert buf.admit(0, 8, timeout=0)["n_groups"] == 2  # nothing filtered yet
+    assert buf.admit(0, 8, timeout=0).n_groups == 2  # nothing filtered yet
     for i in range(20):  # half of every add is uniform
         bad = group(0, f"u{i}")
         for tr in bad:
@@ -127,19 +135,19 @@ def test_lag_orders_grow_with_the_filter_rate():
     buf.sample(0, timeout=0)
     buf.publish(1)
     order = buf.admit(1, 8, timeout=0)
-    assert order["version"] == 1 and order["n_groups"] == 4
-    assert buf.admit(1, 8, timeout=0)["admitted"] is False  # 4 on order are expected to give 2
-    assert buf.admit(1, 3, timeout=0)["admitted"] is False
+    assert order.version == 1 and order.n_groups == 4
+    assert buf.admit(1, 8, timeout=0).admitted is False  # 4 on order are expected to give 2
+    assert buf.admit(1, 3, timeout=0).admitted is False
 
 
 def test_lag_mode_k0_is_synchronous():
     """k = 0: no work for version t + 1 is offered before the learner publishes it."""
     buf = ReplayBuffer(2, max_staleness=0, capacity=100, lag=0)
     order = buf.admit(0, 5, timeout=0)
-    assert order["version"] == 0 and order["n_groups"] == 2  # sized to one batch
-    assert not buf.admit(0, 5, timeout=0)["admitted"]  # version 0 is fully reserved
+    assert order.version == 0 and order.n_groups == 2  # sized to one batch
+    assert not buf.admit(0, 5, timeout=0).admitted  # version 0 is fully reserved
     buf.add([group(0, "a"), group(0, "b")], reserved=2, version=0)
     assert buf.sample(0, timeout=0).version == 0
-    assert not buf.admit(0, 5, timeout=0)["admitted"]  # version 1 not published yet
+    assert not buf.admit(0, 5, timeout=0).admitted  # version 1 not published yet
     buf.publish(1)
-    assert buf.admit(1, 5, timeout=0)["version"] == 1
+    assert buf.admit(1, 5, timeout=0).version == 1

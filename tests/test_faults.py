@@ -29,16 +29,16 @@ from test_replay import group, mixed
 def test_ledger_counts_a_dead_actors_batch_as_lost_and_balances():
     buf = ReplayBuffer(2, max_staleness=100, capacity=10_000, drop_uniform_groups=True,
                        group_size=4)
-    assert buf.admit(0, 3, timeout=0, actor="0:a")["admitted"]
+    assert buf.admit(0, 3, timeout=0, actor="0:a").admitted
     buf.add([mixed("a1"), mixed("a2"), group("a3", [1, 1, 1, 1])], reserved=3, actor="0:a",
             report={"trajectories": 12})
-    assert buf.admit(0, 2, timeout=0, actor="1:a")["admitted"]
+    assert buf.admit(0, 2, timeout=0, actor="1:a").admitted
     # an environment failed in one of the two groups: the actor dropped that group
     buf.add([mixed("b1")], reserved=2, actor="1:a", report={"trajectories": 4})
-    assert buf.admit(0, 2, timeout=0, actor="0:a")["admitted"]  # actor 0 generates 2 groups...
+    assert buf.admit(0, 2, timeout=0, actor="0:a").admitted  # actor 0 generates 2 groups...
     assert buf.reserved == 2
     # ...and dies. Ray restarts it: the new incarnation's first call reveals the lost batch.
-    assert buf.admit(0, 1, timeout=0, actor="0:b")["admitted"]
+    assert buf.admit(0, 1, timeout=0, actor="0:b").admitted
     assert buf.reserved == 1  # the dead batch's reservation is released
     assert len(buf.sample(0)) == 8  # a1 and a2 trained on
     ledger = buf.ledger()
@@ -56,10 +56,10 @@ def test_ledger_counts_a_dead_actors_batch_as_lost_and_balances():
 def test_lag_mode_reissues_the_work_order_of_a_dead_actor():
     buf = ReplayBuffer(2, max_staleness=0, capacity=1000, lag=0, group_size=2)
     order = buf.admit(0, 2, timeout=0, actor="0:a")
-    assert order["admitted"] and (order["version"], order["n_groups"]) == (0, 2)
-    assert not buf.admit(0, 2, timeout=0, actor="1:a")["admitted"]  # all on order already
+    assert order.admitted and (order.version, order.n_groups) == (0, 2)
+    assert not buf.admit(0, 2, timeout=0, actor="1:a").admitted  # all on order already
     order = buf.admit(0, 2, timeout=0, actor="0:b")  # actor 0 died and came back
-    assert order["admitted"] and (order["version"], order["n_groups"]) == (0, 2)
+    assert order.admitted and (order.version, order.n_groups) == (0, 2)
     assert buf.ledger()["lost"] == 4
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from offpolicy.launch import RayRoles
+from offpolicy.ray_roles import RayRoles
 
 from conftest import fast_config
 

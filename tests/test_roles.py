@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from offpolicy.actors.hf import HFEngine, SamplingParams
+from offpolicy.actors.engine import SamplingParams
+from offpolicy.actors.hf import HFEngine
 from offpolicy.actors.rollout import RolloutActor
 from offpolicy.buffer.replay import ReplayBuffer
 from offpolicy.learner.learner import Learner
@@ -243,12 +244,14 @@ def test_nccl_weight_rpc_holds_the_engine_from_start_to_finish(monkeypatch):
 
     import ray
 
+    from offpolicy.actors.vllm import VLLMEngine
     from offpolicy.weights import NCCLSync, WeightStore, _ActorsClient
 
     def make_actor(fail_on=None):
+        engine = VLLMEngine.__new__(VLLMEngine)  # the weight-update half, without vLLM
+        engine.lock, engine.llm, engine.version = threading.Lock(), _FakeLLM(fail_on), 0
         actor = RolloutActor.__new__(RolloutActor)
-        actor.engine = SimpleNamespace(lock=threading.Lock(), llm=_FakeLLM(fail_on), version=0)
-        actor.counts = {"weight_loads": 0}
+        actor.engine, actor.counts = engine, {"weight_loads": 0}
         return actor
 
     class Handle:  # what a Ray actor handle looks like to _ActorsClient
@@ -257,7 +260,8 @@ def test_nccl_weight_rpc_holds_the_engine_from_start_to_finish(monkeypatch):
 
     monkeypatch.setattr(ray, "get", lambda refs: refs)
     actors = [make_actor(), make_actor()]
-    sync = NCCLSync(WeightStore(), [Handle(a) for a in actors], tp=2)
+    sync = NCCLSync(WeightStore(), tp=2)
+    sync.attach([Handle(a) for a in actors])
     client = _ActorsClient(sync)
     client.init_weight_transfer_engine({"rank_offset": 1, "world_size": 5})
     assert [a.engine.llm.calls[0][1][0]["rank_offset"] for a in actors] == [1, 3]
@@ -268,6 +272,7 @@ def test_nccl_weight_rpc_holds_the_engine_from_start_to_finish(monkeypatch):
     assert all(a.engine.lock.locked() and a.engine.version == 0 for a in actors)
     client.finish_weight_update()
     assert all(not a.engine.lock.locked() and a.engine.version == 4 for a in actors)
+    assert all(a.counts["weight_loads"] == 1 for a in actors)
     assert actors[0].engine.llm.calls[-1] == ("finish_weight_update", ())
     broken = make_actor(fail_on="update_weights")
     broken.weight_rpc("start_weight_update")

@@ -129,7 +129,7 @@ def test_without_inflight_updates_weights_wait_for_the_batch(vllm_model_dir):
 
 
 def test_vllm_honours_max_tokens_stop_strings_and_greedy(vllm_model_dir):
-    from offpolicy.actors.hf import SamplingParams
+    from offpolicy.actors.engine import SamplingParams
     from offpolicy.actors.vllm import VLLMEngine
 
     engine = VLLMEngine(str(vllm_model_dir), dtype="float32",

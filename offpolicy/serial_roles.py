@@ -1,0 +1,63 @@
+"""The serial layout (`resources.serial`): every role in this one process, taking turns.
+
+Reads: a validated Config. Writes: what the roles write (see `launch.py`).
+The same role classes as the Ray layout (`ray_roles.py`), without Ray: the buffer is a plain
+object, weights go through a `LocalSync`. The staleness ablation's layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from offpolicy.actors.rollout import RolloutActor
+from offpolicy.buffer.replay import ReplayBuffer
+from offpolicy.config import Config
+from offpolicy.learner.learner import Learner
+from offpolicy.weights import LocalSync
+
+
+class SerialRoles:
+    """`resources.serial`: the same role classes in this process, taking turns. Before each
+    update the actors (round robin) generate until the buffer holds that update's batch."""
+
+    def __init__(self, cfg: Config, model_path: str, stream: int = 0):
+        lag = cfg.staleness.mode == "lag"
+        self.buffer = ReplayBuffer(**ReplayBuffer.config_kwargs(cfg))
+        sync = LocalSync(keep=cfg.staleness.k + 2 if lag else 1)
+        self.actors = [RolloutActor(cfg, i, model_path, self.buffer, sync, stream)
+                       for i in range(cfg.rollout.num_actors)]
+        self.learner = Learner(cfg, model_path, self.buffer, sync)
+        self.turn = 0
+
+    def step(self) -> dict:
+        refused = 0
+        while not self.buffer.ready(self.learner.version):
+            actor = self.actors[self.turn % len(self.actors)]
+            self.turn += 1
+            refused = refused + 1 if actor.one_batch(timeout=0) == "refused" else 0
+            if refused >= len(self.actors):  # nobody may generate and no batch is ready
+                raise RuntimeError("serial layout: the buffer admits no work and holds no batch "
+                                   f"for update {self.learner.version}")
+        return self.learner.step()
+
+    def evaluate(self) -> float:
+        return self.learner.evaluate()
+
+    def save_state(self, folder: Path, with_buffer: bool) -> None:
+        self.learner.save_state(str(folder))
+        if with_buffer:
+            self.buffer.save(folder / "buffer.pkl")
+
+    def load_state(self, folder: Path) -> int:
+        if (folder / "buffer.pkl").is_file():
+            self.buffer.load(folder / "buffer.pkl")
+        return self.learner.load_state(str(folder))
+
+    def finish(self, checkpoint: Path) -> tuple[dict, list[dict], dict]:
+        self.learner.save(str(checkpoint))
+        self.buffer.close()
+        return (self.buffer.stats(), [dict(a.counts) for a in self.actors],
+                self.buffer.ledger(final=True))
+
+    def close(self) -> None:
+        """Nothing runs outside this process."""
