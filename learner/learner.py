@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -79,74 +80,73 @@ class Learner:
 
     def step(self) -> dict:
         """One update. Blocks in the buffer until a batch for this version is ready."""
-        t0 = time.perf_counter()
-        batch = self._next_batch() if self.rank == 0 else None
-        if self.world > 1:  # sync point: every worker gets rank 0's batch
-            box = [batch]
-            torch.distributed.broadcast_object_list(box, src=0)
-            batch = box[0]
-        t1 = time.perf_counter()
-        cfg = self.cfg
-        d = {k: torch.from_numpy(v) for k, v in batch.padded(self.tokenizer.pad_token_id).items()}
-        mask = d["loss_mask"]                                                   # (B, T)
-        adv = torch.from_numpy(self.advantage_fn(batch.rewards(), batch.group_index()))  # (B,)
-        if batch.weights is not None:  # prioritized replay's importance weights, (B,)
-            adv = adv * torch.from_numpy(batch.weights)
-
+        spans = Spans()
+        with spans("wait"):
+            batch = self._next_batch()
+        with spans("prepare"):
+            d = {k: torch.from_numpy(v)
+                 for k, v in batch.padded(self.tokenizer.pad_token_id).items()}   # (B, T) each
+            adv = torch.from_numpy(self.advantage_fn(batch.rewards(), batch.group_index()))
+            if batch.weights is not None:  # prioritized replay's importance weights, (B,)
+                adv = adv * torch.from_numpy(batch.weights)
         parity = {}
-        if (cfg.engine.logprob_check_every and self.rank == 0
-                and self.version % cfg.engine.logprob_check_every == 0):
-            parity = self._logprob_parity(d)
-        t_fwd = time.perf_counter()
+        if self._parity_due():
+            with spans("parity"):
+                parity = self._logprob_parity(d)
+        with spans("backward"):  # forward, backward and optimizer step
+            loss, logprobs, tensors = self._update(d, adv)
+        if self.version % self.cfg.learner.sync_every == 0 and self.rank == 0:
+            with spans("publish"):
+                self.publish()
+        return self._metrics(batch, d, logprobs, {**tensors, "learner/loss": loss}, parity,
+                             spans)
+
+    def _parity_due(self) -> bool:
+        every = self.cfg.engine.logprob_check_every
+        return bool(every) and self.rank == 0 and self.version % every == 0
+
+    def _update(self, d: dict[str, torch.Tensor], adv: torch.Tensor):
+        """Gradients for the batch and one optimizer step, unless the loss or the gradient is
+        not finite: then the step is skipped and counted. The version advances either way (an
+        update that changed nothing), so versions stay one per sampled batch.
+        Returns (loss, (B, T) log-probs, metric tensors)."""
         self.opt.zero_grad(set_to_none=True)
-        loss, logprobs, loss_metrics = self._backward(d, adv)
-        lr = self._set_lr()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.learner.grad_clip if cfg.learner.grad_clip > 0 else float("inf"))
-        if math.isfinite(loss) and torch.isfinite(grad_norm):
+        loss, logprobs, tensors = self._backward(d, adv)
+        tensors["learner/lr"] = torch.tensor(self._set_lr(), dtype=torch.float64)
+        clip = self.cfg.learner.grad_clip if self.cfg.learner.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one host sync
             self.opt.step()
-        else:  # a NaN/inf loss or gradient would poison the weights: skip the step, count it.
-            # The version still advances (an update that changed nothing), so versions stay
-            # one per sampled batch for the buffer and the staleness bookkeeping.
+        else:  # a NaN/inf would poison the weights
             self.opt.zero_grad(set_to_none=True)
             self.nonfinite_skipped += 1
         self.version += 1
-        self.samples += len(batch)
-        t_pub = time.perf_counter()
-        if self.version % cfg.learner.sync_every == 0 and self.rank == 0:
-            self.publish()
-        t2 = time.perf_counter()
+        tensors["learner/grad_norm"] = grad_norm
+        return loss, logprobs, tensors
 
+    def _metrics(self, batch: Batch, d: dict[str, torch.Tensor], logprobs: torch.Tensor,
+                 tensors: dict[str, torch.Tensor], parity: dict, spans: "Spans") -> dict:
+        """The step's metrics, all in one place: tensors become numbers here, once."""
+        self.samples += len(batch)
+        mask = d["loss_mask"]                                                   # (B, T)
         staleness = (batch.version - d["versions"][mask.bool()]).float()
-        rewards = batch.rewards()
-        metrics = {
-            "step": self.version,
-            "learner/loss": loss,
-            "learner/grad_norm": grad_norm.item(),
-            "learner/lr": lr,
-            "learner/nonfinite_skipped": self.nonfinite_skipped,
-            "learner/tokens": int(mask.sum().item()),
-            "learner/batch_size": len(batch),
-            "rollout/reward_mean": float(rewards.mean()),
-            "rollout/completion_len": float(mask.sum(1).mean().item()),
-            # policy turns per episode: runs of loss_mask 1 (environment tokens separate them)
-            "rollout/turns": float(mask[:, :1].sum() + (mask[:, 1:] > mask[:, :-1]).sum())
-            / len(mask),
-            "staleness/min": staleness.min().item(),
-            "staleness/mean": staleness.mean().item(),
-            "staleness/max": staleness.max().item(),
-            "staleness/hist": {str(int(k)): int(n) for k, n in
-                               zip(*torch.unique(staleness, return_counts=True))},
-            **importance_diagnostics(logprobs, d["behavior_logprobs"], mask),
-            **loss_metrics,
-            **parity,
-            **batch.stats,
-            "time/wait_s": t1 - t0,
-            "time/update_s": t2 - t1,
-            "time/backward_s": t_pub - t_fwd,  # forward, backward and optimizer step
-            "time/publish_s": t2 - t_pub,
-            "throughput/samples_per_s": self.samples / (time.perf_counter() - self.started),
-        }
+        tensors.update(importance_diagnostics(logprobs, d["behavior_logprobs"], mask))
+        tensors.update({"learner/tokens": mask.sum(), "rollout/completion_len":
+                        mask.sum(1).float().mean(),
+                        # policy turns per episode: runs of loss_mask 1 (env tokens between)
+                        "rollout/turns": (mask[:, :1].sum() + (mask[:, 1:] > mask[:, :-1]).sum())
+                        / len(mask), "staleness/min": staleness.min(),
+                        "staleness/mean": staleness.mean(), "staleness/max": staleness.max()})
+        metrics = {"step": self.version, **to_numbers(tensors),
+                   "learner/nonfinite_skipped": self.nonfinite_skipped,
+                   "learner/batch_size": len(batch),
+                   "rollout/reward_mean": float(batch.rewards().mean()),
+                   "staleness/hist": {str(int(k)): int(n) for k, n in
+                                      zip(*torch.unique(staleness, return_counts=True))},
+                   **parity, **batch.stats, **spans.metrics(),
+                   "throughput/samples_per_s":
+                   self.samples / (time.perf_counter() - self.started)}
+        metrics["learner/tokens"] = int(metrics["learner/tokens"])
         return metrics
 
     def _set_lr(self) -> float:
@@ -163,7 +163,7 @@ class Learner:
         Each chunk's loss is weighted by its share of the batch's loss tokens, so token-mean
         losses (most of them) get exactly the full-batch gradient; sequence-mean ones (gspo,
         seq_mask_is) are close when chunks hold similar token counts.
-        Returns (loss value, (B, T) detached log-probs on CPU, weighted loss metrics).
+        Returns (loss, (B, T) detached log-probs on CPU, weighted loss metrics): 0-dim tensors.
         """
         B, cfg = len(d["input_ids"]), self.cfg
         total = d["loss_mask"].sum().clamp(min=1)  # the whole batch's: ranks weight alike
@@ -171,7 +171,7 @@ class Learner:
             raise ValueError(f"learner: a batch of {B} rows cannot feed {self.world} workers")
         mine = torch.arange(self.rank, B, self.world)  # this worker's rows (all of them alone)
         size = cfg.learner.micro_batch or len(mine)
-        loss_sum, metrics, logprobs = 0.0, {}, []
+        loss_sum, metrics, logprobs = torch.zeros((), device=self.device), {}, []
         for lo in range(0, len(mine), size):
             c = {k: v[mine[lo:lo + size]].to(self.device) for k, v in d.items()}
             lp, entropy = token_logprobs(self.model, c["input_ids"], c["attention_mask"],
@@ -192,19 +192,18 @@ class Learner:
             loss, m = self.loss_fn(inputs, **cfg.loss.params)
             loss, reg = regularized(loss, c["loss_mask"], entropy, cfg.loss.entropy_coef,
                                     kl, cfg.loss.kl_coef)
-            m.update(reg)
-            w = (c["loss_mask"].sum() / total).item()
+            w = c["loss_mask"].sum() / total.to(self.device)
             (loss * w).backward()
-            loss_sum += loss.item() * w
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) * w
+            loss_sum = loss_sum + loss.detach() * w
+            for k, v in {**m, **reg}.items():
+                metrics[k] = metrics.get(k, 0.0) + v * w
             logprobs.append(lp.detach().cpu())
         logprobs = torch.cat(logprobs)
         if self.world > 1:
             loss_sum, metrics, logprobs = self._all_reduce(B, mine, loss_sum, metrics, logprobs)
         return loss_sum, logprobs, metrics
 
-    def _all_reduce(self, B: int, mine: torch.Tensor, loss_sum: float, metrics: dict,
+    def _all_reduce(self, B: int, mine: torch.Tensor, loss_sum: torch.Tensor, metrics: dict,
                     logprobs: torch.Tensor):
         """Sync point of data-parallel workers: sum gradients (each rank's are already weighted
         by its share of the batch's tokens, so the sum is the full-batch gradient), the loss and
@@ -215,21 +214,26 @@ class Learner:
                 dist.all_reduce(p.grad)
         names = sorted(metrics)
         # on the training device: NCCL reduces only CUDA tensors
-        sums = torch.tensor([loss_sum] + [metrics[k] for k in names], dtype=torch.float64,
-                            device=self.device)
+        sums = torch.stack([loss_sum] + [metrics[k] for k in names]).to(torch.float64)
         dist.all_reduce(sums)
         full = torch.zeros(B, logprobs.shape[1], device=self.device)            # (B, T)
         full[mine.to(self.device)] = logprobs.to(self.device)
         dist.all_reduce(full)
-        return float(sums[0]), dict(zip(names, sums[1:].tolist())), full.cpu()
+        return sums[0], dict(zip(names, sums[1:])), full.cpu()
 
     def _next_batch(self) -> Batch:
-        while True:
+        """Rank 0 waits for this version's batch; data-parallel workers get it from rank 0
+        (a sync point)."""
+        batch = None
+        while self.rank == 0 and batch is None:
             batch = self.buffer.sample(self.version)
-            if batch is not None:
-                return batch
-            if self.buffer.is_closed():
+            if batch is None and self.buffer.is_closed():
                 raise RuntimeError("buffer closed while the learner waited for data")
+        if self.world > 1:
+            box = [batch]
+            torch.distributed.broadcast_object_list(box, src=0)
+            batch = box[0]
+        return batch
 
     @torch.no_grad()
     def _logprob_parity(self, d: dict[str, torch.Tensor], rows: int = 8) -> dict:
@@ -308,3 +312,37 @@ class Learner:
         """Greedy reward on the fixed held-out eval set with the current weights."""
         return evaluate(self.model, self.tokenizer, self.cfg.env,
                         list(range(self.cfg.env.eval_size)), self.cfg.engine.max_new_tokens)
+
+
+class Spans:
+    """Named timing spans of one step, side by side (none inside another): `time/<name>_s`,
+    and `time/update_s`, their sum after the wait."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"time/{k}_s": v for k, v in self.seconds.items()}
+        out["time/update_s"] = sum(v for k, v in self.seconds.items() if k != "wait")
+        out.setdefault("time/publish_s", 0.0)
+        return out
+
+
+def to_numbers(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-dim tensors to floats with one device-to-host copy per device."""
+    out: dict[str, float] = {}
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in tensors.items():
+        by_device.setdefault(v.device, []).append(k)
+    for names in by_device.values():
+        values = torch.stack([tensors[k].detach().double().reshape(()) for k in names])
+        out.update(zip(names, values.cpu().tolist()))
+    return out

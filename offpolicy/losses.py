@@ -1,6 +1,8 @@
 """Policy losses with off-policy corrections: pure functions picked from `LOSSES` by name.
 
-Reads: `LossInputs` tensors. Writes: nothing. Each loss returns (scalar loss, metrics dict).
+Reads: `LossInputs` tensors. Writes: nothing. Each loss returns (scalar loss, metrics): the
+metrics are 0-dim tensors without gradient, which the learner turns into numbers once per step
+(a `.item()` per metric would be one host sync each on a GPU).
 Shapes: B sequences x T target positions; `mask` is 1 on policy tokens and 0 on padding,
 prompt and environment tokens. Losses average over the batch's policy tokens (token mean,
 as in DAPO), so long and short completions weigh each token the same.
@@ -75,7 +77,7 @@ def tis(inputs: LossInputs, cap: float = 2.0) -> tuple[torch.Tensor, dict]:
     weight = ratio.clamp(max=cap)
     loss = masked_mean(-weight * inputs.advantages * inputs.logprobs, inputs.mask)
     clipped = masked_mean((ratio > cap).float(), inputs.mask)
-    return loss, {"is/clip_frac": clipped.item()}
+    return loss, {"is/clip_frac": clipped}
 
 
 def _ratio(inputs: LossInputs) -> torch.Tensor:
@@ -109,7 +111,7 @@ def ppo_clip(inputs: LossInputs, eps_low: float = 0.2, eps_high: float = 0.28,
     clipped = r.clamp(1 - eps_low, 1 + eps_high) * adv
     obj = _dual_clip(torch.minimum(r * adv, clipped), adv, dual_clip)
     frac = masked_mean((clipped < r * adv).float(), inputs.mask)
-    return masked_mean(-obj, inputs.mask), {"is/clip_frac": frac.item()}
+    return masked_mean(-obj, inputs.mask), {"is/clip_frac": frac}
 
 
 @register_loss("seq_mask_is")
@@ -124,7 +126,7 @@ def seq_mask_is(inputs: LossInputs, low: float = 0.5, high: float = 2.0):
     keep = ((seq_r >= low) & (seq_r <= high)).float()[:, None] * inputs.mask      # (B, T)
     w = _ratio(inputs).detach()
     loss = masked_mean(-w * keep * inputs.advantages * inputs.logprobs, inputs.mask)
-    return loss, {"is/clip_frac": 1 - (keep.sum() / inputs.mask.sum().clamp(min=1)).item()}
+    return loss, {"is/clip_frac": 1 - (keep.sum() / inputs.mask.sum().clamp(min=1))}
 
 
 @register_loss("icepop")
@@ -137,7 +139,7 @@ def icepop(inputs: LossInputs, low: float = 0.5, high: float = 5.0):
     w = _ratio(inputs).detach()
     keep = ((w >= low) & (w <= high)).float() * inputs.mask
     loss = masked_mean(-w * keep * inputs.advantages * inputs.logprobs, inputs.mask)
-    return loss, {"is/clip_frac": 1 - (keep.sum() / inputs.mask.sum().clamp(min=1)).item()}
+    return loss, {"is/clip_frac": 1 - (keep.sum() / inputs.mask.sum().clamp(min=1))}
 
 
 @register_loss("vtrace")
@@ -155,7 +157,7 @@ def vtrace(inputs: LossInputs, rho_bar: float = 1.0, c_bar: float = 1.0):
     after = log_c.flip(-1).cumsum(-1).flip(-1) - log_c
     w = r.clamp(max=rho_bar) * torch.exp(after)
     loss = masked_mean(-w * inputs.advantages * inputs.logprobs, inputs.mask)
-    return loss, {"is/clip_frac": masked_mean((r > rho_bar).float(), inputs.mask).item()}
+    return loss, {"is/clip_frac": masked_mean((r > rho_bar).float(), inputs.mask)}
 
 
 @register_loss("decoupled_ppo")
@@ -177,7 +179,7 @@ def decoupled_ppo(inputs: LossInputs, eps: float = 0.2, behav_cap: float = 0.0):
     clipped = r.clamp(1 - eps, 1 + eps) * adv
     obj = behav * torch.minimum(r * adv, clipped)
     frac = masked_mean((clipped < r * adv).float(), inputs.mask)
-    return masked_mean(-obj, inputs.mask), {"is/clip_frac": frac.item()}
+    return masked_mean(-obj, inputs.mask), {"is/clip_frac": frac}
 
 
 @register_loss("m2po")
@@ -194,15 +196,17 @@ def m2po(inputs: LossInputs, tau: float = 0.04):
         n = len(order)
         # Keeping the n - k smallest: their mean is tail_sum[k] / (n - k).
         tail = order.flip(0).cumsum(0).flip(0)
-        counts = torch.arange(n, 0, -1, dtype=sq.dtype)
+        counts = torch.arange(n, 0, -1, dtype=sq.dtype, device=sq.device)
         ok = (tail / counts) <= tau
-        k = int(ok.float().argmax().item()) if ok.any() else n
-        cut = order[k - 1] if k > 0 else float("inf")
+        # k: how many of the largest to drop (n if none is small enough); no host sync
+        k = torch.where(ok.any(), ok.float().argmax(), n) if n else torch.tensor(0)
+        cut = (torch.where(k > 0, order[(k - 1).clamp(min=0)], float("inf")) if n
+               else torch.tensor(float("inf")))
         drop = ((inputs.logprobs - inputs.behavior_logprobs) ** 2 >= cut) & inputs.mask.bool()
         keep = inputs.mask * (~drop).float()
     r = torch.exp((inputs.logprobs - inputs.behavior_logprobs) * keep)
     loss = masked_mean(-r * inputs.advantages * keep, inputs.mask)
-    return loss, {"is/clip_frac": 1 - (keep.sum() / inputs.mask.sum().clamp(min=1)).item()}
+    return loss, {"is/clip_frac": 1 - (keep.sum() / inputs.mask.sum().clamp(min=1))}
 
 
 @register_loss("cispo")
@@ -215,7 +219,7 @@ def cispo(inputs: LossInputs, eps_low: float = 1.0, eps_high: float = 0.28):
     r = _ratio(inputs).detach()
     w = r.clamp(1 - eps_low, 1 + eps_high)
     loss = masked_mean(-w * inputs.advantages * inputs.logprobs, inputs.mask)
-    return loss, {"is/clip_frac": masked_mean((w != r).float(), inputs.mask).item()}
+    return loss, {"is/clip_frac": masked_mean((w != r).float(), inputs.mask)}
 
 
 @register_loss("gspo")
@@ -234,7 +238,7 @@ def gspo(inputs: LossInputs, eps_low: float = 3e-4, eps_high: float = 4e-4,
     obj = _dual_clip(torch.minimum(s * adv, clipped), adv, dual_clip)
     n = has.sum().clamp(min=1)
     frac = ((clipped < s * adv).float() * has).sum() / n
-    return (-obj * has).sum() / n, {"is/clip_frac": frac.item()}
+    return (-obj * has).sum() / n, {"is/clip_frac": frac}
 
 
 @register_loss("topr")
@@ -249,7 +253,7 @@ def topr(inputs: LossInputs):
     w = negative * seq_r[:, None] + (1 - negative)
     loss = masked_mean(-w * inputs.advantages * inputs.logprobs, inputs.mask)
     return loss, {"is/clip_frac": masked_mean(negative * (seq_r[:, None] < 1).float(),
-                                                   inputs.mask).item()}
+                                                   inputs.mask)}
 
 
 def importance_diagnostics(logprobs: torch.Tensor, behavior_logprobs: torch.Tensor,
@@ -263,12 +267,12 @@ def importance_diagnostics(logprobs: torch.Tensor, behavior_logprobs: torch.Tens
         # Normalised effective sample size (sum w)^2 / (n * sum w^2), in (0, 1].
         ess = w.sum() ** 2 / (n * (w ** 2).sum()).clamp(min=1e-12)
         return {
-            "is/ratio_mean": (w.sum() / n).item(),
-            "is/ratio_max": ratio.masked_fill(mask == 0, 0).max().item(),
-            "is/ess_frac": ess.item(),
+            "is/ratio_mean": (w.sum() / n),
+            "is/ratio_max": ratio.masked_fill(mask == 0, 0).max(),
+            "is/ess_frac": ess,
             # KL(mu || pi) estimators on samples from mu: k1 = -log r, k3 = r - 1 - log r.
-            "is/kl_k1": masked_mean(-log_ratio, mask).item(),
-            "is/kl_k3": masked_mean(ratio - 1 - log_ratio, mask).item(),
+            "is/kl_k1": masked_mean(-log_ratio, mask),
+            "is/kl_k3": masked_mean(ratio - 1 - log_ratio, mask),
         }
 
 
@@ -294,12 +298,12 @@ def regularized(loss: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
     kl_coef * KL`, both token means over policy tokens. Returns (loss, metrics):
     `learner/entropy` always, `kl/ref` when a per-token KL is given."""
     ent = masked_mean(entropy, mask)
-    metrics = {"learner/entropy": ent.item()}
+    metrics = {"learner/entropy": ent.detach()}
     if entropy_coef:
         loss = loss - entropy_coef * ent
     if kl is not None:
         kl_mean = masked_mean(kl, mask)
-        metrics["kl/ref"] = kl_mean.item()
+        metrics["kl/ref"] = kl_mean.detach()
         if kl_coef:
             loss = loss + kl_coef * kl_mean
     return loss, metrics
