@@ -52,7 +52,7 @@ CONFIG = Path(__file__).parents[1] / "configs" / "multiturn.yaml"
 
 def run(mode: str, args, root: Path) -> dict:
     """One training run in `mode`; returns its sums over the measured steps."""
-    from offpolicy.config import load_config
+    from offpolicy.config_io import load_config
     from offpolicy.launch import train
 
     overrides = [

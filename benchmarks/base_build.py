@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from offpolicy.config import load_config
+from offpolicy.config_io import load_config
 from offpolicy.models import (BuildError, build_info, ensure_base_model, environment_info,
                               evaluate, load_policy)
 

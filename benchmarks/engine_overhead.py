@@ -52,7 +52,7 @@ def throughput(model_path: str, rounds: int) -> dict:
 
     from offpolicy.actors.rollout import RolloutActor
     from offpolicy.buffer.replay import ReplayBuffer
-    from offpolicy.config import load_config
+    from offpolicy.config_io import load_config
     from offpolicy.weights import LocalSync
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml",
@@ -145,7 +145,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from offpolicy.config import load_config
+    from offpolicy.config_io import load_config
     from offpolicy.models import ensure_base_model
 
     tiny = str(ensure_base_model(load_config(

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from offpolicy.config import ConfigError, load_config
+from offpolicy.config import ConfigError
+from offpolicy.config_io import load_config
 from offpolicy.report import eval_curve, mean_of, read_metrics
 
 

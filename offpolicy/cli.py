@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from offpolicy.config import ConfigError, load_config, reference_rows
+from offpolicy.config import ConfigError
+from offpolicy.config_io import load_config, reference_rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offpolicy.config import load_config
+from offpolicy.config_io import load_config
 from offpolicy.models import char_tokenizer, ensure_base_model, tiny_llama
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from offpolicy.ablate import ablate, cell_name, load_ablation
-from offpolicy.config import ConfigError, load_config
+from offpolicy.config import ConfigError
+from offpolicy.config_io import load_config
 from offpolicy.launch import train
 from offpolicy.report import report
 

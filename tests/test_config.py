@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from offpolicy.config import Config, ConfigError, field_docs, load_config, reference_rows
+from offpolicy.config import Config, ConfigError
+from offpolicy.config_io import field_docs, load_config, reference_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

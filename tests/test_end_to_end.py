@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from offpolicy.config import load_config
+from offpolicy.config_io import load_config
 from offpolicy.launch import train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from offpolicy.config import load_config
+from offpolicy.config_io import load_config
 from offpolicy.envs import ENVS, make_env, register_env
 from offpolicy.models import char_tokenizer, demo_batch, evaluate
 

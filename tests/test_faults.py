@@ -15,7 +15,7 @@ import torch
 
 from offpolicy.actors.rollout import RolloutActor
 from offpolicy.buffer.replay import ReplayBuffer
-from offpolicy.config import load_config
+from offpolicy.config_io import load_config
 from offpolicy.launch import train
 from offpolicy.learner.learner import Learner
 from offpolicy.types import Batch

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from offpolicy.config import ConfigError, load_config
+from offpolicy.config import ConfigError
+from offpolicy.config_io import load_config
 from offpolicy.metrics import MetricsWriter, TensorBoardBackend
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from offpolicy import placement
-from offpolicy.config import load_config
+from offpolicy.config_io import load_config
 
 
 class _Handle:

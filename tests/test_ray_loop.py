@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offpolicy.config import load_config
+from offpolicy.config_io import load_config
 from offpolicy.launch import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -74,7 +74,7 @@ def test_learner_step_changes_parameters_and_publishes(model_dir, loss):
 
 
 def test_learning_rate_schedules_by_hand():
-    from offpolicy.config import load_config
+    from offpolicy.config_io import load_config
     from offpolicy.learner.learner import lr_at
 
     def lrs(schedule, *extra):

@@ -20,7 +20,7 @@ if not vllm_available():
 
 from offpolicy.actors.rollout import RolloutActor  # noqa: E402
 from offpolicy.buffer.replay import ReplayBuffer  # noqa: E402
-from offpolicy.config import load_config  # noqa: E402
+from offpolicy.config_io import load_config  # noqa: E402
 from offpolicy.learner.learner import Learner  # noqa: E402
 from offpolicy.models import char_tokenizer, load_policy, tiny_llama, token_logprobs  # noqa: E402
 from offpolicy.types import Batch  # noqa: E402
