@@ -88,10 +88,22 @@ def test_env_module_registers_a_user_task(tmp_path, monkeypatch):
         load_config(None, ["env.module=no_such_module_x"])
 
 
-def test_every_loss_is_selectable_in_the_quickstart():
+def test_every_loss_takes_its_own_params_and_no_others():
+    """For each registered loss: each of its parameters can be set through loss.params (the
+    quickstart's file plus overrides), and a key it does not take is a one-line error."""
+    import inspect
+
     from offpolicy.losses import LOSSES
-    for name in LOSSES:
-        assert load_config(ROOT / "configs" / "quickstart.yaml", [f"loss.name={name}"]).loss.name == name
+    quickstart = ROOT / "configs" / "quickstart.yaml"
+    for name, fn in LOSSES.items():
+        params = {p.name: p.default for p in inspect.signature(fn).parameters.values()
+                  if p.name != "inputs"}
+        cfg = load_config(quickstart, [f"loss.name={name}"]
+                          + [f"loss.params.{k}={v!r}" for k, v in params.items()])
+        assert cfg.loss.name == name and cfg.loss.params == params
+        with pytest.raises(ConfigError, match=f"loss.params.not_a_param: not a parameter of "
+                                              f"loss '{name}'"):
+            load_config(quickstart, [f"loss.name={name}", "loss.params.not_a_param=1"])
 
 
 def test_rl_seeds_share_one_base_model_and_tiny_seed_changes_it():
