@@ -120,63 +120,28 @@ def ablate(path: str, overrides: list[str], log=print) -> Path:
 
 def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dict],
                parallel: int, steps: dict[str, int], use_ray: bool, log) -> list[str]:
-    """Run `offpolicy train` per cell, `parallel` at a time; progress every 10 s."""
+    """Run `offpolicy train` per cell, `parallel` at a time; progress every 10 s. Returns the
+    names of the cells that failed."""
     pending, running, failed = list(todo), {}, []
     start, last, finished = time.time(), 0.0, 0
-    # One Ray instance for every cell (each cell's run connects as its own job): its daemons
-    # start once, not once per cell. Serial cells need none. SIGTERM stops the cells like
-    # Ctrl-C does.
-    import ray
-
-    if use_ray and todo:
-        from offpolicy.placement import private_ray_auth
-
-        private_ray_auth()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
-                 configure_logging=True)
-    # Copied after ray.init: Ray sets RAY_AUTH_MODE=token in this process when it turns on
-    # token auth, and cells without it cannot join ("InvalidAuthToken").
-    env = dict(os.environ)
-    if use_ray and todo:
-        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    restore = signal.signal(signal.SIGTERM, _raise_interrupt)
+    env = _cell_environment(use_ray and bool(todo))
+    restore = signal.signal(signal.SIGTERM, _raise_interrupt)  # stops the cells like Ctrl-C
     try:
         while pending or running:
             while pending and len(running) < parallel:
                 cell = pending.pop(0)
-                name = cell_name(cell)
-                run_dir = root / name
-                run_dir.mkdir(exist_ok=True)
-                cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(base_path),
-                       *overrides, *(f"{k}={v}" for k, v in cell.items()),
-                       f"run.dir={run_dir}", "run.overwrite=true", "log.progress_every_s=30"]
-                out = open(run_dir / "train.log", "w")
-                running[name] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                                  start_new_session=True, env=env), out, run_dir)
+                running[cell_name(cell)] = _start_cell(root, base_path, overrides, cell, env)
             for name, (proc, out, run_dir) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                out.close()
-                del running[name]
-                finished += 1
-                ok = proc.returncode == 0 and cell_done(run_dir)
-                if not ok:
-                    failed.append(name)
-                s = _summary(run_dir)
-                log(f"[{finished}/{len(todo)}] {name}: " + (
-                    f"eval {s.get('base_eval_reward', 0):.3f} -> {s['final_eval_reward']:.3f} "
-                    f"in {s.get('wall_s', 0):.0f}s" if ok else f"FAILED (exit {proc.returncode})"))
+                if proc.poll() is not None:
+                    out.close()
+                    del running[name]
+                    finished += 1
+                    ok = proc.returncode == 0 and cell_done(run_dir)
+                    failed += [] if ok else [name]
+                    log(f"[{finished}/{len(todo)}] {name}: " + _outcome(run_dir, ok, proc))
             if time.time() - last >= 10 and running:
                 last = time.time()
-                elapsed = last - start
-                now = {n: _steps(r) for n, (_, _, r) in running.items()}
-                # cells' worth of work done so far, running cells counted by their steps
-                done = finished + sum(now[n] / steps[n] for n in now)
-                eta = elapsed / done * (len(todo) - done) if done > 0.2 else None
-                log(f"  {finished}/{len(todo)} done, running: "
-                    + ", ".join(f"{n} step {k}" for n, k in now.items())
-                    + f"; {elapsed / 60:.1f} min" + (f", about {eta / 60:.0f} min left"
-                                                      if eta else ""))
+                log(_progress(running, finished, len(todo), steps, last - start))
             time.sleep(0.5)
     except KeyboardInterrupt:
         # SIGTERM, not SIGINT: a process started in the background ignores SIGINT, and each
@@ -189,8 +154,63 @@ def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dic
         raise
     finally:
         signal.signal(signal.SIGTERM, restore)
-        ray.shutdown()
+        if use_ray and todo:
+            import ray
+
+            ray.shutdown()
     return failed
+
+
+def _cell_environment(start_ray: bool) -> dict:
+    """The cells' environment. With Ray, one Ray instance serves every cell (each cell's run
+    connects as its own job): its daemons start once, not once per cell. Serial cells need
+    none, and no Ray is imported for them."""
+    if not start_ray:
+        return dict(os.environ)
+    import ray
+
+    from offpolicy.placement import private_ray_auth
+
+    private_ray_auth()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+             configure_logging=True)
+    # Copied after ray.init: Ray sets RAY_AUTH_MODE=token in this process when it turns on
+    # token auth, and cells without it cannot join ("InvalidAuthToken").
+    env = dict(os.environ)
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return env
+
+
+def _start_cell(root: Path, base_path: Path, overrides: list[str], cell: dict, env: dict):
+    """Start one cell's `offpolicy train` in its own session; (process, log file, run dir)."""
+    run_dir = root / cell_name(cell)
+    run_dir.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(base_path),
+           *overrides, *(f"{k}={v}" for k, v in cell.items()),
+           f"run.dir={run_dir}", "run.overwrite=true", "log.progress_every_s=30"]
+    out = open(run_dir / "train.log", "w")
+    return (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                             env=env), out, run_dir)
+
+
+def _outcome(run_dir: Path, ok: bool, proc) -> str:
+    s = _summary(run_dir)
+    if not ok:
+        return f"FAILED (exit {proc.returncode})"
+    return (f"eval {s.get('base_eval_reward', 0):.3f} -> {s['final_eval_reward']:.3f} "
+            f"in {s.get('wall_s', 0):.0f}s")
+
+
+def _progress(running: dict, finished: int, total: int, steps: dict[str, int],
+              elapsed: float) -> str:
+    """One progress line: cells done, each running cell's step, time and an estimate."""
+    now = {n: _steps(r) for n, (_, _, r) in running.items()}
+    # cells' worth of work done so far, running cells counted by their steps
+    done = finished + sum(now[n] / steps[n] for n in now)
+    eta = elapsed / done * (total - done) if done > 0.2 else None
+    return (f"  {finished}/{total} done, running: "
+            + ", ".join(f"{n} step {k}" for n, k in now.items())
+            + f"; {elapsed / 60:.1f} min" + (f", about {eta / 60:.0f} min left" if eta else ""))
 
 
 def _raise_interrupt(signum, frame):

@@ -15,6 +15,13 @@ from offpolicy.config_io import load_config, reference_rows
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"train": _train, "ablate": _ablate, "report": _report,
+               "config-reference": _config_reference}[args.command]
+    return command(args)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offpolicy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train with a config (YAML) and key=value overrides")
@@ -30,39 +37,45 @@ def main(argv: list[str] | None = None) -> int:
     p_report = sub.add_parser("report", help="plots and a markdown summary of one run folder")
     p_report.add_argument("run_dir")
     sub.add_parser("config-reference", help="print every config key with default and doc")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "ablate":
-        from offpolicy.ablate import ablate
 
-        try:
-            ablate(args.config, args.overrides, log=lambda m: print(m, flush=True))
-        except ConfigError as e:
-            print(f"offpolicy: error: {e}", file=sys.stderr)
-            return 2
-        except RuntimeError as e:
-            print(f"offpolicy: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("interrupted; rerun the same command to resume (finished cells are kept)")
-            return 130
-        return 0
-    if args.command == "report":
-        from offpolicy.report import report
+def _ablate(args) -> int:
+    from offpolicy.ablate import ablate
 
-        try:
-            print(f"wrote {report(args.run_dir)} and report.png")
-        except FileNotFoundError as e:
-            print(f"offpolicy: error: {e}", file=sys.stderr)
-            return 2
-        return 0
+    try:
+        ablate(args.config, args.overrides, log=lambda m: print(m, flush=True))
+    except ConfigError as e:
+        print(f"offpolicy: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"offpolicy: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume (finished cells are kept)")
+        return 130
+    return 0
 
-    if args.command == "config-reference":
-        print("| key | default | meaning |\n|---|---|---|")
-        for key, default, doc in reference_rows():
-            print(f"| `{key}` | `{default}` | {doc} |")
-        return 0
 
+def _report(args) -> int:
+    from offpolicy.report import report
+
+    try:
+        print(f"wrote {report(args.run_dir)} and report.png")
+    except FileNotFoundError as e:
+        print(f"offpolicy: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _config_reference(args) -> int:
+    print("| key | default | meaning |\n|---|---|---|")
+    for key, default, doc in reference_rows():
+        print(f"| `{key}` | `{default}` | {doc} |")
+    return 0
+
+
+def _train(args) -> int:
     try:
         resume = None
         if args.resume:

@@ -18,6 +18,40 @@ def _check(ok: bool, msg: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks and registry names; raises ConfigError with a one-line message."""
+    _validate_registries(cfg)
+    _validate_ranges(cfg)
+    _validate_staleness_and_logging(cfg)
+    _validate_buffer(cfg)
+    _validate_signal(cfg)
+    _validate_tiny_and_regularisers(cfg)
+    if cfg.resources.serial:
+        _check(cfg.engine.weight_sync in ("auto", "object_store") and
+               not cfg.engine.inflight_updates and cfg.resources.learner_gpus == 0,
+               "resources.serial: runs every role in one process on the CPU; it needs "
+               "engine.weight_sync=auto, engine.inflight_updates=false, resources.learner_gpus=0")
+    _check(len(cfg.learner.betas) == 2, "learner.betas: expected a list of two floats")
+    _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
+           "buffer.capacity: must hold at least one learner batch "
+           f"({cfg.learner.batch_groups * cfg.rollout.group_size} trajectories)")
+    try:
+        from offpolicy.envs import latency_sampler
+
+        latency_sampler(cfg.env.latency)
+    except ValueError as e:
+        raise ConfigError(f"env.latency: {e}") from None
+    if cfg.model.path:
+        p = Path(cfg.model.path).expanduser()
+        _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")
+        _check((p / "config.json").is_file(),
+               f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
+        _check_tokenizer_fits(p)
+    _validate_engine(cfg)
+    _validate_cluster(cfg)
+
+
+def _validate_registries(cfg: Config) -> None:
+    """Names looked up in registries (losses, advantages, tasks), the task's own arguments and
+    the loss's parameters."""
     from offpolicy.advantages import ADVANTAGES
     from offpolicy.envs import ENVS, env_from_config, import_env_module
     from offpolicy.losses import LOSSES, check_loss_params
@@ -35,6 +69,11 @@ def validate(cfg: Config) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"env: cannot build '{cfg.env.name}' with env.kwargs "
                           f"{cfg.env.kwargs}: {str(e).splitlines()[0]}") from None
+    check_loss_params(cfg.loss.name, cfg.loss.params)
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Numbers that must be positive, non-negative or inside a range."""
     positive = {
         "learner.steps": cfg.learner.steps, "learner.batch_groups": cfg.learner.batch_groups,
         "learner.sync_every": cfg.learner.sync_every, "rollout.num_actors": cfg.rollout.num_actors,
@@ -60,45 +99,18 @@ def validate(cfg: Config) -> None:
     _check(cfg.buffer.max_staleness >= cfg.learner.sync_every - 1,
            f"buffer.max_staleness: must be >= learner.sync_every - 1 "
            f"({cfg.learner.sync_every - 1}), got {cfg.buffer.max_staleness}")
-    _validate_staleness_and_logging(cfg)
-    _validate_buffer(cfg)
-    _validate_signal(cfg)
-    _validate_tiny_and_regularisers(cfg)
-    if cfg.resources.serial:
-        _check(cfg.engine.weight_sync in ("auto", "object_store") and
-               not cfg.engine.inflight_updates and cfg.resources.learner_gpus == 0,
-               "resources.serial: runs every role in one process on the CPU; it needs "
-               "engine.weight_sync=auto, engine.inflight_updates=false, resources.learner_gpus=0")
-    _check(len(cfg.learner.betas) == 2, "learner.betas: expected a list of two floats")
-    _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
-           "buffer.capacity: must hold at least one learner batch "
-           f"({cfg.learner.batch_groups * cfg.rollout.group_size} trajectories)")
     _check(min(cfg.resources.learner_cpus, cfg.resources.actor_cpus, cfg.resources.learner_gpus,
                cfg.resources.actor_gpus) >= 0,
            "resources.learner_cpus/actor_cpus/learner_gpus/actor_gpus: must be >= 0")
     _check(0 <= cfg.resources.actor_nice <= 19,
            f"resources.actor_nice: {cfg.resources.actor_nice} is not a niceness from 0 to 19")
-    _check(cfg.learner.micro_batch >= 0, "learner.micro_batch: must be >= 0")
-    _check(cfg.rollout.max_restarts >= 0, "rollout.max_restarts: must be >= 0")
-    _check(cfg.checkpoint.every >= 0, "checkpoint.every: must be >= 0")
+    non_negative = {"learner.micro_batch": cfg.learner.micro_batch,
+                    "rollout.max_restarts": cfg.rollout.max_restarts,
+                    "checkpoint.every": cfg.checkpoint.every, "env.max_tokens": cfg.env.max_tokens,
+                    "env.timeout_s": cfg.env.timeout_s}
+    for key, value in non_negative.items():
+        _check(value >= 0, f"{key}: must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep: must be >= 1")
-    _check(cfg.env.max_tokens >= 0, "env.max_tokens: must be >= 0")
-    _check(cfg.env.timeout_s >= 0, "env.timeout_s: must be >= 0")
-    try:
-        from offpolicy.envs import latency_sampler
-
-        latency_sampler(cfg.env.latency)
-    except ValueError as e:
-        raise ConfigError(f"env.latency: {e}") from None
-    if cfg.model.path:
-        p = Path(cfg.model.path).expanduser()
-        _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")
-        _check((p / "config.json").is_file(),
-               f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
-        _check_tokenizer_fits(p)
-    _validate_engine(cfg)
-    _validate_cluster(cfg)
-    check_loss_params(cfg.loss.name, cfg.loss.params)
 
 
 def _validate_staleness_and_logging(cfg: Config) -> None:
