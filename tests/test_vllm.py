@@ -143,13 +143,17 @@ def test_vllm_honours_max_tokens_stop_strings_and_greedy(vllm_model_dir):
     greedy = engine.generate(prompts[:2] * 2, SamplingParams(max_new_tokens=5, greedy=True))
     assert np.array_equal(greedy[0].token_ids, greedy[2].token_ids)
     # A stop string ends the completion right after the token that completes it.
-    text = tok.decode(greedy[0].token_ids, skip_special_tokens=True)
-    if len(text) >= 2:
-        stopped = engine.generate(prompts[:1], SamplingParams(max_new_tokens=5, greedy=True,
-                                                              stop=(text[1],)))[0]
-        got = tok.decode(stopped.token_ids, skip_special_tokens=True)
-        assert got.endswith(text[1]) and stopped.finish_reason == "stop"
-        assert len(stopped.token_ids) <= len(greedy[0].token_ids)
+    # The greedy completion of a prompt without end-of-sequence runs to max_new_tokens; its
+    # second character, as a stop string, must end a new completion right there.
+    long = next((c for c in greedy if c.finish_reason == "length"), None)
+    assert long is not None, "every greedy completion ended early: no stop string to test"
+    text = tok.decode(long.token_ids, skip_special_tokens=True)
+    assert len(text) >= 2, f"greedy completion {text!r}: too short to test a stop string"
+    prompt = prompts[[c is long for c in greedy].index(True)]
+    stopped = engine.generate([prompt], SamplingParams(max_new_tokens=5, greedy=True,
+                                                       stop=(text[1],)))[0]
+    got = tok.decode(stopped.token_ids, skip_special_tokens=True)
+    assert got == text[:text.index(text[1]) + 1] and stopped.finish_reason == "stop"
 
 
 @pytest.mark.ray
