@@ -40,6 +40,7 @@ class RolloutActor:
         # and the batch the old one was generating is counted as lost.
         self.incarnation = f"{actor_id}:{uuid.uuid4().hex[:8]}"
         self.buffer, self.weights = buffer, weights
+        import_env_module(cfg.env.module)  # user code: tasks, and maybe an engine
         self.engine = make_engine(cfg, model_path, cfg.run.seed * 1000 + actor_id)
         self.tokenizer = load_tokenizer(model_path)
         self.sampling = SamplingParams(cfg.engine.temperature, cfg.engine.top_p,
@@ -48,7 +49,6 @@ class RolloutActor:
         # of replaying the interrupted run's from the start.
         self.rng = np.random.default_rng([cfg.run.seed, actor_id, stream] if stream
                                          else [cfg.run.seed, actor_id])
-        import_env_module(cfg.env.module)
         self.make_env = partial(make_env, cfg.env.name, "train", eval_size=cfg.env.eval_size,
                                 **cfg.env.kwargs)
         self.counts = {"batches": 0, "trajectories": 0, "env_errors": 0, "env_timeouts": 0,

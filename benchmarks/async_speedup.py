@@ -37,7 +37,7 @@ the counterpart of a learner with its own GPU. Measured without them, generation
 update (0.35 s -> 0.49 s); with the actors pinned to the second core they could not keep up.
 
 Run: python benchmarks/async_speedup.py [--steps 60] [--rounds 2] [--actors 8]
-     [--latency lognormal:0.1,0.5] [--set KEY=VALUE ...]   (about 8 minutes on 2 cores)
+     [--latency lognormal:0.1,0.5] [--set KEY=VALUE ...]   (about 8 min on 2 cores, CPU model unrecorded)
 """
 
 from __future__ import annotations

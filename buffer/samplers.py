@@ -223,5 +223,15 @@ class PrioritizedSampler:
         return self.n
 
 
-SAMPLERS: dict[str, Callable[..., Sampler]] = {
-    "fifo": FifoSampler, "uniform": UniformSampler, "prioritized": PrioritizedSampler}
+SAMPLERS: dict[str, Callable[..., Sampler]] = {}
+
+
+def register_sampler(name: str, factory: Callable[..., Sampler]) -> None:
+    """Make `factory(seed=..., alpha=..., beta=...)` available as `buffer.sampler: <name>`
+    (a factory takes the keywords it needs and ignores the rest: `**_`)."""
+    SAMPLERS[name] = factory
+
+
+register_sampler("fifo", FifoSampler)
+register_sampler("uniform", UniformSampler)
+register_sampler("prioritized", PrioritizedSampler)

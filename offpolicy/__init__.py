@@ -2,7 +2,8 @@
 
 Rollout actors generate with whatever weights they hold and push version-tagged trajectories
 into a replay buffer; a learner samples, corrects for staleness with importance weights,
-updates and publishes weights back. See DESIGN.md for the architecture and README.md to start.
+updates and publishes weights back. See README.md to start and docs/architecture.md for how
+the parts fit together.
 """
 
 import os

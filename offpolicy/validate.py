@@ -52,6 +52,7 @@ def validate(cfg: Config) -> None:
 def _validate_registries(cfg: Config) -> None:
     """Names looked up in registries (losses, advantages, tasks), the task's own arguments and
     the loss's parameters."""
+    from offpolicy.actors.engine import ENGINES
     from offpolicy.advantages import ADVANTAGES
     from offpolicy.envs import ENVS, env_from_config, import_env_module
     from offpolicy.losses import LOSSES, check_loss_params
@@ -61,6 +62,7 @@ def _validate_registries(cfg: Config) -> None:
                f"{key}: unknown '{value}'; valid: {', '.join(sorted(registry))}")
 
     import_env_module(cfg.env.module)
+    choice("engine.name", cfg.engine.name, ENGINES)
     choice("loss.name", cfg.loss.name, LOSSES)
     choice("learner.advantage", cfg.learner.advantage, ADVANTAGES)
     choice("env.name", cfg.env.name, ENVS)

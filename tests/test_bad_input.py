@@ -1,4 +1,4 @@
-"""Bad input exits 2 with one line naming the problem, never a traceback (the README's table)."""
+"""Bad input exits 2 with one line naming the problem, never a traceback (the table in docs/reliability.md)."""
 
 import shutil
 import socket
@@ -35,7 +35,9 @@ CASES = {  # name: (overrides, what the one line must say)
     "max_staleness < 0": (["buffer.max_staleness=-1"], "buffer.max_staleness: must be >= 0"),
     "empty dataset": (["env.name=gsm8k", "env.kwargs.path=EMPTY"], "holds no problems"),
     "unreachable cluster": (["cluster.address=127.0.0.1:PORT"], "cannot reach a Ray cluster"),
-    "bad choice": (["engine.name=tgi"], "engine.name: 'tgi' is not a valid choice; valid: hf, vllm, fake"),
+    "bad choice": (["engine.weight_sync=tgi"], "engine.weight_sync: 'tgi' is not a valid choice; "
+                   "valid: auto, object_store, filesystem, nccl"),
+    "unknown engine": (["engine.name=tgi"], "engine.name: unknown 'tgi'; valid: fake, hf, vllm"),
     "no group can carry signal": (["rollout.group_size=1"],
                                   "rollout.group_size: 1 with buffer.drop_uniform_groups"),
     "one-sample groups, group-relative advantage": (

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from offpolicy.buffer.replay import ReplayBuffer
-from offpolicy.buffer.samplers import (PrioritizedSampler, SumTree, advantage_priority,
+from offpolicy.buffer.samplers import (SAMPLERS, PrioritizedSampler, SumTree, advantage_priority,
                                        binary_entropy, pass_rate_priority)
 from offpolicy.types import Trajectory
 
@@ -24,7 +24,7 @@ def mixed(gid, version=0, n=4):
     return group(gid, [k % 2 for k in range(n)], version)  # pass rate 0.5
 
 
-@pytest.mark.parametrize("sampler", ["fifo", "uniform", "prioritized"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_batches_hold_whole_groups_and_reuse_is_bounded(sampler):
     buf = ReplayBuffer(3, max_staleness=100, capacity=10_000, sampler=sampler, max_reuse=2,
                        seed=1)
@@ -134,7 +134,7 @@ def test_staleness_eviction_uses_each_groups_oldest_token():
     assert batch.stats["buffer/sampled_staleness"] in (0.0, 2.0)
 
 
-@pytest.mark.parametrize("sampler", ["fifo", "uniform", "prioritized"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_snapshot_round_trip_continues_identically(sampler, tmp_path):
     def fresh():
         return ReplayBuffer(2, max_staleness=50, capacity=1000, sampler=sampler, max_reuse=3,

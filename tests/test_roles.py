@@ -127,7 +127,12 @@ def test_kl_penalty_and_entropy_bonus_in_a_learner_step(model_dir):
     assert torch.allclose(updates["plain"], updates["kl"], atol=1e-7)
 
 
-@pytest.mark.parametrize("loss", ["tis", "pg", "m2po"])
+# Losses averaged over sequences rather than tokens: chunks weighted by their token share are
+# only close to the full batch for them (see Learner._backward).
+SEQUENCE_MEAN = {"gspo"}
+
+
+@pytest.mark.parametrize("loss", sorted(set(LOSSES) - SEQUENCE_MEAN))
 def test_micro_batches_give_the_full_batch_gradient(model_dir, loss):
     """Token-mean losses: accumulating chunks weighted by their token share is exact."""
     grads = []
