@@ -51,7 +51,7 @@ class Entry:
 class BoundStore:
     # constructor settings: a snapshot carries the state, a resumed run its own settings
     SETTINGS = ("counts", "batch_groups", "max_staleness", "capacity", "capacity_bytes",
-                "max_reuse", "priority_fn")
+                "max_reuse", "priority_fn", "sampler")
 
     def __init__(self, counts: dict, batch_groups: int, max_staleness: int, capacity: int,
                  capacity_bytes: int = 0, sampler: str = "fifo", priority: str = "pass_rate",
@@ -73,6 +73,18 @@ class BoundStore:
     @property
     def groups(self) -> int:
         return len(self.entries)
+
+    def sampler_state(self) -> dict:
+        """The sampler's order and random state (a snapshot's; the sampler is a setting)."""
+        rng = getattr(self.sampler, "rng", None)
+        return {"slots": self.sampler.slots(), "rng": None if rng is None else rng.getstate()}
+
+    def restore_sampler(self, state: dict) -> None:
+        """This run's sampler takes over the snapshot's order, priorities recomputed."""
+        for slot in state["slots"]:
+            self.sampler.add(slot, self.priority_fn(self.entries[slot].group))
+        if state["rng"] is not None and hasattr(self.sampler, "rng"):
+            self.sampler.rng.setstate(state["rng"])
 
     # -- admission ------------------------------------------------------------------------------
 

@@ -65,6 +65,12 @@ class LagStore:
         if version is not None:
             self.reserved_v[version] = max(0, self.reserved_v[version] - n_groups)
 
+    def sampler_state(self) -> None:
+        """No sampler: a version's groups are taken oldest first."""
+
+    def restore_sampler(self, state: None) -> None:
+        pass
+
     def release_all(self) -> None:
         """Nothing is on order any more (a restored snapshot: its orders died with the run)."""
         self.reserved_v.clear()

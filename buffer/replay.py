@@ -114,9 +114,11 @@ class ReplayBuffer:
 
             def ready() -> bool:
                 nonlocal order
+                if self.closed:
+                    return True
                 order = self.store.admit(n_groups, version, self.next_version, self.published,
                                          self.reserved, self._survival())
-                return self.closed or order is not None
+                return order is not None
 
             self._wait(ready, timeout)
             if self.closed or order is None:
@@ -247,19 +249,26 @@ class ReplayBuffer:
     def snapshot(self) -> dict:
         """Everything needed to continue exactly where this buffer is: its state, the store's
         (groups, sampler order and random state) and the ledger's, each taken from the
-        objects' attributes less their settings. Plain objects (pickled by `save`)."""
+        objects' attributes less their settings. A copy, taken under the lock."""
         with self._cond:
-            return {"buffer": _state(self, self._NOT_STATE),
-                    "store": _state(self.store, self.store.SETTINGS),
-                    "ledger": _state(self.book, ("counts", "group_size")),
-                    "counts": dict(self.counts)}
+            return pickle.loads(self._pickled())
+
+    def _pickled(self) -> bytes:
+        with self._cond:  # a threaded actor: adds and samples wait until the copy is taken
+            return pickle.dumps({"buffer": _state(self, self._NOT_STATE),
+                                 "store": _state(self.store, self.store.SETTINGS),
+                                 "sampler": self.store.sampler_state(),
+                                 "ledger": _state(self.book, ("counts", "group_size")),
+                                 "counts": dict(self.counts)}, protocol=5)
 
     def restore(self, state: dict) -> None:
-        """Load a `snapshot` into this (empty, same mode) buffer."""
+        """Load a `snapshot` into this (empty, same mode) buffer; the sampler keeps this run's
+        settings and recomputes the stored groups' priorities."""
         with self._cond:
             state = pickle.loads(pickle.dumps(state))  # never share objects with the source
             vars(self).update(state["buffer"])
             vars(self.store).update(state["store"])
+            self.store.restore_sampler(state["sampler"])
             vars(self.book).update(state["ledger"])
             self.counts.update(state["counts"])  # the one dict the store and ledger share
             # batches being generated at the snapshot belong to the processes that wrote it:
@@ -274,7 +283,7 @@ class ReplayBuffer:
         """Write `snapshot()` to `path` (atomic rename); returns the bytes written."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(pickle.dumps(self.snapshot(), protocol=5))
+        tmp.write_bytes(self._pickled())
         tmp.replace(path)
         return path.stat().st_size
 

@@ -135,7 +135,7 @@ class Learner:
                         mask.sum(1).float().mean(),
                         # policy turns per episode: runs of loss_mask 1 (env tokens between)
                         "rollout/turns": (mask[:, :1].sum() + (mask[:, 1:] > mask[:, :-1]).sum())
-                        / len(mask), "staleness/min": staleness.min(),
+                        .double() / len(mask), "staleness/min": staleness.min(),
                         "staleness/mean": staleness.mean(), "staleness/max": staleness.max()})
         metrics = {"step": self.version, **to_numbers(tensors),
                    "learner/nonfinite_skipped": self.nonfinite_skipped,
@@ -171,7 +171,7 @@ class Learner:
             raise ValueError(f"learner: a batch of {B} rows cannot feed {self.world} workers")
         mine = torch.arange(self.rank, B, self.world)  # this worker's rows (all of them alone)
         size = cfg.learner.micro_batch or len(mine)
-        loss_sum, metrics, logprobs = torch.zeros((), device=self.device), {}, []
+        loss_sum, metrics, logprobs = torch.zeros((), device=self.device).double(), {}, []
         for lo in range(0, len(mine), size):
             c = {k: v[mine[lo:lo + size]].to(self.device) for k, v in d.items()}
             lp, entropy = token_logprobs(self.model, c["input_ids"], c["attention_mask"],
@@ -194,9 +194,10 @@ class Learner:
                                     kl, cfg.loss.kl_coef)
             w = c["loss_mask"].sum() / total.to(self.device)
             (loss * w).backward()
-            loss_sum = loss_sum + loss.detach() * w
+            w64 = w.detach().double()  # the sums in float64, as the chunks' floats would be
+            loss_sum = loss_sum + loss.detach().double() * w64
             for k, v in {**m, **reg}.items():
-                metrics[k] = metrics.get(k, 0.0) + v * w
+                metrics[k] = metrics.get(k, 0.0) + v.double() * w64
             logprobs.append(lp.detach().cpu())
         logprobs = torch.cat(logprobs)
         if self.world > 1:

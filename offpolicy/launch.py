@@ -3,8 +3,8 @@
 Reads: a validated Config. Writes: the run folder (config.yaml via `run_dir.py`,
 metrics.jsonl, summary.json, checkpoints/).
 
-The roles run in one of two layouts with the same interface (step, evaluate, save_state,
-load_state, finish, close): `ray_roles.RayRoles`, every role its own Ray actor, and
+The roles run in one of two layouts with the same interface (start, step, evaluate,
+save_state, load_state, finish, close): `ray_roles.RayRoles`, every role its own Ray actor, and
 `serial_roles.SerialRoles` (`resources.serial`), every role in this process, taking turns.
 The driver only asks the learner for steps and evaluations, writes metrics and checkpoints;
 data never passes through it.
@@ -47,6 +47,7 @@ def train(cfg: Config, log=print, resume: tuple[Path, dict] | None = None) -> di
         if resume:
             summary["resumed_from"] = session.load_state(resume[0])
             log(f"resumed from {resume[0]}: learner version {summary['resumed_from']}")
+        session.start()
         summary["base_eval_reward"] = session.evaluate()
         log(f"base eval reward {summary['base_eval_reward']:.3f}")
         writer = MetricsWriter(run_dir, cfg.learner.steps, cfg.log.progress_every_s,

@@ -37,19 +37,28 @@ class RayRoles:
     """Every role its own Ray actor (process); rollout actors generate continuously."""
 
     def __init__(self, cfg: Config, model_path: str, log=print, stream: int = 0):
+        self.ray, self.cfg, self.log = ray, cfg, log
         self.cluster = start_ray(cfg)
-        # Holding every handle keeps its actor alive: roles reach the buffer and weight store
-        # by name (ActorRef), which does not.
-        self.roles = roles = start_roles(cfg, model_path, log, stream)
-        self.learners, self.buffer = roles["learners"], roles["buffer"]
-        self.nodes = nodes_of(roles, ray)
-        log(describe_nodes(self.nodes))
-        self.pinned = pin_roles(cfg, roles, ray, self.nodes)  # before the actors' loops start
-        self.actors, self.cfg, self.log = roles["actors"], cfg, log
-        self.pids = ray.get([a.__ray_call__.remote(_pid) for a in self.actors])
-        self.runs = [a.run.remote() for a in self.actors]
+        try:
+            # Holding every handle keeps its actor alive: roles reach the buffer and weight
+            # store by name (ActorRef), which does not.
+            self.roles = roles = start_roles(cfg, model_path, log, stream)
+            self.learners, self.buffer = roles["learners"], roles["buffer"]
+            self.nodes = nodes_of(roles, ray)
+            log(describe_nodes(self.nodes))
+            self.pinned = pin_roles(cfg, roles, ray, self.nodes)  # before the actors' loops
+            self.actors = roles["actors"]
+            self.pids = ray.get([a.__ray_call__.remote(_pid) for a in self.actors])
+        except BaseException:
+            ray.shutdown()  # a half-started session leaves nothing behind
+            raise
+        self.runs: list = []
         self.restarts = [0] * len(self.actors)
-        self.ray = ray
+
+    def start(self) -> None:
+        """Start the actors' generation loops (after any resumed state is loaded, so no batch
+        is admitted by a buffer about to be replaced)."""
+        self.runs = [a.run.remote() for a in self.actors]
 
     def step(self) -> dict:
         """One update: every learner worker steps (data-parallel workers meet in collectives);

@@ -29,6 +29,9 @@ class SerialRoles:
         self.learner = Learner(cfg, model_path, self.buffer, sync)
         self.turn = 0
 
+    def start(self) -> None:
+        """Nothing runs between steps here: actors generate inside `step`."""
+
     def step(self) -> dict:
         refused = 0
         while not self.buffer.ready(self.learner.version):

@@ -26,6 +26,7 @@ def test_sixteen_fake_actors_feed_one_buffer_for_a_minute(model_dir, tmp_path):
                       "buffer.max_staleness=2", "rollout.prompts_per_batch=8",
                       "learner.batch_groups=8", f"run.dir={tmp_path}")
     session = RayRoles(cfg, str(model_dir), log=lambda *a: None)
+    session.start()
     try:
         steps, t0 = [], time.monotonic()
         while time.monotonic() - t0 < SECONDS:

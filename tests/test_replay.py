@@ -157,6 +157,34 @@ def test_snapshot_round_trip_continues_identically(sampler, tmp_path):
         assert (a.weights is None) == (b.weights is None)
 
 
+def test_a_snapshot_is_a_copy_and_a_resumed_run_keeps_its_own_sampler():
+    buf = ReplayBuffer(2, max_staleness=50, capacity=1000, sampler="fifo", max_reuse=3)
+    buf.add([mixed(f"g{i}") for i in range(5)])
+    buf.sample(0, timeout=0)
+    snap = buf.snapshot()
+    buf.add([mixed("later")])  # the buffer goes on; the snapshot must not
+    assert len(snap["store"]["entries"]) == 5
+    other = ReplayBuffer(2, max_staleness=50, capacity=1000, sampler="prioritized",
+                         max_reuse=3)
+    other.restore(snap)
+    assert isinstance(other.store.sampler, PrioritizedSampler) and len(other.store.sampler) == 5
+    assert other.stats()["buffer/groups"] == 5
+    batch = other.sample(1, timeout=0)
+    assert batch is not None and batch.weights is not None  # prioritized replay's weights
+
+
+@pytest.mark.parametrize("lag", [None, 1])
+def test_restore_forgets_batches_in_flight_and_releases_their_reservations(lag):
+    buf = ReplayBuffer(2, max_staleness=5, capacity=1000, lag=lag, group_size=4)
+    admission = buf.admit(0, 2, timeout=0, actor="0:a")
+    assert admission.admitted and buf.reserved == 2
+    other = ReplayBuffer(2, max_staleness=5, capacity=1000, lag=lag, group_size=4)
+    other.restore(buf.snapshot())
+    ledger = other.ledger()
+    assert other.reserved == 0 and ledger["in_flight"] == 0 and ledger["lost"] == 8
+    assert ledger["balanced"] and other.admit(0, 2, timeout=0, actor="0:b").admitted
+
+
 def test_filter_floor_keeps_uniform_groups_when_almost_all_would_be_dropped():
     """A collapsed policy (every group all-wrong) would regenerate forever; below the floor
     uniform groups are kept and counted, and filtering resumes once signal comes back."""
