@@ -248,3 +248,23 @@ def test_wandb_backend_logs_scalars_and_finishes(monkeypatch, tmp_path):
     assert "staleness/hist" not in scalars and "x/nan" not in scalars and "step" not in scalars
     assert run.finished
     assert np.isfinite(list(scalars.values())).all()
+
+
+def test_a_serial_run_never_imports_ray(model_dir, tmp_path):
+    """resources.serial: every role in one process, and Ray is not even imported."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from offpolicy.config_io import load_config\n"
+            "from offpolicy.launch import train\n"
+            f"cfg = load_config(None, ['model.path={model_dir}', 'resources.serial=true',\n"
+            "    'learner.steps=2', 'eval.every=2', 'env.eval_size=4', 'learner.batch_groups=2',\n"
+            "    'rollout.prompts_per_batch=2', 'rollout.group_size=2',\n"
+            f"    'buffer.drop_uniform_groups=false', 'run.dir={tmp_path / 'run'}'])\n"
+            "summary = train(cfg, log=lambda *a: None)\n"
+            "assert summary['steps'] == 2, summary\n"
+            "print('ray' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
