@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from offpolicy.actors.engine import SamplingParams, make_engine
+from offpolicy.chat import between_turns, messages_of, prompt_ids
 from offpolicy.config import Config
 from offpolicy.envs import import_env_module, latency_sampler, make_env
+from offpolicy.metrics import peak_rss_mb
 from offpolicy.models import load_tokenizer
 from offpolicy.types import Groups, Trajectory
 
@@ -51,6 +53,8 @@ class RolloutActor:
                                          else [cfg.run.seed, actor_id])
         self.make_env = partial(make_env, cfg.env.name, "train", eval_size=cfg.env.eval_size,
                                 **cfg.env.kwargs)
+        self.make_eval_env = partial(make_env, cfg.env.name, "eval", eval_size=cfg.env.eval_size,
+                                     **cfg.env.kwargs)
         self.counts = {"batches": 0, "trajectories": 0, "env_errors": 0, "env_timeouts": 0,
                        "weight_loads": 0, "inflight_loads": 0}
         self._next_poll = 0.0
@@ -75,6 +79,9 @@ class RolloutActor:
         admission = self.buffer.admit(self.engine.version, n, timeout, actor=self.incarnation)
         if admission.stop:
             return "stop"
+        if admission.evaluate:  # the driver asked for an eval: newest weights, then this batch
+            self.sync_weights()
+            self.buffer.report_eval(self.evaluate())
         if admission.version is not None:  # lag mode: a work order for exactly this version
             if admission.version != self.engine.version:
                 self.sync_weights(want=admission.version)
@@ -84,6 +91,7 @@ class RolloutActor:
             return "refused"
         groups = self.rollout_batch(admission.n_groups)
         self.counts["batches"] += 1
+        self.counts["peak_rss_mb"] = round(peak_rss_mb(), 1)
         self.buffer.add(Groups(groups), admission.n_groups, self.engine.version,  # pickles packed
                         actor=self.incarnation, report=dict(self.counts))
         return "added"
@@ -123,35 +131,51 @@ class RolloutActor:
                 self.counts["inflight_loads"] += 1
 
     def rollout_batch(self, n_prompts: int | None = None) -> list[list[Trajectory]]:
-        """n_prompts (default prompts_per_batch) x group_size episodes; returns whole groups.
-
-        Every turn is one engine call over the episodes still running: the policy's completion
-        goes to the environment, whose observation (if the episode goes on) is tokenized and
-        appended with loss_mask 0 and version -1, and the next turn generates from the whole
-        conversation. Single-turn tasks are done after the first turn (one engine call).
-        """
+        """n_prompts (default prompts_per_batch) x group_size episodes; returns whole groups."""
         cfg, G = self.cfg, self.cfg.rollout.group_size
         seeds = self.rng.integers(0, 2**31, size=n_prompts or cfg.rollout.prompts_per_batch)
-        episodes = []
+        episodes = self._play(self.make_env, seeds, G, self.sampling,
+                              self._inflight_sync if cfg.engine.inflight_updates else None)
+        return self._groups(episodes, G)
+
+    def evaluate(self) -> dict:
+        """Greedy reward on the fixed held-out eval set with the weights loaded now, played as
+        training episodes are (multi-turn included), on this actor's engine."""
+        t0 = time.perf_counter()
+        greedy = SamplingParams(max_new_tokens=self.cfg.engine.max_new_tokens, greedy=True,
+                                stop=tuple(self.cfg.engine.stop))
+        episodes = self._play(self.make_eval_env, range(self.cfg.env.eval_size), 1, greedy, None)
+        rewards = [sum(ep.rewards) for ep in episodes]
+        return {"eval/reward": float(np.mean(rewards)), "eval/version": self.engine.version,
+                "eval/seconds": time.perf_counter() - t0}
+
+    def _play(self, make_env, seeds, G: int, sampling: SamplingParams,
+              between_steps) -> list["_Episode"]:
+        """G episodes per seed, played to the end. Every turn is one engine call over the
+        episodes still running: the policy's completion goes to the environment, whose
+        observation (if the episode goes on) is appended with loss_mask 0 and version -1, and
+        the next turn generates from the whole conversation. Single-turn tasks are done after
+        the first turn (one engine call)."""
+        env_cfg, episodes = self.cfg.env, []
         for g, seed in enumerate(seeds):
-            envs = [self.make_env() for _ in range(G)]
+            envs = [make_env() for _ in range(G)]
             prompts = [env.reset(int(seed)) for env in envs]  # one prompt per group
-            ids = np.asarray(self.tokenizer(prompts[0])["input_ids"], np.int32)  # tokenized once
-            episodes += [_Episode(g, env, ids) for env in envs]
+            messages = messages_of(prompts[0], env_cfg.system_prompt, env_cfg.chat)
+            ids = np.asarray(prompt_ids(self.tokenizer, prompts[0], messages), np.int32)
+            episodes += [_Episode(g, env, ids, messages) for env in envs]  # tokenized once
         active = episodes
         while active:
             t0 = time.perf_counter()
-            completions = self.engine.generate(
-                [ep.context() for ep in active], self.sampling,
-                between_steps=self._inflight_sync if cfg.engine.inflight_updates else None)
+            completions = self.engine.generate([ep.context() for ep in active], sampling,
+                                               between_steps=between_steps)
             gen_s = (time.perf_counter() - t0) / len(completions)
             texts = self.tokenizer.batch_decode([c.token_ids for c in completions],
                                                 skip_special_tokens=True)
             delays = [self.latency(self.latency_rng) for _ in active]
             steps = [_start_step(ep.env, text, d, self.pool)
                      for ep, text, d in zip(active, texts, delays)]
-            start, timeout = time.perf_counter(), self.cfg.env.timeout_s or None
-            for ep, c, step in zip(active, completions, steps):
+            start, timeout = time.perf_counter(), env_cfg.timeout_s or None
+            for ep, c, text, step in zip(active, completions, texts, steps):
                 ep.timings["generate"] += gen_s
                 ep.add(c.token_ids, c.logprobs, c.versions, policy=True)
                 left = None if timeout is None else max(0.0, start + timeout - time.perf_counter())
@@ -164,12 +188,13 @@ class RolloutActor:
                 except Exception:  # a bad environment or reward function costs its group
                     ep.finish = "error"
                     continue
-                self._turn(ep, c, *result)
+                self._turn(ep, c, text, *result)
             active = [ep for ep in active if ep.finish is None]
-        return self._groups(episodes, G)
+        return episodes
 
-    def _turn(self, ep: "_Episode", c, obs, reward, done, info, env_s: float) -> None:
-        """Record the environment's answer to a turn; append its observation if it goes on."""
+    def _turn(self, ep: "_Episode", c, text: str, obs, reward, done, info, env_s: float) -> None:
+        """Record the environment's answer to a turn; append its observation if it goes on
+        (in a chat, as a message rendered by the template, with the turn markup around it)."""
         ep.timings["env"] += env_s
         ep.rewards.append(float(reward))
         ep.info.update(info or {})
@@ -178,7 +203,13 @@ class RolloutActor:
         elif len(ep.rewards) >= self.cfg.env.max_turns:
             ep.finish = "max_turns"
         else:
-            ids = self.tokenizer(obs, add_special_tokens=False)["input_ids"]
+            if ep.history is None:
+                ids = self.tokenizer(obs, add_special_tokens=False)["input_ids"]
+            else:
+                eos = len(c.token_ids) > 0 and int(c.token_ids[-1]) == self.tokenizer.eos_token_id
+                ids = between_turns(self.tokenizer, ep.history, obs, eos)
+                ep.history += [{"role": "assistant", "content": text},
+                               obs if isinstance(obs, dict) else {"role": "user", "content": obs}]
             ep.add(np.asarray(ids, np.int32), None, None, policy=False)
             if self.cfg.env.max_tokens and ep.length >= self.cfg.env.max_tokens:
                 ep.finish = "length"
@@ -259,8 +290,9 @@ def _timed_step(env, text: str, delay: float):
 class _Episode:
     """One episode being generated: the prompt, then policy and environment tokens in turn."""
 
-    def __init__(self, group: int, env, prompt_ids: np.ndarray):
+    def __init__(self, group: int, env, prompt_ids: np.ndarray, messages=None):
         self.group, self.env, self.prompt_ids = group, env, prompt_ids
+        self.history = None if messages is None else list(messages)  # a chat's messages so far
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.rewards: list[float] = []
         self.info: dict = {}

@@ -51,13 +51,17 @@ class Admission:
     """Groups to generate (lag mode sizes its work orders; otherwise as asked)."""
     version: int | None = None
     """Lag mode: generate with exactly this version's weights. None: the newest."""
+    evaluate: bool = False
+    """Run the held-out eval first, with the newest weights, and `report_eval` it (asked of
+    actor 0 only, when the driver requested an eval)."""
 
 
 class ReplayBuffer:
     # Attributes that are not this object's own state: settings come from the constructor (a
     # resumed run's own), the lock from the process, the store and ledger snapshot themselves.
     # A snapshot holds everything else, and so every new field.
-    _NOT_STATE = ("batch_groups", "drop_uniform_groups", "filter_floor", "_cond", "store", "book")
+    _NOT_STATE = ("batch_groups", "drop_uniform_groups", "filter_floor", "_cond", "store", "book",
+                  "eval_wanted", "eval_holder", "eval_done")  # evals belong to a live run
 
     def __init__(self, batch_groups: int, max_staleness: int, capacity: int,
                  drop_uniform_groups: bool = False, lag: int | None = None, *,
@@ -77,7 +81,13 @@ class ReplayBuffer:
         self.reserved = 0              # groups admitted but not yet added
         self.closed = False
         self.held_off_s = 0.0          # time actors spent held off in admit (see _wait)
+        # Evals run on actor 0's engine between its batches: the driver requests one, the
+        # next admit of actor 0 hands it out, the actor reports the result here.
+        self.eval_wanted = False
+        self.eval_holder: str | None = None  # the incarnation evaluating now
+        self.eval_done: list[dict] = []
         self.keep_rate = 1.0           # recent share of groups that survive filtering (EMA)
+        self.pass_window = [0, 0]      # groups arrived since the last batch, and those passed
 
     @property
     def counts(self) -> dict:
@@ -121,18 +131,50 @@ class ReplayBuffer:
                 return order is not None
 
             self._wait(ready, timeout)
+            evaluate = self._hand_out_eval(actor)
             if self.closed or order is None:
                 if not self.closed:
                     self.counts["admission_waits"] += 1
-                return Admission(False, self.published, self.closed)
+                return Admission(False, self.published, self.closed, evaluate=evaluate)
             work_version, n = order
             self.reserved += n
             self.book.order(n, actor, work_version)
-            return Admission(True, self.published, False, n, work_version)
+            return Admission(True, self.published, False, n, work_version, evaluate)
+
+    def _hand_out_eval(self, actor: str | None) -> bool:
+        """Whether `actor` should run the requested eval now (actor 0 only)."""
+        if actor is None or actor.split(":")[0] != "0" or self.closed:
+            return False
+        if self.eval_holder not in (None, actor):  # the incarnation evaluating died
+            self.eval_wanted, self.eval_holder = True, None
+        if not self.eval_wanted:
+            return False
+        self.eval_wanted, self.eval_holder = False, actor
+        return True
+
+    # -- evals (run by actor 0 between batches) -------------------------------------------------
+
+    def request_eval(self) -> None:
+        """The driver wants a held-out eval with the newest weights."""
+        with self._cond:
+            self.eval_wanted = True
+
+    def report_eval(self, result: dict) -> None:
+        with self._cond:
+            self.eval_done.append(result)
+            self.eval_holder = None
+
+    def eval_results(self) -> list[dict]:
+        """The evals finished since the last call, oldest first."""
+        with self._cond:
+            done, self.eval_done = self.eval_done, []
+            return done
 
     def _lose(self, actor: str) -> None:
         """The incarnation `actor` is dead: its admitted groups will never arrive, so their
         reservation is released (lag mode would otherwise wait for them forever)."""
+        if self.eval_holder == actor:  # it died evaluating: ask the next incarnation
+            self.eval_wanted, self.eval_holder = True, None
         n_groups, version = self.book.lose(actor)
         self.reserved = max(0, self.reserved - n_groups)
         self.store.release(version, n_groups)
@@ -162,6 +204,8 @@ class ReplayBuffer:
             kept, filter_off = 0, self._filter_off()
             for g in groups:
                 self.counts["added"] += len(g)
+                self.pass_window[0] += 1  # pass@k counts every arriving group, kept or not
+                self.pass_window[1] += any(t.reward >= 1.0 for t in g)
                 if self.drop_uniform_groups and len({t.reward for t in g}) == 1:
                     if not filter_off:
                         self.counts["filtered"] += len(g)  # every advantage would be zero
@@ -223,6 +267,10 @@ class ReplayBuffer:
                                               for e in entries) / len(entries)
         stats["buffer/sampled_staleness"] = sum(version - e.min_version
                                                 for e in entries) / len(entries)
+        arrived, passed = self.pass_window
+        if arrived:  # a group passes when one of its k answers gets full marks (reward >= 1)
+            stats["rollout/pass_at_k"] = passed / arrived
+            self.pass_window = [0, 0]
         weights = None
         if group_weights is not None:  # one weight per group, repeated for its members
             weights = np.repeat(group_weights, [len(g) for g in groups]).astype(np.float32)

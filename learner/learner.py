@@ -20,7 +20,8 @@ from offpolicy.advantages import ADVANTAGES
 from offpolicy.config import Config, max_staleness
 from offpolicy.losses import (LOSSES, LossInputs, importance_diagnostics, kl_penalty,
                               regularized)
-from offpolicy.models import evaluate, load_policy, token_logprobs
+from offpolicy.metrics import peak_rss_mb
+from offpolicy.models import load_policy, token_logprobs
 from offpolicy.types import Batch
 from offpolicy.weights import cpu_state
 
@@ -58,6 +59,7 @@ class Learner:
             self.reference = load_policy(cfg.loss.kl_reference or model_path)[0]
             self.reference.to(self.device).eval().requires_grad_(False)
         self.version = 0  # optimizer steps taken; the base model is version 0
+        self.published_version = 0  # actors start with the base model
         # Data-parallel workers (torch.distributed already initialised by the launcher): rank 0
         # samples and publishes; every rank trains on its share of the same batch.
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -144,6 +146,7 @@ class Learner:
                    "staleness/hist": {str(int(k)): int(n) for k, n in
                                       zip(*torch.unique(staleness, return_counts=True))},
                    **parity, **batch.stats, **spans.metrics(),
+                   "memory/learner_peak_rss_mb": peak_rss_mb(),
                    "throughput/samples_per_s":
                    self.samples / (time.perf_counter() - self.started)}
         metrics["learner/tokens"] = int(metrics["learner/tokens"])
@@ -266,8 +269,16 @@ class Learner:
                 "engine/logprob_max_abs_diff": diffs.max().item(),
                 "engine/logprob_checked_tokens": len(diffs)}
 
+    def publish_latest(self) -> int:
+        """Publish the current weights unless they already are (the final eval measures them);
+        returns the version."""
+        if self.rank == 0 and self.published_version != self.version:
+            self.publish()
+        return self.version
+
     def publish(self) -> None:
         """Send the weights for `self.version` to actors; then tell the buffer (admission)."""
+        self.published_version = self.version
         keep = self.shadow is not None
         state = cpu_state(self.model) if keep or self.weights.needs_cpu_state else None
         self.weights.publish(state, self.version)
@@ -309,10 +320,6 @@ class Learner:
             self.publish()
         return self.version
 
-    def evaluate(self) -> float:
-        """Greedy reward on the fixed held-out eval set with the current weights."""
-        return evaluate(self.model, self.tokenizer, self.cfg.env,
-                        list(range(self.cfg.env.eval_size)), self.cfg.engine.max_new_tokens)
 
 
 class Spans:

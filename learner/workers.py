@@ -6,7 +6,7 @@ Reads: the rendezvous address rank 0 offers. Writes: what the Learner writes (ra
 for an address, and has every worker `join` the group (gloo on CPU, NCCL on GPU) before the
 Learner is built, so each Learner sees its rank. From then on one update is a `step` call on
 every worker at once: the step has collective sync points (the batch broadcast, the gradient
-all-reduce), so a worker left out would block the others. Evaluation and saving touch no
+all-reduce), so a worker left out would block the others. Publishing and saving touch no
 collective and go to rank 0 alone.
 """
 
@@ -53,8 +53,8 @@ class LearnerWorker:
         metrics = self.learner.step()
         return metrics if self.rank == 0 else None
 
-    def evaluate(self) -> float:
-        return self.learner.evaluate()
+    def publish_latest(self) -> int:
+        return self.learner.publish_latest()
 
     def save(self, path: str) -> None:
         self.learner.save(path)

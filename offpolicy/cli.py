@@ -12,6 +12,7 @@ import sys
 
 from offpolicy.config import ConfigError
 from offpolicy.config_io import load_config, reference_rows
+from offpolicy.metrics import rate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +98,7 @@ def _train(args) -> int:
         print(f"interrupted; partial run in {summary['run_dir']}")
         return 130
     print(f"done in {summary['wall_s']:.0f}s: eval reward {summary['base_eval_reward']:.3f} -> "
-          f"{summary['final_eval_reward']:.3f}, {summary['samples_per_s']:.0f} samples/s, "
+          f"{summary['final_eval_reward']:.3f}, {rate(summary['samples_per_s'])} samples/s, "
           f"staleness mean {summary['staleness_mean']:.2f} max {summary['staleness_max']:.0f}; "
           f"{summary['run_dir']}")
     return 0

@@ -102,6 +102,12 @@ class EnvConfig:
     module: str = ""
     """Python module imported in every process before `env.name` is looked up (it calls
     `register_env`); must be importable from the working directory or the environment."""
+    chat: bool = False
+    """Wrap the task's string prompts in a user message rendered with the model's chat
+    template (instruct models). Environments may also return a list of `{role, content}`
+    messages themselves; those are always rendered with the template."""
+    system_prompt: str = ""
+    """A system message put before chat prompts; empty = the template's own default."""
     eval_size: int = 200
     """Held-out eval problems (fixed; never used for training)."""
     max_turns: int = 8
@@ -288,7 +294,10 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 25
-    """Evaluate greedy accuracy on the held-out set every this many steps (and at start and end)."""
+    """Evaluate greedy accuracy on the held-out set every this many steps (and at start and
+    end). Evals run on rollout actor 0's engine between its batches while the learner keeps
+    training; a metrics row carries the newest finished eval and `eval/version`, the policy
+    version it measured."""
 
 
 @dataclass

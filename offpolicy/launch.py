@@ -4,7 +4,7 @@ Reads: a validated Config. Writes: the run folder (config.yaml via `run_dir.py`,
 metrics.jsonl, summary.json, checkpoints/).
 
 The roles run in one of two layouts with the same interface (start, step, evaluate,
-save_state, load_state, finish, close): `ray_roles.RayRoles`, every role its own Ray actor, and
+request_eval, eval_results, save_state, load_state, finish, close): `ray_roles.RayRoles`, every role its own Ray actor, and
 `serial_roles.SerialRoles` (`resources.serial`), every role in this process, taking turns.
 The driver only asks the learner for steps and evaluations, writes metrics and checkpoints;
 data never passes through it.
@@ -24,6 +24,7 @@ from offpolicy.checkpoint import checkpoints, commit, staging
 from offpolicy.config import Config, ConfigError, one_line
 from offpolicy.metrics import MetricsWriter, make_backends, write_summary
 from offpolicy.models import build_info, ensure_base_model, environment_info
+from offpolicy.real_models import preflight
 from offpolicy.run_dir import prepare_run_dir, reopen_run_dir, weights_dir, write_config
 
 
@@ -48,8 +49,10 @@ def train(cfg: Config, log=print, resume: tuple[Path, dict] | None = None) -> di
             summary["resumed_from"] = session.load_state(resume[0])
             log(f"resumed from {resume[0]}: learner version {summary['resumed_from']}")
         session.start()
-        summary["base_eval_reward"] = session.evaluate()
-        log(f"base eval reward {summary['base_eval_reward']:.3f}")
+        base = session.evaluate()
+        summary["base_eval_reward"] = base["eval/reward"]
+        log(f"base eval reward {summary['base_eval_reward']:.3f} ({base['eval/seconds']:.0f}s, "
+            "on rollout actor 0)")
         writer = MetricsWriter(run_dir, cfg.learner.steps, cfg.log.progress_every_s,
                                backends=make_backends(cfg, run_dir))
         t_loop = time.perf_counter()
@@ -59,6 +62,9 @@ def train(cfg: Config, log=print, resume: tuple[Path, dict] | None = None) -> di
         summary["buffer"], summary["actors"], summary["ledger"] = session.finish(
             run_dir / "checkpoints" / "final")
         log(describe_ledger(summary["ledger"]))
+        summary["memory"] = {
+            "learner_peak_rss_mb": summary.get("learner_peak_rss_mb"),
+            "actors_peak_rss_mb": [a.get("peak_rss_mb") for a in summary["actors"]]}
     except KeyboardInterrupt:
         summary["interrupted"] = True
         log("interrupted: stopping all roles")
@@ -91,6 +97,7 @@ def _base_model(cfg: Config, run_dir: Path, resume, log) -> str:
     if cfg.loss.kl_coef > 0 and not cfg.loss.kl_reference:
         cfg.loss.kl_reference = str(ensure_base_model(cfg, log=log)) if resume else model_path
         write_config(cfg, run_dir)
+    preflight(cfg, model_path)  # chat template, context length, memory: before any process
     return model_path
 
 
@@ -120,14 +127,24 @@ def _train_loop(cfg: Config, session, writer: MetricsWriter, t_start: float, run
                      "staleness_max": 0}
     for step in range(first, cfg.learner.steps + 1):
         m = session.step()
-        if step % cfg.eval.every == 0 or step == cfg.learner.steps:
-            m["eval/reward"] = session.evaluate()
+        # Evals run on a rollout engine while the learner goes on; a row carries the newest
+        # finished eval and the version it measured. The last one is waited for.
+        if step == cfg.learner.steps:
+            m.update(session.evaluate())
+        else:
+            if step % cfg.eval.every == 0:
+                session.request_eval()
+            done = session.eval_results()
+            if done:
+                m.update(done[-1])
+        if "eval/reward" in m:
             out["final_eval_reward"] = m["eval/reward"]
         m["time/elapsed_s"] = time.perf_counter() - t_start
         writer.write(m)
         out["staleness_sum"] += m["staleness/mean"]
         out["steps"], out["samples"] = step, out["samples"] + m["learner/batch_size"]
         out["samples_per_s"] = m["throughput/samples_per_s"]
+        out["learner_peak_rss_mb"] = m["memory/learner_peak_rss_mb"]
         out["staleness_max"] = max(out["staleness_max"], m["staleness/max"])
         every = cfg.checkpoint.every if cfg.staleness.mode == "bound" else 0  # see CLI resume
         if every and step % every == 0 and step < cfg.learner.steps:

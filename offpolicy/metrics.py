@@ -106,3 +106,12 @@ def rate(x: float) -> str:
 def write_summary(run_dir: Path, summary: dict) -> None:
     (run_dir / "summary.json").write_text(
         json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys as _sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if _sys.platform == "darwin" else peak / 1024

@@ -1,6 +1,7 @@
 """Base models: the tiny character-level Llama (built, warmed up, cached) and HF loading.
 
-Reads: `model.path` (any Hugging Face causal-LM folder) or the cache of built tiny models.
+Reads: `model.path` (a Hugging Face causal-LM folder, a .gguf file or a hub id: see
+`real_models.py`) or the cache of built tiny models.
 Writes: `<cache>/tiny-<recipe hash>/` (a normal HF folder: config, safetensors, tokenizer).
 
 Without a GPU or hub access RL needs a base model that already succeeds sometimes: RL mostly
@@ -84,8 +85,10 @@ def recipe_key(cfg: Config) -> str:
 
 def ensure_base_model(cfg: Config, log=print) -> Path:
     """The base model folder: `model.path` if set, else the cached tiny model (built if needed)."""
-    if cfg.model.path:
-        return Path(cfg.model.path).expanduser()
+    if cfg.model.path:  # a folder, a .gguf file (converted once) or a hub id
+        from offpolicy.real_models import resolve_model_path
+
+        return resolve_model_path(cfg, cache_root(cfg), log)
     out = cache_root(cfg) / f"tiny-{cfg.env.name}-{recipe_key(cfg)}"
     if (out / "config.json").is_file():
         return out

@@ -142,8 +142,32 @@ class RayRoles:
                 return None
         return None
 
-    def evaluate(self) -> float:
-        return self.ray.get(self.learners[0].evaluate.remote())
+    def evaluate(self) -> dict:
+        """The held-out eval of the learner's newest weights, on actor 0's engine between its
+        batches (the learner never stops to evaluate); waits for it. Published first if the
+        newest version was not yet."""
+        target = self.ray.get(self.learners[0].publish_latest.remote())
+        self.request_eval()
+        since = time.monotonic()
+        while True:
+            for result in self.eval_results():
+                if result["eval/version"] >= target:
+                    return result
+            done, _ = self.ray.wait(self.runs, num_returns=1, timeout=0.2)
+            if done:  # an actor's loop ended (actor 0 may have died evaluating)
+                self._actor_ended(self.runs.index(done[0]))
+            if self.cfg.log.stall_warn_s and time.monotonic() - since > self.cfg.log.stall_warn_s:
+                self.log(f"waiting {time.monotonic() - since:.0f}s for the eval of version "
+                         f"{target} on rollout actor 0")
+                since = time.monotonic()
+
+    def request_eval(self) -> None:
+        """Ask actor 0 for an eval with the newest weights at its next batch; results come
+        back through `eval_results`."""
+        self.ray.get(self.buffer.request_eval.remote())
+
+    def eval_results(self) -> list[dict]:
+        return self.ray.get(self.buffer.eval_results.remote())
 
     def save_state(self, folder: Path, with_buffer: bool) -> None:
         """Rank 0's policy and optimizer, and the buffer's snapshot, into `folder`."""

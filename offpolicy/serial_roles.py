@@ -28,6 +28,7 @@ class SerialRoles:
                        for i in range(cfg.rollout.num_actors)]
         self.learner = Learner(cfg, model_path, self.buffer, sync)
         self.turn = 0
+        self.done_evals: list[dict] = []
 
     def start(self) -> None:
         """Nothing runs between steps here: actors generate inside `step`."""
@@ -43,8 +44,21 @@ class SerialRoles:
                                    f"for update {self.learner.version}")
         return self.learner.step()
 
-    def evaluate(self) -> float:
-        return self.learner.evaluate()
+    def evaluate(self) -> dict:
+        """The held-out eval on actor 0's engine with the learner's newest weights (published
+        first if they were not yet): `eval/reward`, `eval/version`, `eval/seconds`."""
+        self.learner.publish_latest()
+        actor = self.actors[0]
+        actor.sync_weights()
+        return actor.evaluate()
+
+    def request_eval(self) -> None:
+        """Here an eval simply runs now; `eval_results` hands it over."""
+        self.done_evals.append(self.evaluate())
+
+    def eval_results(self) -> list[dict]:
+        done, self.done_evals = self.done_evals, []
+        return done
 
     def save_state(self, folder: Path, with_buffer: bool) -> None:
         self.learner.save_state(str(folder))

@@ -40,11 +40,12 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"env.latency: {e}") from None
     if cfg.model.path:
+        from offpolicy.real_models import check_model_path
+
+        check_model_path(cfg.model.path)
         p = Path(cfg.model.path).expanduser()
-        _check(p.is_dir(), f"model.path: no such folder: {cfg.model.path}")
-        _check((p / "config.json").is_file(),
-               f"model.path: {cfg.model.path} has no config.json (not a Hugging Face model folder)")
-        _check_tokenizer_fits(p)
+        if p.is_dir():
+            _check_tokenizer_fits(p)
     _validate_engine(cfg)
     _validate_cluster(cfg)
 

@@ -42,7 +42,8 @@ def test_serial_layout_lag_mode_is_exact_without_ray(model_dir, tmp_path):
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(m["staleness/min"], m["staleness/max"]) for m in metrics] == [
         (min(t, 2), min(t, 2)) for t in range(7)]
-    assert summary["steps"] == 7 and summary["actors"][0]["weight_loads"] == 4  # v1..v4
+    # v1..v4 for the work orders, then v7 for the final eval on the same engine
+    assert summary["steps"] == 7 and summary["actors"][0]["weight_loads"] == 5
     assert (run_dir / "checkpoints" / "final" / "config.json").exists()
     with pytest.raises(ConfigError, match="resources.serial"):
         fast_config(model_dir, "resources.serial=true", "engine.weight_sync=filesystem")

@@ -235,7 +235,6 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(base_model, tmp_path
             pass
     original = read_metrics(run_dir)
     assert len(original) >= 25 and not (run_dir / "summary.json").exists()
-    eval_at_20 = next(m["eval/reward"] for m in original if m["step"] == 20)
     assert [p.name for p in checkpoints(run_dir)] == ["step-000010", "step-000020"]
 
     checkpoint = latest(run_dir)
@@ -244,7 +243,14 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(base_model, tmp_path
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 41))  # 21-25 of the lost stretch redone
     assert summary["resumed_from"] == 20 and summary["steps"] == 40
-    assert summary["base_eval_reward"] == eval_at_20  # the very weights of step 20
+    # the resumed run's first eval measured the very weights of step 20 (scored here again
+    # in-process; one of the 32 problems may flip between the two greedy implementations)
+    from offpolicy.models import evaluate, load_policy
+
+    model, tokenizer = load_policy(checkpoint[0] / "model")
+    again = evaluate(model, tokenizer, cfg.env, list(range(cfg.env.eval_size)),
+                     cfg.engine.max_new_tokens)
+    assert abs(summary["base_eval_reward"] - again) <= 1 / 32
     assert all(0 <= m["staleness/min"] <= m["staleness/max"] <= 2 for m in metrics[20:])
     assert summary["ledger"]["balanced"], summary["ledger"]
     # the batch the one actor was generating at the checkpoint, if it was not held off then
