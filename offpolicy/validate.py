@@ -43,7 +43,7 @@ def validate(cfg: Config) -> None:
         from offpolicy.real_models import check_model_path
 
         check_model_path(cfg.model.path)
-        p = Path(cfg.model.path).expanduser()
+        p = Path(cfg.model.path).expanduser()  # a folder: its tokenizer must fit the model
         if p.is_dir():
             _check_tokenizer_fits(p)
     _validate_engine(cfg)

@@ -52,3 +52,12 @@ def test_relative_links_resolve():
 
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+
+
+def test_the_config_reference_in_the_docs_is_current(capsys):
+    from offpolicy.cli import main
+
+    assert main(["config-reference"]) == 0
+    table = capsys.readouterr().out
+    assert table.strip() in (ROOT / "docs" / "configuration.md").read_text(), (
+        "docs/configuration.md: regenerate its table with `offpolicy config-reference`")

@@ -147,4 +147,4 @@ def _eval_problems(name: str, problems: Callable, size: int) -> tuple[list[dict]
 
 
 # The built-in tasks register themselves.
-from offpolicy.envs import addition, gsm8k, guess, mathverify, rgym  # noqa: E402,F401
+from offpolicy.envs import addition, gsm8k, guess, mathverify, multiplication, rgym  # noqa: E402,F401

