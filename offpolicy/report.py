@@ -50,7 +50,7 @@ def eval_curve(summary: dict, metrics: list[dict]) -> tuple[list[float], list[fl
     return xs, ys
 
 
-def _plot(metrics: list[dict], path: Path) -> None:
+def _plot(metrics: list[dict], path: Path, base_eval: float | None = None) -> None:
     """The run's six panels: reward, staleness, importance sampling, throughput, entropy and
     KL, and the share of groups dropped as uniform."""
     import matplotlib
@@ -66,7 +66,13 @@ def _plot(metrics: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     ax = axes[0][0]
     ax.plot(steps, series("rollout/reward_mean"), lw=0.6, alpha=0.6, label="batch reward")
-    ev = [(m["step"], m["eval/reward"]) for m in metrics if m.get("eval/reward") is not None]
+    passk = [(m["step"], m["rollout/pass_at_k"]) for m in metrics if "rollout/pass_at_k" in m]
+    if passk:
+        ax.plot(*zip(*passk), lw=0.6, alpha=0.6, label="pass@k of arriving groups")
+    # an eval is placed at the version it measured (it finishes a step or two later)
+    ev = [(0, base_eval)] if base_eval is not None else []
+    ev += [(m.get("eval/version", m["step"]), m["eval/reward"]) for m in metrics
+           if m.get("eval/reward") is not None]
     if ev:
         ax.plot(*zip(*ev), marker="o", label="held-out eval (greedy)")
     ax.set_title("reward")
@@ -111,7 +117,7 @@ def report(run_dir: str | Path) -> Path:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):
         summary = {}  # a run still going, or killed: plot what is there
-    _plot(metrics, run_dir / "report.png")
+    _plot(metrics, run_dir / "report.png", summary.get("base_eval_reward"))
 
     rows = [("steps", len(metrics)), ("base eval reward", summary.get("base_eval_reward")),
             ("final eval reward", summary.get("final_eval_reward")),
