@@ -90,16 +90,22 @@ def ensure_base_model(cfg: Config, log=print) -> Path:
 
         return resolve_model_path(cfg, cache_root(cfg), log)
     out = cache_root(cfg) / f"tiny-{cfg.env.name}-{recipe_key(cfg)}"
+    return build_once(out, lambda tmp: build_tiny_model(cfg, tmp, log))
+
+
+def build_once(out: Path, build) -> Path:
+    """The model folder `out`, made by `build(tmp)` if it is not there yet. Several processes
+    (tests, a quickstart) may ask at once: one builds, the others wait; the folder appears
+    by an atomic rename, so a half-built model is never picked up."""
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Several processes (tests, a quickstart) may ask at once: one builds, the others wait.
     with open(out.parent / f"{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "config.json").is_file():
             tmp = out.parent / f"{out.name}.tmp{os.getpid()}"
-            build_tiny_model(cfg, tmp, log)
-            os.replace(tmp, out)  # atomic: a half-built model is never picked up
+            build(tmp)
+            os.replace(tmp, out)
     return out
 
 

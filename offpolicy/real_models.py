@@ -15,7 +15,6 @@ longer than the model's context, a model too big for the memory this machine has
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ import re
 from pathlib import Path
 
 from offpolicy.config import Config, ConfigError
+from offpolicy.models import build_once
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -101,17 +101,9 @@ def convert_gguf(file: Path, cache: Path, log=print) -> Path:
     stat = file.resolve().stat()
     key = hashlib.sha1(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     out = cache / f"gguf-{file.stem}-{key.hexdigest()[:12]}"
-    if (out / "config.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f"{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "config.json").is_file():
-            log(f"converting {file.name} to a float32 Hugging Face folder (once) -> {out}")
-            tmp = out.parent / f"{out.name}.tmp{os.getpid()}"
-            _convert(file, tmp)
-            os.replace(tmp, out)
-    return out
+    if not (out / "config.json").is_file():
+        log(f"converting {file.name} to a float32 Hugging Face folder (once) -> {out}")
+    return build_once(out, lambda tmp: _convert(file, tmp))
 
 
 def _convert(file: Path, out: Path) -> None:
