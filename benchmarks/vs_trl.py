@@ -157,7 +157,9 @@ def run_offpolicy(args, folder: Path, work: Path) -> dict:
     cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(CONFIG), f"model.path={folder}",
            f"learner.steps={args.steps}", f"run.dir={run_dir}", f"eval.every={args.steps}",
            "log.progress_every_s=30", f"resources.torch_threads={args.threads}",
-           f"run.seed={args.seed}", "buffer.drop_uniform_groups=false", *args.set]
+           f"run.seed={args.seed}", "buffer.drop_uniform_groups=false",
+           "loss.kl_coef=0",  # TRL runs with beta=0: no KL term on either side
+           *args.set]
     if subprocess.run(cmd, cwd=ROOT).returncode:
         sys.exit("the offpolicy run failed; its output is above")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
