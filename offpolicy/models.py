@@ -14,6 +14,7 @@ so a changed recipe rebuilds and an unchanged one loads in a second.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -306,7 +307,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     L = input_ids.shape[1]
     start = max(0, min(start, L - 1))
-    keep = {"logits_to_keep": L - start} if start and _takes_logits_to_keep(model) else {}
+    keep = ({"logits_to_keep": L - start} if start and _takes_logits_to_keep(type(model))
+            else {})
     if not keep:
         start = 0
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits[:, :-1]
@@ -330,10 +332,13 @@ def first_target(loss_mask: torch.Tensor) -> int:
     return int(cols.float().argmax()) if bool(cols.any()) else 0
 
 
-def _takes_logits_to_keep(model) -> bool:
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """Whether the model's forward can compute logits for the last positions only (asked
+    once per model class: `token_logprobs` runs for every micro-batch)."""
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 @torch.no_grad()
