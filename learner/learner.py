@@ -41,7 +41,7 @@ def lr_at(lc, version: int) -> float:
 
 class Learner:
     def __init__(self, cfg: Config, model_path: str, buffer, weights):
-        torch.set_num_threads(cfg.resources.torch_threads)
+        torch.set_num_threads(cfg.resources.learner_threads or cfg.resources.torch_threads)
         torch.manual_seed(cfg.run.seed)
         self.cfg, self.buffer, self.weights = cfg, buffer, weights
         self.model, self.tokenizer = load_policy(model_path)

@@ -308,6 +308,9 @@ class ResourcesConfig:
     """Ray CPUs reserved for each rollout actor."""
     torch_threads: int = 1
     """torch threads per role process (several processes share the machine's cores)."""
+    learner_threads: int = 0
+    """torch threads of each learner worker; 0 means `torch_threads`. On a small machine whose
+    actors mostly wait (held off by the staleness bound), the learner may take every core."""
     num_cpus: int = 0
     """CPUs for a local Ray instance; 0 means all of this machine's."""
     learner_gpus: float = 0.0

@@ -89,6 +89,8 @@ def _validate_ranges(cfg: Config) -> None:
     }
     for key, value in positive.items():
         _check(value > 0, f"{key}: must be > 0, got {value}")
+    _check(cfg.resources.learner_threads >= 0,
+           f"resources.learner_threads: must be >= 0, got {cfg.resources.learner_threads}")
     _check(cfg.learner.lr > 0, f"learner.lr: must be > 0, got {cfg.learner.lr}")
     _check(cfg.learner.warmup_steps >= 0 and 0 <= cfg.learner.min_lr_ratio <= 1,
            "learner.warmup_steps/min_lr_ratio: need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
