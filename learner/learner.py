@@ -18,8 +18,9 @@ import torch
 
 from offpolicy.advantages import ADVANTAGES
 from offpolicy.config import Config, max_staleness
-from offpolicy.losses import (LOSSES, LossInputs, importance_diagnostics, kl_penalty,
-                              regularized)
+from offpolicy.losses import (LOSSES, NEEDS_PROXIMAL, OWN_ADVANTAGE, LossInputs,
+                              importance_diagnostics, kl_penalty, regularized,
+                              split_loss_params)
 from offpolicy.metrics import peak_rss_mb
 from offpolicy.models import first_target, load_policy, token_logprobs
 from offpolicy.types import Batch
@@ -53,6 +54,10 @@ class Learner:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
                                      weight_decay=lc.weight_decay)
         self.loss_fn, self.advantage_fn = LOSSES[cfg.loss.name], ADVANTAGES[lc.advantage]
+        # the loss's own parameters, and its own advantage estimator's (oapl, asymre, vcpo)
+        self.loss_params, self.advantage_params = split_loss_params(cfg.loss.name,
+                                                                    cfg.loss.params)
+        self.needs_proximal = lc.minibatches > 1 or cfg.loss.name in NEEDS_PROXIMAL
         # The frozen reference of the KL penalty, loaded only when the penalty is on.
         self.reference = None
         if cfg.loss.kl_coef > 0:
@@ -81,22 +86,20 @@ class Learner:
             self.weights.publish(cpu_state(self.model), 0)
 
     def step(self) -> dict:
-        """One update. Blocks in the buffer until a batch for this version is ready."""
+        """One version: a sampled batch, `learner.minibatches` optimizer steps on it, and a
+        publish when due. Blocks in the buffer until a batch for this version is ready."""
         spans = Spans()
         with spans("wait"):
             batch = self._next_batch()
         with spans("prepare"):
             d = {k: torch.from_numpy(v)
                  for k, v in batch.padded(self.tokenizer.pad_token_id).items()}   # (B, T) each
-            adv = torch.from_numpy(self.advantage_fn(batch.rewards(), batch.group_index()))
-            if batch.weights is not None:  # prioritized replay's importance weights, (B,)
-                adv = adv * torch.from_numpy(batch.weights)
         parity = {}
         if self._parity_due():
             with spans("parity"):
                 parity = self._logprob_parity(d)
-        with spans("backward"):  # forward, backward and optimizer step
-            loss, logprobs, tensors = self._update(d, adv)
+        with spans("backward"):  # forward, backward and optimizer steps
+            loss, logprobs, tensors = self._update(d, batch)
         if self.version % self.cfg.learner.sync_every == 0 and self.rank == 0:
             with spans("publish"):
                 self.publish()
@@ -107,14 +110,44 @@ class Learner:
         every = self.cfg.engine.logprob_check_every
         return bool(every) and self.rank == 0 and self.version % every == 0
 
-    def _update(self, d: dict[str, torch.Tensor], adv: torch.Tensor):
-        """Gradients for the batch and one optimizer step, unless the loss or the gradient is
-        not finite: then the step is skipped and counted. The version advances either way (an
-        update that changed nothing), so versions stay one per sampled batch.
-        Returns (loss, (B, T) log-probs, metric tensors)."""
+    def _update(self, d: dict[str, torch.Tensor], batch: Batch):
+        """`learner.minibatches` optimizer steps on disjoint shares of the batch's rows (a
+        fixed shuffle per version), then the version advances by one: a version is one
+        sampled batch however many steps it took, so staleness and lag mode count batches.
+        The proximal policy (the weights at the start of the batch) is scored once, before
+        the first step, when a step needs it. Returns (loss, (B, T) log-probs, metric tensors),
+        the loss and metrics averaged over the steps."""
+        prox = self._proximal(d) if self.needs_proximal else None                 # (B, T)
+        adv = self._advantages(batch, d, prox)                                     # (B,)
+        lr, n = lr_at(self.cfg.learner, self.version), self.cfg.learner.minibatches
+        order = torch.arange(len(adv))
+        if n > 1:
+            seed = self.cfg.run.seed * 1_000_003 + self.version
+            order = torch.randperm(len(adv), generator=torch.Generator().manual_seed(seed))
+        logprobs, loss, tensors = torch.zeros(d["targets"].shape), 0.0, {}
+        for rows in order.tensor_split(n):
+            sub = {k: v[rows] for k, v in d.items()}
+            if prox is not None:
+                sub["proximal_logprobs"] = prox[rows]
+            part_loss, logprobs[rows], part = self._optimizer_step(sub, adv[rows], lr)
+            loss = loss + part_loss / n
+            for k, v in part.items():
+                tensors[k] = tensors.get(k, 0.0) + v.double() / n
+        self.version += 1
+        return loss, logprobs, tensors
+
+    def _optimizer_step(self, d: dict[str, torch.Tensor], adv: torch.Tensor, lr: float):
+        """Gradients for these rows and one optimizer step, unless the loss or the gradient is
+        not finite: then the step is skipped and counted."""
         self.opt.zero_grad(set_to_none=True)
         loss, logprobs, tensors = self._backward(d, adv)
-        tensors["learner/lr"] = torch.tensor(self._set_lr(), dtype=torch.float64)
+        if self.cfg.learner.ess_lr != "off":
+            scale = self._ess_scale(d, logprobs)
+            tensors["learner/ess_lr_scale"] = torch.tensor(scale, dtype=torch.float64)
+            lr = lr * scale
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        tensors["learner/lr"] = torch.tensor(lr, dtype=torch.float64)
         clip = self.cfg.learner.grad_clip if self.cfg.learner.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one host sync
@@ -122,9 +155,65 @@ class Learner:
         else:  # a NaN/inf would poison the weights
             self.opt.zero_grad(set_to_none=True)
             self.nonfinite_skipped += 1
-        self.version += 1
         tensors["learner/grad_norm"] = grad_norm
         return loss, logprobs, tensors
+
+    def _advantages(self, batch: Batch, d: dict[str, torch.Tensor],
+                    prox: torch.Tensor | None) -> torch.Tensor:
+        """(B,) advantages: the loss's own estimator when it has one (given each row's summed
+        log(pi_prox / mu), 0 without a proximal pass), else `learner.advantage`; times
+        prioritized replay's importance weights."""
+        rewards, groups = batch.rewards(), batch.group_index()
+        own = OWN_ADVANTAGE.get(self.cfg.loss.name)
+        if own is None:
+            adv = self.advantage_fn(rewards, groups)
+        else:
+            mask, behavior = d["loss_mask"], d["behavior_logprobs"]
+            log_w = ((prox if prox is not None else behavior) - behavior) * mask
+            adv = own(rewards, groups, log_w.sum(-1).double().numpy(),
+                      mask.sum(-1).numpy(), **self.advantage_params)
+        adv = torch.from_numpy(adv)
+        if batch.weights is not None:  # prioritized replay's importance weights, (B,)
+            adv = adv * torch.from_numpy(batch.weights)
+        return adv
+
+    def _ess_scale(self, d: dict[str, torch.Tensor], logprobs: torch.Tensor) -> float:
+        """`learner.ess_lr`: the learning rate's factor from the effective sample size of the
+        rows' sequence weights w = pi_prox / mu, ESS / n = (sum w)^2 / (n sum w^2):
+        min(1, ESS / n / ess_lr_base), square-rooted for `sqrt` (VCPO, arXiv 2602.17616)."""
+        prox = d.get("proximal_logprobs", logprobs)  # without a proximal pass: this step's own
+        mask = d["loss_mask"]
+        log_w = (((prox - d["behavior_logprobs"]) * mask).sum(-1)[mask.sum(-1) > 0]).double()
+        if not len(log_w):
+            return 1.0
+        frac = torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
+        rho = min(1.0, float(frac) / len(log_w) / self.cfg.learner.ess_lr_base)
+        return math.sqrt(rho) if self.cfg.learner.ess_lr == "sqrt" else rho
+
+    @torch.no_grad()
+    def _proximal(self, d: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) log-probs of the batch under the current weights (the proximal policy), each
+        worker scoring its rows, `learner.micro_batch` at a time."""
+        out = torch.zeros(d["targets"].shape, device=self.device)
+        for rows, c, start in self._chunks(d):
+            out[rows] = token_logprobs(self.model, c["input_ids"], c["attention_mask"],
+                                       c["targets"], self.cfg.engine.temperature, start=start)
+        if self.world > 1:
+            torch.distributed.all_reduce(out)
+        return out.cpu()
+
+    def _chunks(self, d: dict[str, torch.Tensor]):
+        """This worker's rows (rank::world), `learner.micro_batch` at a time: yields (row
+        indices, the rows' tensors on the device, the first target position they need)."""
+        B = len(d["input_ids"])
+        if B < self.world:
+            raise ValueError(f"learner: a batch of {B} rows cannot feed {self.world} workers")
+        mine = torch.arange(self.rank, B, self.world)  # this worker's rows (all of them alone)
+        size = self.cfg.learner.micro_batch or len(mine)
+        for lo in range(0, len(mine), size):
+            rows = mine[lo:lo + size]
+            yield (rows, {k: v[rows].to(self.device) for k, v in d.items()},
+                   first_target(d["loss_mask"][rows]))
 
     def _metrics(self, batch: Batch, d: dict[str, torch.Tensor], logprobs: torch.Tensor,
                  tensors: dict[str, torch.Tensor], parity: dict, spans: "Spans") -> dict:
@@ -152,13 +241,6 @@ class Learner:
         metrics["learner/tokens"] = int(metrics["learner/tokens"])
         return metrics
 
-    def _set_lr(self) -> float:
-        """Set this update's learning rate (`learner.lr_schedule`) and return it."""
-        lr = lr_at(self.cfg.learner, self.version)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        return lr
-
     def _backward(self, d: dict[str, torch.Tensor], adv: torch.Tensor):
         """Loss and gradients for the batch, `learner.micro_batch` rows at a time; with
         data-parallel workers each takes rows rank::world and `_all_reduce` sums the results.
@@ -170,14 +252,9 @@ class Learner:
         """
         B, cfg = len(d["input_ids"]), self.cfg
         total = d["loss_mask"].sum().clamp(min=1)  # the whole batch's: ranks weight alike
-        if B < self.world:
-            raise ValueError(f"learner: a batch of {B} rows cannot feed {self.world} workers")
-        mine = torch.arange(self.rank, B, self.world)  # this worker's rows (all of them alone)
-        size = cfg.learner.micro_batch or len(mine)
+        mine = torch.arange(self.rank, B, self.world)
         loss_sum, metrics, logprobs = torch.zeros((), device=self.device).double(), {}, []
-        for lo in range(0, len(mine), size):
-            start = first_target(d["loss_mask"][mine[lo:lo + size]])  # the prompts' end
-            c = {k: v[mine[lo:lo + size]].to(self.device) for k, v in d.items()}
+        for rows, c, start in self._chunks(d):
             lp, entropy = token_logprobs(self.model, c["input_ids"], c["attention_mask"],
                                          c["targets"], cfg.engine.temperature, entropy=True,
                                          entropy_grad=cfg.loss.entropy_coef != 0,
@@ -188,13 +265,13 @@ class Learner:
                     ref = token_logprobs(self.reference, c["input_ids"], c["attention_mask"],
                                          c["targets"], cfg.engine.temperature, start=start)
                 kl = kl_penalty(lp, ref, cfg.loss.kl_estimator)
-            # One optimizer step per batch: the weights at the start of the step (the proximal
-            # policy of decoupled losses) are the current ones, so no second forward is needed.
+            # Without a proximal pass (one step per batch) the weights at the start of the step
+            # are the current ones, so this forward's log-probs are the proximal ones.
+            prox = c["proximal_logprobs"] if "proximal_logprobs" in c else lp.detach()
             inputs = LossInputs(logprobs=lp, behavior_logprobs=c["behavior_logprobs"],
-                                advantages=adv[mine[lo:lo + size], None].to(self.device)
-                                .expand_as(lp),
-                                mask=c["loss_mask"], proximal_logprobs=lp.detach())
-            loss, m = self.loss_fn(inputs, **cfg.loss.params)
+                                advantages=adv[rows, None].to(self.device).expand_as(lp),
+                                mask=c["loss_mask"], proximal_logprobs=prox)
+            loss, m = self.loss_fn(inputs, **self.loss_params)
             loss, reg = regularized(loss, c["loss_mask"], entropy, cfg.loss.entropy_coef,
                                     kl, cfg.loss.kl_coef)
             w = c["loss_mask"].sum() / total.to(self.device)

@@ -253,13 +253,24 @@ class LearnerConfig:
     micro_batch: int = 0
     """Rows per forward/backward pass (gradients accumulate to one step per batch); 0 = the
     whole batch at once. Lower it when a batch of long sequences does not fit in memory."""
+    minibatches: int = 1
+    """Optimizer steps per sampled batch, PPO-style, each on a disjoint share of its rows. Above
+    1 the batch is first scored with the weights at its start (the proximal policy of
+    `decoupled_ppo` and `vcpo`, one extra forward), so clipping acts on the later steps. A
+    version is still one batch: staleness, lag mode and `sync_every` count batches."""
+    ess_lr: Literal["off", "sqrt", "linear"] = "off"
+    """Scale each optimizer step's learning rate by the effective sample size of its rows'
+    sequence importance weights pi_prox / mu: lr * min(1, ESS / n / ess_lr_base), square-rooted
+    for `sqrt` (VCPO's choice for Adam). Any loss; logged as `learner/ess_lr_scale`."""
+    ess_lr_base: float = 1.0
+    """The ESS fraction at and above which `ess_lr` leaves the learning rate alone."""
 
 
 @dataclass
 class LossConfig:
     name: str = "tis"
     """Policy loss and off-policy correction: pg, ppo_clip, tis, seq_mask_is, icepop, vtrace,
-    decoupled_ppo, m2po, cispo, gspo, topr (docs/losses.md)."""
+    decoupled_ppo, m2po, cispo, gspo, topr, oapl, asymre, vcpo (docs/losses.md)."""
     params: dict = field(default_factory=dict)
     """Parameters of the loss (e.g. `cap: 2.0` for `tis`); unset ones take the loss's defaults."""
     kl_coef: float = 0.0

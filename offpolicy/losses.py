@@ -11,10 +11,13 @@ as in DAPO), so long and short completions weigh each token the same.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from offpolicy.advantages import asymre_advantage, oapl_advantage, vcpo_advantage
 
 
 @dataclass
@@ -33,20 +36,46 @@ class LossInputs:
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
 LOSSES: dict[str, LossFn] = {}
+# Losses that bring their own advantage estimator (it replaces `learner.advantage`), called as
+# fn(rewards, groups, log_w, lengths, **its params) over the whole batch (offpolicy.advantages).
+OWN_ADVANTAGE: dict[str, Callable] = {}
+# Losses whose advantages need the proximal policy's log-probs before the first update (an
+# extra forward pass per batch when learner.minibatches is 1).
+NEEDS_PROXIMAL: set[str] = set()
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+def register_loss(name: str, advantage: Callable | None = None,
+                  proximal: bool = False) -> Callable[[LossFn], LossFn]:
     def wrap(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
+        if advantage is not None:
+            OWN_ADVANTAGE[name] = advantage
+        if proximal:
+            NEEDS_PROXIMAL.add(name)
         return fn
     return wrap
 
 
+def _keywords(fn: Callable, skip: int) -> list[str]:
+    return list(inspect.signature(fn).parameters)[skip:]
+
+
+def split_loss_params(name: str, params: dict) -> tuple[dict, dict]:
+    """`loss.params` split into (the loss function's, its own advantage estimator's)."""
+    own = OWN_ADVANTAGE.get(name)
+    adv_keys = set(_keywords(own, 4)) if own else set()
+    return ({k: v for k, v in params.items() if k not in adv_keys},
+            {k: v for k, v in params.items() if k in adv_keys})
+
+
 def check_loss_params(name: str, params: dict) -> None:
-    """Raise ConfigError unless every key of `params` is a keyword of loss `name`."""
+    """Raise ConfigError unless every key of `params` is a keyword of loss `name` (or of its
+    own advantage estimator)."""
     from offpolicy.config import ConfigError
 
-    allowed = [p for p in inspect.signature(LOSSES[name]).parameters if p != "inputs"]
+    allowed = _keywords(LOSSES[name], 1)
+    if name in OWN_ADVANTAGE:
+        allowed += _keywords(OWN_ADVANTAGE[name], 4)
     for key in params:
         if key not in allowed:
             raise ConfigError(f"loss.params.{key}: not a parameter of loss '{name}'; "
@@ -254,6 +283,65 @@ def topr(inputs: LossInputs):
     loss = masked_mean(-w * inputs.advantages * inputs.logprobs, inputs.mask)
     return loss, {"is/clip_frac": masked_mean(negative * (seq_r[:, None] < 1).float(),
                                                    inputs.mask)}
+
+
+def _seq_advantage(inputs: LossInputs) -> torch.Tensor:
+    """(B,) each sequence's advantage (the learner broadcasts one per sequence)."""
+    return (inputs.advantages * inputs.mask).sum(-1) / inputs.mask.sum(-1).clamp(min=1)
+
+
+@register_loss("oapl", advantage=oapl_advantage)
+def oapl(inputs: LossInputs, beta: float = 0.1):
+    """Squared regression of the sequence log-ratio to the behaviour policy onto the optimal
+    advantage, no importance weights: mean_i (beta * sum_t log(pi / mu) - A_i)^2 over
+    sequences, with A_i = r_i - V* (`oapl_advantage`, parameter `beta_v`). Its minimiser is
+    pi = mu * exp(A / beta): a KL-regularised step away from whatever (lagged) policy sampled
+    the data, so staleness moves the anchor instead of blowing up a ratio.
+    Source: OAPL (arXiv 2602.19362). The reference code uses beta 0.001 with lr 1e-6 and
+    completions of thousands of tokens; the gradient's size is about 2 beta times the tokens
+    per sequence relative to `pg`'s, hence 0.1 for this framework's short answers.
+    `is/clip_frac` here is the share of sequences whose log-ratio already overshoots its target
+    (beta * s beyond A, so the gradient pulls it back).
+    """
+    has = (inputs.mask.sum(-1) > 0).float()                                       # (B,)
+    s = _seq_log_ratio(inputs, mean=False)                                        # (B,)
+    adv = _seq_advantage(inputs)
+    err = beta * s - adv
+    n = has.sum().clamp(min=1)
+    over = ((err * adv.sign() > 0) & (adv != 0)).float()
+    return (err ** 2 * has).sum() / n, {"is/clip_frac": (over * has).sum() / n}
+
+
+@register_loss("asymre", advantage=asymre_advantage)
+def asymre(inputs: LossInputs):
+    """Off-policy REINFORCE with an asymmetric baseline, no importance weights:
+    -A * log pi(a) (token mean), with A = r - (group mean + delta) (`asymre_advantage`,
+    parameter `delta`, default -0.1: the baseline sits below the behaviour policy's value).
+    Source: Arnal et al. 2025, "Asymmetric REINFORCE for off-policy RL" (arXiv 2506.20520).
+    """
+    return masked_mean(-inputs.advantages * inputs.logprobs, inputs.mask), {}
+
+
+@register_loss("vcpo", advantage=vcpo_advantage, proximal=True)
+def vcpo(inputs: LossInputs, cap: float = 8.0):
+    """-mean_i [min(w_i, cap) * A_i * mean_t (pi / pi_prox)], sequence mean of token means:
+    w_i = exp(sum_t log(pi_prox / mu)) is the sequence's importance weight, truncated at `cap`
+    (no gradient), pi_prox the weights at the start of the batch, and A_i uses VCPO's
+    minimum-variance off-policy baseline (`vcpo_advantage`). VCPO's other half, scaling the
+    learning rate by the batch's effective sample size, is `learner.ess_lr: sqrt`.
+    Source: VCPO (arXiv 2602.17616); reference code mit-han-lab/vcpo (truncation 8, no clip).
+    """
+    prox = inputs.proximal_logprobs
+    if prox is None:
+        prox = inputs.logprobs.detach()
+    has = (inputs.mask.sum(-1) > 0).float()
+    log_w = ((prox - inputs.behavior_logprobs) * inputs.mask).sum(-1)             # (B,)
+    w = torch.exp(log_w.clamp(max=math.log(cap)))
+    r = torch.exp((inputs.logprobs - prox) * inputs.mask)
+    token_mean = (r * inputs.mask).sum(-1) / inputs.mask.sum(-1).clamp(min=1)
+    n = has.sum().clamp(min=1)
+    loss = -(w * _seq_advantage(inputs) * token_mean * has).sum() / n
+    return loss, {"is/clip_frac": ((log_w > math.log(cap)).float() * has).sum() / n}
 
 
 def importance_diagnostics(logprobs: torch.Tensor, behavior_logprobs: torch.Tensor,

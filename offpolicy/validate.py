@@ -86,11 +86,18 @@ def _validate_ranges(cfg: Config) -> None:
         "env.eval_size": cfg.env.eval_size, "env.max_turns": cfg.env.max_turns,
         "resources.torch_threads": cfg.resources.torch_threads,
         "resources.learner_workers": cfg.resources.learner_workers,
+        "learner.minibatches": cfg.learner.minibatches,
+        "learner.ess_lr_base": cfg.learner.ess_lr_base,
     }
     for key, value in positive.items():
         _check(value > 0, f"{key}: must be > 0, got {value}")
     _check(cfg.resources.learner_threads >= 0,
            f"resources.learner_threads: must be >= 0, got {cfg.resources.learner_threads}")
+    rows = cfg.learner.batch_groups * cfg.rollout.group_size
+    _check(cfg.learner.minibatches * cfg.resources.learner_workers <= rows,
+           f"learner.minibatches: {cfg.learner.minibatches} minibatches x "
+           f"{cfg.resources.learner_workers} worker(s) need at least that many rows per batch, "
+           f"and a batch has {rows} (learner.batch_groups x rollout.group_size)")
     _check(cfg.learner.lr > 0, f"learner.lr: must be > 0, got {cfg.learner.lr}")
     _check(cfg.learner.warmup_steps >= 0 and 0 <= cfg.learner.min_lr_ratio <= 1,
            "learner.warmup_steps/min_lr_ratio: need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")

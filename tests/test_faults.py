@@ -88,9 +88,20 @@ def test_a_nonfinite_loss_skips_the_step_and_counts_it(model_dir):
 
 
 def _pids_of(title: str) -> list[int]:
-    """Processes whose command line holds `title` (Ray names actor processes ray::<Class>)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if title in line]
+    """This test's descendant processes (its Ray's workers, not another run's on the same
+    machine) whose command line holds `title` (Ray names actor processes ray::<Class>)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
+                         text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()]
+    parent = {int(r[0]): int(r[1]) for r in rows}
+
+    def mine(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+    return [int(r[0]) for r in rows if len(r) == 3 and title in r[2] and mine(int(r[0]))]
 
 
 def _kill_when(ready, title: str, first_only: bool = False) -> list[int]:

@@ -69,6 +69,18 @@ BY_HAND = [
     ("gspo", {"eps_low": 0.6, "eps_high": 1.5}, BEHAVIOR, -1.75, [[-1, -1], [0.25, 0]], 0.0),
     # A >= 0 weight 1; A < 0 weight min(sequence ratio, 1) = 0.5
     ("topr", {}, BEHAVIOR, 5.75 / 3, [[-2 / 3, -2 / 3], [1 / 6, 0]], 1 / 3),
+    # sequence log-ratios s = ln 4 (A 2) and -ln 2 (A -1); residuals e = beta s - A:
+    # beta 0.1: e = -1.86137, 0.93069; loss (e1^2 + e2^2) / 2; d/dlp = 2 e beta / 2 per token
+    ("oapl", {}, BEHAVIOR, 2.1654377, [[-0.1861371, -0.1861371], [0.0930685, 0]], 0.0),
+    # beta 2: e = 0.77259, -0.38629, both past their targets (the gradient pulls back)
+    ("oapl", {"beta": 2.0}, BEHAVIOR, 0.3730583, [[1.5451774, 1.5451774], [-0.7725887, 0]], 1.0),
+    # no importance weight: the same value and gradient as pg on the same advantages
+    ("asymre", {}, BEHAVIOR, 5.5 / 3, [[-2 / 3, -2 / 3], [1 / 3, 0]], 0.0),
+    # proximal = current: sequence weights w = 4 and 0.5, r = 1: -(4 * 2 + 0.5 * -1) / 2;
+    # d/dlp = -w A / (2 |y|)
+    ("vcpo", {}, BEHAVIOR, -3.75, [[-2, -2], [0.25, 0]], 0.0),
+    # cap 2 truncates the first sequence's weight
+    ("vcpo", {"cap": 2.0}, BEHAVIOR, -1.75, [[-1, -1], [0.25, 0]], 0.5),
 ]
 
 

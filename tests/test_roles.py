@@ -129,7 +129,7 @@ def test_kl_penalty_and_entropy_bonus_in_a_learner_step(model_dir):
 
 # Losses averaged over sequences rather than tokens: chunks weighted by their token share are
 # only close to the full batch for them (see Learner._backward).
-SEQUENCE_MEAN = {"gspo"}
+SEQUENCE_MEAN = {"gspo", "oapl", "vcpo"}
 
 
 @pytest.mark.parametrize("loss", sorted(set(LOSSES) - SEQUENCE_MEAN))
@@ -476,3 +476,70 @@ def test_hf_engine_passes_the_cache_under_the_name_the_model_takes(model_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # the installed version's name is used
         engine.generate([engine.tokenizer("1+2=")["input_ids"]], SamplingParams(max_new_tokens=3))
+
+
+def _learner_with_a_batch(model_dir, *overrides, reward_first: bool = True):
+    cfg = fast_config(model_dir, *overrides)
+    buf, sync = ReplayBuffer(4, max_staleness=2, capacity=1000), LocalSync()
+    actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
+    learner = Learner(cfg, str(model_dir), buf, sync)
+    torch.manual_seed(1)
+    groups = actor.rollout_batch()
+    for g in groups:
+        g[0].reward = 1.0 if reward_first else 0.0
+    buf.add(groups)
+    return learner
+
+
+def test_minibatches_take_several_steps_per_version_and_decoupled_ppo_clips(model_dir):
+    """With 4 minibatches one batch is 4 optimizer steps against one proximal policy: the
+    later steps move the policy away from it, so the clip is active. With 1 it never is."""
+    fracs = {}
+    for n in (1, 4):
+        learner = _learner_with_a_batch(model_dir, "loss.name=decoupled_ppo",
+                                        f"learner.minibatches={n}", "learner.lr=3e-2")
+        steps = []
+        step = learner.opt.step
+        learner.opt.step = lambda: (steps.append(1), step())
+        m = learner.step()
+        assert learner.version == 1 and len(steps) == n  # one version, n optimizer steps
+        fracs[n] = m["is/clip_frac"]
+    assert fracs[1] == 0.0 and fracs[4] > 0
+
+
+def test_minibatch_rows_are_disjoint_and_cover_the_batch(model_dir):
+    learner = _learner_with_a_batch(model_dir, "loss.name=pg", "learner.minibatches=3")
+    seen, full = [], []
+    backward, update = learner._backward, learner._update
+    learner._backward = lambda d, adv: (seen.append(d["input_ids"]), backward(d, adv))[1]
+    learner._update = lambda d, batch: (full.append(d["input_ids"]), update(d, batch))[1]
+    learner.step()
+    assert [len(s) for s in seen] == [6, 5, 5]
+    assert sorted(map(tuple, torch.cat(seen).tolist())) == sorted(map(tuple, full[0].tolist()))
+
+
+def test_ess_lr_scales_the_learning_rate_by_the_effective_sample_size(model_dir):
+    """On-policy weights are all 1 (ESS = n, scale 1); skewed behaviour log-probs shrink it to
+    the value computed by hand from the sequence weights."""
+    learner = _learner_with_a_batch(model_dir, "loss.name=tis", "learner.ess_lr=sqrt")
+    m = learner.step()
+    assert m["learner/ess_lr_scale"] == pytest.approx(1.0, abs=1e-4)
+    assert m["learner/lr"] == pytest.approx(1e-3 * m["learner/ess_lr_scale"])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    behavior = torch.zeros(3, 3)
+    prox = torch.tensor([[0.0, math.log(3), 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    d = {"loss_mask": mask, "behavior_logprobs": behavior, "proximal_logprobs": prox}
+    # w = 3, 1, 1: ESS / n = 25 / (3 * 11)
+    assert learner._ess_scale(d, prox) == pytest.approx(math.sqrt(25 / 33))
+    learner.cfg.learner.ess_lr = "linear"
+    assert learner._ess_scale(d, prox) == pytest.approx(25 / 33)
+
+
+@pytest.mark.parametrize("loss", ["oapl", "asymre", "vcpo"])
+def test_losses_with_their_own_advantages_train(model_dir, loss):
+    learner = _learner_with_a_batch(model_dir, f"loss.name={loss}")
+    before = cpu_state(learner.model)
+    m = learner.step()
+    assert np.isfinite(m["learner/loss"])
+    assert any(not torch.equal(before[k], v) for k, v in cpu_state(learner.model).items())
+    assert learner.needs_proximal == (loss == "vcpo")
