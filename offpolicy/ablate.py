@@ -3,8 +3,8 @@ run.seed), run in parallel, resumable, then one table and two plots.
 
 Reads: a config YAML whose `ablate:` section holds `grid` ({key: [values]}), `parallel` and
 optionally `dir`, `threshold` (an eval reward: the table then also gives the samples each
-cell needed to reach it) and `base` (a config file, relative to this one, that the cells start
-from); the rest of the file is the base config of every cell (over `base`'s, key by key).
+cell needed to reach it), `base` (a config file, relative to this one, that the cells start
+from) and `extra` ({"<grid key>=<value>": [overrides]}: settings for the cells with that value); the rest of the file is the base config of every cell (over `base`'s, key by key).
 Writes, in the ablation folder (default `ablations/<config stem>`): `base.yaml`, one normal run
 folder per cell (with its `train.log`), `results.csv`, `results.md`, `reward_vs_samples.png`,
 `final_vs_k.png`. A cell whose `summary.json` says it finished is skipped on a rerun.
@@ -39,10 +39,15 @@ def load_ablation(path: str) -> tuple[dict, dict]:
     spec = data.pop("ablate", None)
     if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
         raise ConfigError(f"{path}: needs an `ablate:` section with `grid: {{key: [values]}}`")
-    unknown = set(spec) - {"grid", "parallel", "dir", "threshold", "base"}
+    unknown = set(spec) - {"grid", "parallel", "dir", "threshold", "base", "extra"}
     if unknown:
         raise ConfigError(f"ablate: unknown keys {sorted(unknown)}; "
-                          "valid: grid, parallel, dir, threshold, base")
+                          "valid: grid, parallel, dir, threshold, base, extra")
+    for when, sets in (spec.get("extra") or {}).items():
+        key, _, value = str(when).partition("=")
+        if key not in spec["grid"] or not isinstance(sets, list):
+            raise ConfigError(f"ablate.extra.{when}: expected '<grid key>=<value>: "
+                              "[key=value, ...]' (overrides for the cells with that value)")
     if spec.get("base"):  # cells start from another config file; this file's keys win
         base_file = Path(path).parent / spec["base"]
         try:
@@ -50,6 +55,7 @@ def load_ablation(path: str) -> tuple[dict, dict]:
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"ablate.base: cannot read {base_file}: "
                               f"{str(e).splitlines()[0]}") from None
+        inherited.pop("ablate", None)  # its grid is its own
         data = _merged(inherited, data)
     if not isinstance(spec.get("threshold", 0.0), (int, float)):
         raise ConfigError("ablate.threshold: expected a number (an eval reward)")
@@ -94,21 +100,21 @@ def ablate(path: str, overrides: list[str], log=print) -> Path:
     stem = Path(path).stem
     root = Path(spec.get("dir") or Path("ablations") / stem)
     root.mkdir(parents=True, exist_ok=True)
-    base.setdefault("run", {})["name"] = stem
+    base.setdefault("run", {})["name"] = root.name  # two files sharing a folder share cells
     base_path = root / "base.yaml"
     base_path.write_text(yaml.safe_dump(base, sort_keys=False))
     cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     steps, use_ray = {}, False
     for cell in cells:  # every cell's config is checked before anything runs
-        cfg = load_config(base_path, [*overrides, *(f"{k}={v}" for k, v in cell.items())])
+        cfg = load_config(base_path, cell_overrides(cell, spec, overrides))
         steps[cell_name(cell)] = cfg.learner.steps
         use_ray |= not cfg.resources.serial
     todo = [c for c in cells if not cell_done(root / cell_name(c))]
     parallel = max(1, int(spec.get("parallel", 1)))
     log(f"ablation {root}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
         f"{len(todo)} to run, {parallel} at a time")
-    failed = _run_cells(root, base_path, overrides, _interleave(todo), parallel, steps,
-                        use_ray, log)
+    failed = _run_cells(root, base_path, lambda c: cell_overrides(c, spec, overrides),
+                        _interleave(todo), parallel, steps, use_ray, log)
     rows = collect(root, cells, spec.get("threshold"))
     write_results(root, grid, rows, spec.get("threshold"))
     log(f"results: {root / 'results.csv'}, {root / 'results.md'}, plots in {root}")
@@ -118,7 +124,15 @@ def ablate(path: str, overrides: list[str], log=print) -> Path:
     return root
 
 
-def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dict],
+def cell_overrides(cell: dict, spec: dict, overrides: list[str]) -> list[str]:
+    """A cell's command-line overrides: the user's, `ablate.extra`'s for the cell's values
+    (e.g. `loss.name=decoupled_ppo: [learner.minibatches=4]`), then the grid's."""
+    extra = [o for when, sets in (spec.get("extra") or {}).items()
+             for o in sets if str(cell.get(when.partition("=")[0])) == when.partition("=")[2]]
+    return [*overrides, *extra, *(f"{k}={v}" for k, v in cell.items())]
+
+
+def _run_cells(root: Path, base_path: Path, overrides, todo: list[dict],
                parallel: int, steps: dict[str, int], use_ray: bool, log) -> list[str]:
     """Run `offpolicy train` per cell, `parallel` at a time; progress every 10 s. Returns the
     names of the cells that failed."""
@@ -130,7 +144,8 @@ def _run_cells(root: Path, base_path: Path, overrides: list[str], todo: list[dic
         while pending or running:
             while pending and len(running) < parallel:
                 cell = pending.pop(0)
-                running[cell_name(cell)] = _start_cell(root, base_path, overrides, cell, env)
+                running[cell_name(cell)] = _start_cell(root, base_path, overrides(cell), cell,
+                                                       env)
             for name, (proc, out, run_dir) in list(running.items()):
                 if proc.poll() is not None:
                     out.close()
@@ -182,11 +197,11 @@ def _cell_environment(start_ray: bool) -> dict:
 
 
 def _start_cell(root: Path, base_path: Path, overrides: list[str], cell: dict, env: dict):
-    """Start one cell's `offpolicy train` in its own session; (process, log file, run dir)."""
+    """Start one cell's `offpolicy train` (with the cell's `overrides`) in its own session;
+    (process, log file, run dir)."""
     run_dir = root / cell_name(cell)
     run_dir.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(base_path),
-           *overrides, *(f"{k}={v}" for k, v in cell.items()),
+    cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(base_path), *overrides,
            f"run.dir={run_dir}", "run.overwrite=true", "log.progress_every_s=30"]
     out = open(run_dir / "train.log", "w")
     return (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -291,26 +306,53 @@ def _group(rows, **match):
 
 
 def _table(rows: list[dict], grid: dict, down: str, across: str | None) -> str:
-    """Final eval reward, mean +- spread over the other grid keys (seeds), `down` x `across`."""
+    """Final eval reward and area under the eval curve, `down` x `across`: the mean over the
+    other grid keys (seeds) with a 95% bootstrap interval; a cell whose interval lies wholly
+    below (v) or above (^) the first row's of its column (k = 0) is marked."""
     cols = grid[across] if across else [None]
-    lines = [f"Final eval reward (mean ± std over {_others(grid, down, across)}; "
-             f"n = runs per cell). Rows: `{down}`" + (f"; columns: `{across}`." if across
-                                                      else "."), "",
-             _header(down, cols, "final eval reward"), "|---|" + "---|" * len(cols)]
-    for d in grid[down]:
-        cells = []
-        for c in cols:
-            vals = [r["final_eval_reward"] for r in _group(rows, **{down: d}, **(
-                {across: c} if across else {}))]
-            cells.append(_fmt(vals))
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    lines += ["", "Area under the eval curve (mean eval reward over the run's samples):", "",
-              _header(down, cols, "area under the eval curve"), "|---|" + "---|" * len(cols)]
-    for d in grid[down]:
-        cells = [_fmt([r["eval_auc"] for r in _group(rows, **{down: d}, **(
-            {across: c} if across else {}))]) for c in cols]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    first = grid[down][0]
+    intro = (f"Mean over {_others(grid, down, across)} with a 95% bootstrap interval "
+             f"[low, high] (n = runs per cell). Rows: `{down}`"
+             + (f"; columns: `{across}`" if across else "")
+             + f". v / ^: the interval lies wholly below / above the `{down}` = {first} row's "
+             "in the same column.")
+    lines = [intro, ""]
+    for key, title in (("final_eval_reward", "final eval reward"),
+                       ("eval_auc", "area under the eval curve (mean eval reward over the "
+                                    "run's samples)")):
+        lines += [f"{title[0].upper()}{title[1:]}:", "", _header(down, cols, title),
+                  "|---|" + "---|" * len(cols)]
+        for d in grid[down]:
+            cells = []
+            for c in cols:
+                where = {across: c} if across else {}
+                vals = [r[key] for r in _group(rows, **{down: d}, **where)]
+                ref = [r[key] for r in _group(rows, **{down: first}, **where)]
+                cells.append(_fmt(vals) + ("" if d == first else _mark(vals, ref)))
+            lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def bootstrap_interval(vals: list[float], level: float = 0.95, resamples: int = 4000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (fixed seed: the table is reproducible)."""
+    import numpy as np
+
+    x = np.asarray(vals, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (resamples, len(x)))].mean(1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def _mark(vals: list[float], ref: list[float]) -> str:
+    """' v' / ' ^' when the bootstrap intervals of vals and ref do not overlap."""
+    if len(vals) < 2 or len(ref) < 2:
+        return ""
+    lo, hi = bootstrap_interval(vals)
+    ref_lo, ref_hi = bootstrap_interval(ref)
+    return " v" if hi < ref_lo else " ^" if lo > ref_hi else ""
 
 
 def _runs_table(rows: list[dict], grid: dict) -> str:
@@ -363,7 +405,8 @@ def _fmt(vals: list[float]) -> str:
         return "-"
     if len(vals) == 1:
         return f"{vals[0]:.3f} (n=1)"
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} (n={len(vals)})"
+    lo, hi = bootstrap_interval(vals)
+    return f"{statistics.mean(vals):.3f} [{lo:.3f}, {hi:.3f}] (n={len(vals)})"
 
 
 def _plots(root: Path, rows: list[dict], grid: dict, down: str, across: str | None) -> None:
@@ -398,16 +441,19 @@ def _plots(root: Path, rows: list[dict], grid: dict, down: str, across: str | No
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     xs = list(range(len(grid[down])))
     for c in cols:
-        means, errs = [], []
+        means, errs = [], [[], []]
         for d in grid[down]:
             vals = [r["final_eval_reward"] for r in _group(rows, **{down: d}, **(
                 {across: c} if across else {}))]
-            means.append(statistics.mean(vals) if vals else float("nan"))
-            errs.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            mean = statistics.mean(vals) if vals else float("nan")
+            lo, hi = bootstrap_interval(vals) if len(vals) > 1 else (mean, mean)
+            means.append(mean)
+            errs[0].append(mean - lo)
+            errs[1].append(hi - mean)
         ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=str(c))
     ax.set_xticks(xs, [str(d) for d in grid[down]])
     ax.set_xlabel(down)
-    ax.set_ylabel("final eval reward")
+    ax.set_ylabel("final eval reward (95% bootstrap interval)")
     ax.grid(alpha=0.3)
     if across:
         ax.legend(title=across, fontsize=8)

@@ -157,3 +157,35 @@ def test_ablate_base_inherits_a_config_and_names_clashing_keys(tmp_path):
     (tmp_path / "grid.yaml").write_text("ablate: {base: nope.yaml, grid: {run.seed: [0]}}\n")
     with pytest.raises(ConfigError, match="ablate.base: cannot read .*nope.yaml"):
         load_ablation(str(tmp_path / "grid.yaml"))
+
+
+def test_bootstrap_intervals_mark_cells_that_differ_from_k0(tmp_path):
+    from offpolicy.ablate import _table, bootstrap_interval
+
+    assert bootstrap_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
+    lo, hi = bootstrap_interval([0.2, 0.4, 0.6])
+    assert 0.2 <= lo < 0.4 < hi <= 0.6
+    grid = {"staleness.k": [0, 64, 256], "loss.name": ["pg"], "run.seed": [0, 1, 2]}
+    finals = {0: [0.90, 0.92, 0.88], 64: [0.85, 0.93, 0.89], 256: [0.30, 0.35, 0.32]}
+    rows = [{"staleness.k": k, "loss.name": "pg", "run.seed": i, "final_eval_reward": v,
+             "eval_auc": v} for k, vals in finals.items() for i, v in enumerate(vals)]
+    table = _table(rows, grid, "staleness.k", "loss.name")
+    line = {ln.split(" |")[0]: ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert line["| 256"].endswith(" v |") and not line["| 64"].endswith(" v |")
+    assert "0.900 [0.880, 0.920] (n=3)" in line["| 0"]
+
+
+def test_ablate_extra_sets_overrides_for_the_cells_with_a_value(tmp_path):
+    from offpolicy.ablate import cell_overrides
+
+    (tmp_path / "grid.yaml").write_text(
+        "ablate:\n  grid: {loss.name: [pg, decoupled_ppo]}\n"
+        "  extra: {loss.name=decoupled_ppo: [learner.minibatches=4]}\n")
+    _, spec = load_ablation(str(tmp_path / "grid.yaml"))
+    assert cell_overrides({"loss.name": "decoupled_ppo"}, spec, ["a=1"]) == [
+        "a=1", "learner.minibatches=4", "loss.name=decoupled_ppo"]
+    assert cell_overrides({"loss.name": "pg"}, spec, []) == ["loss.name=pg"]
+    (tmp_path / "grid.yaml").write_text(
+        "ablate:\n  grid: {loss.name: [pg]}\n  extra: {staleness.k=0: [learner.lr=1]}\n")
+    with pytest.raises(ConfigError, match="ablate.extra.staleness.k=0: expected"):
+        load_ablation(str(tmp_path / "grid.yaml"))
