@@ -115,7 +115,7 @@ def test_ablate_runs_the_grid_resumes_and_writes_results(model_dir, tmp_path, mo
 
 def test_threshold_gives_samples_to_reach_it(tmp_path):
     """Synthetic run folders: eval 0.2 at 0 samples, then per seed a curve; threshold 0.5."""
-    from offpolicy.ablate import collect, write_results
+    from offpolicy.ablate_results import collect, write_results
 
     grid = {"buffer.sampler": ["fifo", "uniform"], "run.seed": [0, 1]}
     curves = {("fifo", 0): [0.3, 0.5, 0.7], ("fifo", 1): [0.6, 0.6, 0.6],
@@ -160,7 +160,7 @@ def test_ablate_base_inherits_a_config_and_names_clashing_keys(tmp_path):
 
 
 def test_bootstrap_intervals_mark_cells_that_differ_from_k0(tmp_path):
-    from offpolicy.ablate import _table, bootstrap_interval
+    from offpolicy.ablate_results import _table, bootstrap_interval
 
     assert bootstrap_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
     lo, hi = bootstrap_interval([0.2, 0.4, 0.6])
