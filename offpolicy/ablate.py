@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml
 
 from offpolicy.config import ConfigError
 from offpolicy.config_io import load_config
+from offpolicy.ablate_cells import ClusterCell, LocalCell, cell_resources, connect_cluster
 from offpolicy.ablate_results import (cell_done, cell_name, collect, run_summary,
                                       write_results)
 
@@ -82,17 +82,21 @@ def ablate(path: str, overrides: list[str], log=print) -> Path:
     base_path = root / "base.yaml"
     base_path.write_text(yaml.safe_dump(base, sort_keys=False))
     cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    steps, use_ray = {}, False
+    steps, configs, use_ray = {}, {}, False
     for cell in cells:  # every cell's config is checked before anything runs
-        cfg = load_config(base_path, cell_overrides(cell, spec, overrides))
+        cfg = configs[cell_name(cell)] = load_config(base_path,
+                                                     cell_overrides(cell, spec, overrides))
         steps[cell_name(cell)] = cfg.learner.steps
         use_ray |= not cfg.resources.serial
     todo = [c for c in cells if not cell_done(root / cell_name(c))]
     parallel = max(1, int(spec.get("parallel", 1)))
+    address = cfg.cluster.address
     log(f"ablation {root}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
-        f"{len(todo)} to run, {parallel} at a time")
-    failed = _run_cells(root, base_path, lambda c: cell_overrides(c, spec, overrides),
-                        _interleave(todo), parallel, steps, use_ray, log)
+        f"{len(todo)} to run, {parallel} at a time"
+        + (f", on the Ray cluster at {address}" if address else ""))
+    launcher = _launcher(root, base_path, lambda c: cell_overrides(c, spec, overrides),
+                         configs, address, use_ray and bool(todo))
+    failed = _run_cells(todo, parallel, steps, launcher, root, log)
     rows = collect(root, cells, spec.get("threshold"))
     write_results(root, grid, rows, spec.get("threshold"))
     log(f"results: {root / 'results.csv'}, {root / 'results.md'}, plots in {root}")
@@ -110,94 +114,85 @@ def cell_overrides(cell: dict, spec: dict, overrides: list[str]) -> list[str]:
     return [*overrides, *extra, *(f"{k}={v}" for k, v in cell.items())]
 
 
-def _run_cells(root: Path, base_path: Path, overrides, todo: list[dict],
-               parallel: int, steps: dict[str, int], use_ray: bool, log) -> list[str]:
-    """Run `offpolicy train` per cell, `parallel` at a time; progress every 10 s. Returns the
+def _launcher(root: Path, base_path: Path, overrides, configs: dict, address: str,
+              start_ray: bool):
+    """cell -> a started cell handle (offpolicy/ablate_cells.py): a Ray task on the cluster at
+    `cluster.address`, else a local process. Local cells with Ray roles share one private Ray
+    instance (each cell's run connects as its own job): its daemons start once, not once per
+    cell. Serial cells need none, and no Ray is imported for them."""
+    if address:
+        connect_cluster(address)
+        return lambda cell: ClusterCell(base_path, overrides(cell), root / cell_name(cell),
+                                        cell_resources(configs[cell_name(cell)]))
+    env = dict(os.environ)
+    if start_ray:
+        import ray
+
+        from offpolicy.placement import private_ray_auth
+
+        private_ray_auth()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+                 configure_logging=True)
+        # Copied after ray.init: Ray sets RAY_AUTH_MODE=token in this process when it turns
+        # on token auth, and cells without it cannot join ("InvalidAuthToken").
+        env = dict(os.environ)
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return lambda cell: LocalCell(base_path, overrides(cell), root / cell_name(cell), env)
+
+
+def _run_cells(todo: list[dict], parallel: int, steps: dict[str, int], launch, root: Path,
+               log) -> list[str]:
+    """Run each cell through `launch`, `parallel` at a time; progress every 10 s. Returns the
     names of the cells that failed."""
     pending, running, failed = list(todo), {}, []
     start, last, finished = time.time(), 0.0, 0
-    env = _cell_environment(use_ray and bool(todo))
     restore = signal.signal(signal.SIGTERM, _raise_interrupt)  # stops the cells like Ctrl-C
     try:
         while pending or running:
             while pending and len(running) < parallel:
                 cell = pending.pop(0)
-                running[cell_name(cell)] = _start_cell(root, base_path, overrides(cell), cell,
-                                                       env)
-            for name, (proc, out, run_dir) in list(running.items()):
-                if proc.poll() is not None:
-                    out.close()
+                running[cell_name(cell)] = launch(cell)
+            for name, handle in list(running.items()):
+                code = handle.poll()
+                if code is not None:
+                    handle.close()
                     del running[name]
                     finished += 1
-                    ok = proc.returncode == 0 and cell_done(run_dir)
+                    ok = code == 0 and cell_done(root / name)
                     failed += [] if ok else [name]
-                    log(f"[{finished}/{len(todo)}] {name}: " + _outcome(run_dir, ok, proc))
+                    log(f"[{finished}/{len(todo)}] {name}: " + _outcome(root / name, ok, code))
             if time.time() - last >= 10 and running:
                 last = time.time()
-                log(_progress(running, finished, len(todo), steps, last - start))
+                log(_progress(running, finished, len(todo), steps, last - start, root))
             time.sleep(0.5)
     except KeyboardInterrupt:
         # SIGTERM, not SIGINT: a process started in the background ignores SIGINT, and each
         # run stops its own Ray roles on either.
-        for proc, out, _ in running.values():
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc, out, _ in running.values():
-            proc.wait(timeout=60)
-            out.close()
+        for handle in running.values():
+            handle.stop()
+        for handle in running.values():
+            handle.close()
         raise
     finally:
         signal.signal(signal.SIGTERM, restore)
-        if use_ray and todo:
-            import ray
-
-            ray.shutdown()
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
     return failed
 
 
-def _cell_environment(start_ray: bool) -> dict:
-    """The cells' environment. With Ray, one Ray instance serves every cell (each cell's run
-    connects as its own job): its daemons start once, not once per cell. Serial cells need
-    none, and no Ray is imported for them."""
-    if not start_ray:
-        return dict(os.environ)
-    import ray
-
-    from offpolicy.placement import private_ray_auth
-
-    private_ray_auth()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
-             configure_logging=True)
-    # Copied after ray.init: Ray sets RAY_AUTH_MODE=token in this process when it turns on
-    # token auth, and cells without it cannot join ("InvalidAuthToken").
-    env = dict(os.environ)
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    return env
-
-
-def _start_cell(root: Path, base_path: Path, overrides: list[str], cell: dict, env: dict):
-    """Start one cell's `offpolicy train` (with the cell's `overrides`) in its own session;
-    (process, log file, run dir)."""
-    run_dir = root / cell_name(cell)
-    run_dir.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(base_path), *overrides,
-           f"run.dir={run_dir}", "run.overwrite=true", "log.progress_every_s=30"]
-    out = open(run_dir / "train.log", "w")
-    return (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                             env=env), out, run_dir)
-
-
-def _outcome(run_dir: Path, ok: bool, proc) -> str:
+def _outcome(run_dir: Path, ok: bool, code: int) -> str:
     s = run_summary(run_dir)
     if not ok:
-        return f"FAILED (exit {proc.returncode})"
+        return f"FAILED (exit {code})"
     return (f"eval {s.get('base_eval_reward', 0):.3f} -> {s['final_eval_reward']:.3f} "
             f"in {s.get('wall_s', 0):.0f}s")
 
 
 def _progress(running: dict, finished: int, total: int, steps: dict[str, int],
-              elapsed: float) -> str:
-    """One progress line: cells done, each running cell's step, time and an estimate."""
-    now = {n: _steps(r) for n, (_, _, r) in running.items()}
+              elapsed: float, root: Path) -> str:
+    """One progress line: cells done, each running cell's step (0 for a cell on the cluster
+    until it returns), time and an estimate."""
+    now = {n: _steps(root / n) for n in running}
     # cells' worth of work done so far, running cells counted by their steps
     done = finished + sum(now[n] / steps[n] for n in now)
     eta = elapsed / done * (total - done) if done > 0.2 else None

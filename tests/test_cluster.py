@@ -55,7 +55,7 @@ def cluster():
         second = _ray("start", f"--address=127.0.0.1:{gcs}", *node, env=env)
         assert second.returncode == 0, second.stderr[-2000:]
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "dashboard_port": dashboard,
-               "start_s": time.monotonic() - t0}
+               "address": f"127.0.0.1:{gcs}", "start_s": time.monotonic() - t0}
     finally:
         stop = _ray("stop", env=env)
         _wait_no_ray(30)  # Ray's processes exit asynchronously
@@ -120,6 +120,37 @@ def test_ray_job_submit_runs_on_two_nodes(cluster, base_model, tmp_path):
     assert where["buffer"] == where["store"] == where["driver"]  # the driver's node
     print(f"\ncluster start {cluster['start_s']:.1f} s, ray job submit of {steps} steps "
           f"{job_s:.1f} s (training {summary['train_s']:.1f} s); placement {where}")
+
+
+@pytest.mark.ray
+def test_ablate_places_serial_cells_on_the_cluster_by_their_resources(cluster, base_model,
+                                                                      tmp_path):
+    """With cluster.address set each cell is a Ray task asking for the cell's resources: one
+    `learner_slot` per node makes the two cells run one on each node, and their files come
+    back to the ablation folder here."""
+    (tmp_path / "grid.yaml").write_text(
+        f"model: {{path: {base_model}}}\nenv: {{name: addition, eval_size: 16}}\n"
+        "learner: {steps: 4, batch_groups: 2}\neval: {every: 2}\n"
+        "rollout: {group_size: 4, prompts_per_batch: 2}\n"
+        "resources: {serial: true, learner_resources: {learner_slot: 1}}\n"
+        f"cluster: {{address: '{cluster['address']}'}}\n"
+        f"ablate: {{grid: {{run.seed: [0, 1]}}, parallel: 2, dir: {tmp_path / 'abl'}}}\n")
+    out = subprocess.run([str(BIN / "offpolicy"), "ablate", str(tmp_path / "grid.yaml")],
+                         env=cluster["env"], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "on the Ray cluster at" in out.stdout
+    nodes = set()
+    for seed in (0, 1):
+        cell = tmp_path / "abl" / f"seed{seed}"
+        summary = json.loads((cell / "summary.json").read_text())
+        assert summary["steps"] == 4 and not summary["interrupted"]
+        assert (cell / "metrics.jsonl").is_file()
+        last = (cell / "train.log").read_text().strip().splitlines()[-1]
+        assert last.startswith("(ran on Ray node ")
+        nodes.add(last)
+    assert len(nodes) == 2  # one learner_slot per node: the cells could not share one
+    assert "2 runs: final eval" in (tmp_path / "abl" / "results.md").read_text()
 
 
 @pytest.mark.ray
