@@ -58,7 +58,8 @@ def collect(root: Path, cells: list[dict], threshold: float | None = None) -> li
                      "samples": s["samples"], "wall_s": s["wall_s"],
                      "staleness_mean": s["staleness_mean"],
                      "ess_frac": mean_of(metrics, "is/ess_frac"),
-                     "clip_frac": mean_of(metrics, "is/clip_frac")})
+                     "clip_frac": mean_of(metrics, "is/clip_frac"),
+                     "kl_k3": mean_of(metrics, "is/kl_k3")})
         if threshold is not None:
             rows[-1]["samples_to_threshold"] = next(
                 (x for x, y in zip(samples, rewards) if y >= threshold), None)
@@ -78,6 +79,7 @@ def write_results(root: Path, grid: dict, rows: list[dict],
     down, across = keys[0], keys[1] if len(keys) > 1 else None
     (root / "results.md").write_text(_table(rows, grid, down, across)
                                      + _threshold_table(rows, grid, down, across, threshold)
+                                     + _diagnostics_table(rows, grid, down, across)
                                      + _runs_table(rows, grid))
     _plots(root, rows, grid, down, across)
 
@@ -166,6 +168,27 @@ def _threshold_table(rows, grid, down, across, threshold) -> str:
                    if r["samples_to_threshold"] is not None]
             cells.append((f"{statistics.mean(got):,.0f} " if got else "not reached ")
                          + f"({len(got)}/{len(runs)})")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _diagnostics_table(rows, grid, down, across) -> str:
+    """Why a correction holds or fails: the run-mean `is/ess_frac`, `is/clip_frac` and
+    `is/kl_k3` (KL between the behaviour and current policy), averaged over the seeds."""
+    cols = grid[across] if across else [None]
+
+    def avg(runs, key):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        return f"{statistics.mean(vals):.3g}" if vals else "-"
+    lines = ["", "Importance diagnostics, run means averaged over the seeds: ESS fraction / "
+             "clip fraction / KL(mu, pi) k3:", "", _header(down, cols, "ESS / clip / KL"),
+             "|---|" + "---|" * len(cols)]
+    for d in grid[down]:
+        cells = []
+        for c in cols:
+            runs = _group(rows, **{down: d}, **({across: c} if across else {}))
+            cells.append(" / ".join(avg(runs, k) for k in ("ess_frac", "clip_frac", "kl_k3"))
+                         if runs else "-")
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
