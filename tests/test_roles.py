@@ -132,20 +132,28 @@ def test_kl_penalty_and_entropy_bonus_in_a_learner_step(model_dir):
 SEQUENCE_MEAN = {"gspo", "oapl", "vcpo"}
 
 
+def _learner_with_a_batch(model_dir, *overrides):
+    """A learner whose buffer holds one batch from a rollout actor: the first answer of each
+    group rewarded, so every group carries signal."""
+    cfg = fast_config(model_dir, *overrides)
+    buf, sync = ReplayBuffer(4, max_staleness=2, capacity=1000), LocalSync()
+    actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
+    learner = Learner(cfg, str(model_dir), buf, sync)
+    torch.manual_seed(1)
+    groups = actor.rollout_batch()
+    for g in groups:
+        g[0].reward = 1.0
+    buf.add(groups)
+    return learner
+
+
 @pytest.mark.parametrize("loss", sorted(set(LOSSES) - SEQUENCE_MEAN))
 def test_micro_batches_give_the_full_batch_gradient(model_dir, loss):
     """Token-mean losses: accumulating chunks weighted by their token share is exact."""
     grads = []
     for micro in (0, 3):
-        cfg = fast_config(model_dir, f"loss.name={loss}", f"learner.micro_batch={micro}")
-        buf, sync = ReplayBuffer(4, max_staleness=2, capacity=1000), LocalSync()
-        actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
-        learner = Learner(cfg, str(model_dir), buf, sync)
-        torch.manual_seed(1)
-        groups = actor.rollout_batch()
-        for g in groups:
-            g[0].reward = 1.0
-        buf.add(groups)
+        learner = _learner_with_a_batch(model_dir, f"loss.name={loss}",
+                                        f"learner.micro_batch={micro}")
         learner.opt.step = lambda: None  # keep the weights: compare gradients only
         learner.step()
         grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters()]))
@@ -476,19 +484,6 @@ def test_hf_engine_passes_the_cache_under_the_name_the_model_takes(model_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # the installed version's name is used
         engine.generate([engine.tokenizer("1+2=")["input_ids"]], SamplingParams(max_new_tokens=3))
-
-
-def _learner_with_a_batch(model_dir, *overrides, reward_first: bool = True):
-    cfg = fast_config(model_dir, *overrides)
-    buf, sync = ReplayBuffer(4, max_staleness=2, capacity=1000), LocalSync()
-    actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
-    learner = Learner(cfg, str(model_dir), buf, sync)
-    torch.manual_seed(1)
-    groups = actor.rollout_batch()
-    for g in groups:
-        g[0].reward = 1.0 if reward_first else 0.0
-    buf.add(groups)
-    return learner
 
 
 def test_minibatches_take_several_steps_per_version_and_decoupled_ppo_clips(model_dir):
