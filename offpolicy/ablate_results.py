@@ -179,7 +179,7 @@ def _diagnostics_table(rows, grid, down, across) -> str:
 
     def avg(runs, key):
         vals = [r[key] for r in runs if r.get(key) is not None]
-        return f"{statistics.mean(vals):.3g}" if vals else "-"
+        return f"{max(statistics.mean(vals), 0.0):.3g}" if vals else "-"  # -1e-9: rounding
     lines = ["", "Importance diagnostics, run means averaged over the seeds: ESS fraction / "
              "clip fraction / KL(mu, pi) k3:", "", _header(down, cols, "ESS / clip / KL"),
              "|---|" + "---|" * len(cols)]
