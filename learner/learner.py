@@ -14,6 +14,7 @@ import math
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from offpolicy.advantages import ADVANTAGES
@@ -168,10 +169,10 @@ class Learner:
         if own is None:
             adv = self.advantage_fn(rewards, groups)
         else:
-            mask, behavior = d["loss_mask"], d["behavior_logprobs"]
-            log_w = ((prox if prox is not None else behavior) - behavior) * mask
-            adv = own(rewards, groups, log_w.sum(-1).double().numpy(),
-                      mask.sum(-1).numpy(), **self.advantage_params)
+            mask = d["loss_mask"]
+            log_w = (np.zeros(len(mask)) if prox is None else
+                     ((prox - d["behavior_logprobs"]) * mask).sum(-1).double().numpy())
+            adv = own(rewards, groups, log_w, mask.sum(-1).numpy(), **self.advantage_params)
         adv = torch.from_numpy(adv)
         if batch.weights is not None:  # prioritized replay's importance weights, (B,)
             adv = adv * torch.from_numpy(batch.weights)
@@ -252,7 +253,6 @@ class Learner:
         """
         B, cfg = len(d["input_ids"]), self.cfg
         total = d["loss_mask"].sum().clamp(min=1)  # the whole batch's: ranks weight alike
-        mine = torch.arange(self.rank, B, self.world)
         loss_sum, metrics, logprobs = torch.zeros((), device=self.device).double(), {}, []
         for rows, c, start in self._chunks(d):
             lp, entropy = token_logprobs(self.model, c["input_ids"], c["attention_mask"],
@@ -283,6 +283,7 @@ class Learner:
             logprobs.append(lp.detach().cpu())
         logprobs = torch.cat(logprobs)
         if self.world > 1:
+            mine = torch.arange(self.rank, B, self.world)  # the rows `_chunks` gave this worker
             loss_sum, metrics, logprobs = self._all_reduce(B, mine, loss_sum, metrics, logprobs)
         return loss_sum, logprobs, metrics
 

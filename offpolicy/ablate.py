@@ -4,7 +4,8 @@ run.seed), run in parallel, resumable, then one table and two plots.
 Reads: a config YAML whose `ablate:` section holds `grid` ({key: [values]}), `parallel` and
 optionally `dir`, `threshold` (an eval reward: the table then also gives the samples each
 cell needed to reach it), `base` (a config file, relative to this one, that the cells start
-from) and `extra` ({"<grid key>=<value>": [overrides]}: settings for the cells with that value); the rest of the file is the base config of every cell (over `base`'s, key by key).
+from) and `extra` ({"<grid key>=<value>": [overrides]}: settings for the cells with that
+value); the rest of the file is the base config of every cell (over `base`'s, key by key).
 Writes, in the ablation folder (default `ablations/<config stem>`): `base.yaml`, one normal run
 folder per cell (with its `train.log`), `results.csv`, `results.md`, `reward_vs_samples.png`,
 `final_vs_k.png`. A cell whose `summary.json` says it finished is skipped on a rerun.
