@@ -24,7 +24,8 @@ import yaml
 
 from offpolicy.config import ConfigError
 from offpolicy.config_io import load_config
-from offpolicy.ablate_cells import ClusterCell, LocalCell, cell_resources, connect_cluster
+from offpolicy.ablate_cells import (ClusterCell, ForkedCell, LocalCell, cell_resources,
+                                    connect_cluster)
 from offpolicy.ablate_results import (cell_done, cell_name, collect, run_summary,
                                       write_results)
 
@@ -120,7 +121,8 @@ def _launcher(root: Path, base_path: Path, overrides, configs: dict, address: st
     """cell -> a started cell handle (offpolicy/ablate_cells.py): a Ray task on the cluster at
     `cluster.address`, else a local process. Local cells with Ray roles share one private Ray
     instance (each cell's run connects as its own job): its daemons start once, not once per
-    cell. Serial cells need none, and no Ray is imported for them."""
+    cell. Serial cells need none, and no Ray is imported for them; those with the HF engine
+    fork from a server that has imported everything once (`ForkedCell`)."""
     if address:
         connect_cluster(address)
         return lambda cell: ClusterCell(base_path, overrides(cell), root / cell_name(cell),
@@ -138,7 +140,12 @@ def _launcher(root: Path, base_path: Path, overrides, configs: dict, address: st
         # on token auth, and cells without it cannot join ("InvalidAuthToken").
         env = dict(os.environ)
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    return lambda cell: LocalCell(base_path, overrides(cell), root / cell_name(cell), env)
+
+    def local(cell):
+        cfg = configs[cell_name(cell)]
+        kind = ForkedCell if cfg.resources.serial and cfg.engine.name == "hf" else LocalCell
+        return kind(base_path, overrides(cell), root / cell_name(cell), env)
+    return local
 
 
 def _run_cells(todo: list[dict], parallel: int, steps: dict[str, int], launch, root: Path,

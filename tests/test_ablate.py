@@ -189,3 +189,57 @@ def test_ablate_extra_sets_overrides_for_the_cells_with_a_value(tmp_path):
         "ablate:\n  grid: {loss.name: [pg]}\n  extra: {staleness.k=0: [learner.lr=1]}\n")
     with pytest.raises(ConfigError, match="ablate.extra.staleness.k=0: expected"):
         load_ablation(str(tmp_path / "grid.yaml"))
+
+
+def test_serial_cells_fork_from_a_preloaded_server_and_match_a_plain_process(model_dir,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    """Serial HF cells start from the fork server (no interpreter start, no imports); a cell
+    run that way trains exactly as `offpolicy train` in a fresh process does."""
+    import offpolicy.ablate as ablate_module
+    from offpolicy.ablate_cells import ForkedCell, LocalCell
+
+    forked = []
+    monkeypatch.setattr(ablate_module, "ForkedCell",
+                        lambda *a: forked.append(a[2].name) or ForkedCell(*a))
+    spec = {"model": {"path": str(model_dir)}, "learner": {"steps": 4, "batch_groups": 2},
+            "rollout": {"prompts_per_batch": 2, "group_size": 4}, "eval": {"every": 4},
+            "env": {"eval_size": 8}, "staleness": {"mode": "lag"},
+            "resources": {"serial": True},
+            "ablate": {"grid": {"staleness.k": [2], "loss.name": ["tis"]},
+                       "dir": str(tmp_path / "abl")}}
+    path = tmp_path / "abl.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    root = ablate(str(path), [], log=lambda *a: None)
+    assert forked == ["k2_tis"]
+    plain = LocalCell(root / "base.yaml", ["staleness.k=2", "loss.name=tis"],
+                      tmp_path / "plain", dict(__import__("os").environ))
+    plain.proc.wait(timeout=120)
+    plain.close()
+    losses = [[json.loads(x)["learner/loss"] for x in (d / "metrics.jsonl").open()]
+              for d in (root / "k2_tis", tmp_path / "plain")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_a_stopped_forked_cell_exits_and_leaves_no_process(model_dir, tmp_path):
+    import os
+    import time
+
+    from offpolicy.ablate_cells import ForkedCell
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"model": {"path": str(model_dir)},
+                                    "resources": {"serial": True},
+                                    "learner": {"steps": 100000}}))
+    cell = ForkedCell(base, [], tmp_path / "cell", dict(os.environ))
+    log = tmp_path / "cell" / "train.log"
+    deadline = time.time() + 120
+    while "step" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+        time.sleep(0.5)
+    pid = cell.proc.pid
+    assert os.getpgid(pid) == pid  # its own session: `stop` reaches what it started
+    cell.stop()
+    cell.close()
+    assert cell.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
