@@ -27,6 +27,8 @@ from offpolicy.models import first_target, load_policy, token_logprobs
 from offpolicy.types import Batch
 from offpolicy.weights import cpu_state
 
+from offpolicy.learner import sharding
+
 
 def lr_at(lc, version: int) -> float:
     """The learning rate of the update that takes the policy from `version` to `version + 1`
@@ -50,10 +52,11 @@ class Learner:
         # A GPU when Ray gave this role one (resources.learner_gpus), else the CPU.
         self.device = torch.device("cuda" if cfg.resources.learner_gpus > 0
                                    and torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).train()
         lc = cfg.learner
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
-                                     weight_decay=lc.weight_decay)
+        # learner.sharding=fsdp (learner/sharding.py): sharding moves one block at a time to
+        # the device, so the whole model is never there at once
+        self.sharded = lc.sharding == "fsdp"
+        self.model.to("cpu" if self.sharded else self.device).train()
         self.loss_fn, self.advantage_fn = LOSSES[cfg.loss.name], ADVANTAGES[lc.advantage]
         # the loss's own parameters, and its own advantage estimator's (oapl, asymre, vcpo)
         self.loss_params, self.advantage_params = split_loss_params(cfg.loss.name,
@@ -82,9 +85,17 @@ class Learner:
         self.shadow = None
         if cfg.engine.logprob_check_every and self.rank == 0:
             self.history[0] = cpu_state(self.model)
-            self.shadow = copy.deepcopy(self.model).eval()
+            self.shadow = copy.deepcopy(self.model).to(self.device).eval()
         if cfg.staleness.mode == "lag" and self.rank == 0:  # actors may ask for version 0 later
             self.weights.publish(cpu_state(self.model), 0)
+        # Sharded, from here on every worker holds 1/N of the weights, and gathering them to
+        # publish or save is a collective of all workers.
+        self.gather_peak_bytes = 0  # the largest tensor a publish gathered (sharded)
+        if self.sharded:
+            sharding.shard(self.model, self.device, lc)
+            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
+                                     weight_decay=lc.weight_decay)
 
     def step(self) -> dict:
         """One version: a sampled batch, `learner.minibatches` optimizer steps on it, and a
@@ -101,7 +112,7 @@ class Learner:
                 parity = self._logprob_parity(d)
         with spans("backward"):  # forward, backward and optimizer steps
             loss, logprobs, tensors = self._update(d, batch)
-        if self.version % self.cfg.learner.sync_every == 0 and self.rank == 0:
+        if self.version % self.cfg.learner.sync_every == 0 and (self.rank == 0 or self.sharded):
             with spans("publish"):
                 self.publish()
         return self._metrics(batch, d, logprobs, {**tensors, "learner/loss": loss}, parity,
@@ -151,6 +162,8 @@ class Learner:
         tensors["learner/lr"] = torch.tensor(lr, dtype=torch.float64)
         clip = self.cfg.learner.grad_clip if self.cfg.learner.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # sharded: a DTensor, the same on every worker
+            grad_norm = grad_norm.full_tensor()
         if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one host sync
             self.opt.step()
         else:  # a NaN/inf would poison the weights
@@ -204,15 +217,20 @@ class Learner:
         return out.cpu()
 
     def _chunks(self, d: dict[str, torch.Tensor]):
-        """This worker's rows (rank::world), `learner.micro_batch` at a time: yields (row
-        indices, the rows' tensors on the device, the first target position they need)."""
+        """This worker's rows (rank::world) in chunks of at most `learner.micro_batch` rows:
+        yields (row indices, the rows' tensors on the device, the first target position they
+        need). Every worker makes the same number of chunks (that of the worker with the most
+        rows), since each sharded forward and backward is a collective of all workers."""
         B = len(d["input_ids"])
         if B < self.world:
             raise ValueError(f"learner: a batch of {B} rows cannot feed {self.world} workers")
         mine = torch.arange(self.rank, B, self.world)  # this worker's rows (all of them alone)
-        size = self.cfg.learner.micro_batch or len(mine)
-        for lo in range(0, len(mine), size):
-            rows = mine[lo:lo + size]
+        most = -(-B // self.world)
+        n = -(-most // (self.cfg.learner.micro_batch or most))
+        for rows in mine.tensor_split(n):
+            if not len(rows):
+                raise ValueError(f"learner: worker {self.rank} has {len(mine)} rows for {n} "
+                                 "micro-batches; raise learner.micro_batch")
             yield (rows, {k: v[rows].to(self.device) for k, v in d.items()},
                    first_target(d["loss_mask"][rows]))
 
@@ -231,6 +249,8 @@ class Learner:
                         "staleness/mean": staleness.mean(), "staleness/max": staleness.max()})
         metrics = {"step": self.version, **to_numbers(tensors),
                    "learner/nonfinite_skipped": self.nonfinite_skipped,
+                   **({"memory/fsdp_gather_peak_mb": self.gather_peak_bytes / 2 ** 20}
+                      if self.sharded else {}),
                    "learner/batch_size": len(batch),
                    "rollout/reward_mean": float(batch.rewards().mean()),
                    "staleness/hist": {str(int(k)): int(n) for k, n in
@@ -293,7 +313,7 @@ class Learner:
         by its share of the batch's tokens, so the sum is the full-batch gradient), the loss and
         metrics, and assemble the (B, T) log-probs from every rank's rows."""
         dist = torch.distributed
-        for p in self.model.parameters():
+        for p in self.model.parameters() if not self.sharded else ():  # FSDP reduced them
             if p.grad is not None:
                 dist.all_reduce(p.grad)
         names = sorted(metrics)
@@ -352,16 +372,24 @@ class Learner:
 
     def publish_latest(self) -> int:
         """Publish the current weights unless they already are (the final eval measures them);
-        returns the version."""
-        if self.rank == 0 and self.published_version != self.version:
+        returns the version. Sharded, every worker calls it."""
+        if (self.rank == 0 or self.sharded) and self.published_version != self.version:
             self.publish()
         return self.version
 
     def publish(self) -> None:
-        """Send the weights for `self.version` to actors; then tell the buffer (admission)."""
+        """Send the weights for `self.version` to actors; then tell the buffer (admission).
+        Sharded, every worker calls it: the full weights are gathered, kept by rank 0 alone."""
         self.published_version = self.version
         keep = self.shadow is not None
-        state = cpu_state(self.model) if keep or self.weights.needs_cpu_state else None
+        state = None
+        if self.sharded:
+            state, peak = sharding.full_state(self.model, keep=self.rank == 0)
+            self.gather_peak_bytes = max(self.gather_peak_bytes, peak)
+            if self.rank != 0:
+                return
+        elif keep or self.weights.needs_cpu_state:
+            state = cpu_state(self.model)
         self.weights.publish(state, self.version)
         self.buffer.publish(self.version)
         if keep:
@@ -371,15 +399,29 @@ class Learner:
                 del self.history[v]
 
     def save(self, path: str) -> None:
-        """Write the current policy as a Hugging Face folder (loadable as `model.path`)."""
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        """Write the current policy as a Hugging Face folder (loadable as `model.path`), from
+        rank 0. Sharded, every worker calls it (the weights are gathered)."""
+        if self.sharded:
+            state, _ = sharding.full_state(self.model, keep=self.rank == 0)
+            if self.rank == 0:
+                plain_model(self.model.config, state).save_pretrained(path)
+        elif self.rank == 0:
+            self.model.save_pretrained(path)
+        if self.rank == 0:
+            self.tokenizer.save_pretrained(path)
 
     def save_state(self, path: str) -> None:
         """A resumable checkpoint's learner part: the policy (`model/`) and `learner.pt`
-        (optimizer, version, random state). The learner was built from `model/` on resume."""
+        (optimizer, version, random state). The learner was built from `model/` on resume.
+        Sharded, every worker calls it and writes its shard of the optimizer to `optimizer/`
+        (torch.distributed.checkpoint) instead of `learner.pt`."""
         self.save(f"{path}/model")
-        torch.save({"optimizer": self.opt.state_dict(), "version": self.version,
+        if self.sharded:
+            sharding.save_optimizer(self.model, self.opt, f"{path}/optimizer")
+        if self.rank != 0:
+            return
+        torch.save({"optimizer": None if self.sharded else self.opt.state_dict(),
+                    "workers": self.world if self.sharded else 1, "version": self.version,
                     "nonfinite_skipped": self.nonfinite_skipped,
                     "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
@@ -390,17 +432,31 @@ class Learner:
         versions count on from the checkpoint's, and rank 0 publishes the weights under that
         version, so actors tag their tokens with it and the staleness bound holds at once."""
         state = torch.load(f"{path}/learner.pt", map_location=self.device, weights_only=False)
-        self.opt.load_state_dict(state["optimizer"])
+        if state["optimizer"] is None:  # sharded: any number of workers, sharded or not
+            sharding.load_optimizer(self.model, self.opt, f"{path}/optimizer")
+        elif self.sharded:
+            raise ValueError(f"{path} was written without learner.sharding; resume it so")
+        else:
+            self.opt.load_state_dict(state["optimizer"])
         self.version = state["version"]
         self.nonfinite_skipped = state["nonfinite_skipped"]
         torch.set_rng_state(state["rng"].cpu())
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if self.rank == 0:
+        if self.rank == 0 or self.sharded:
             self.history.clear()  # the weights built in are this version's, not version 0's
             self.publish()
         return self.version
 
+def plain_model(config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An unsharded model of `config` holding `state`'s tensors (no copy), to save."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()
+    return model
 
 
 class Spans:

@@ -3,7 +3,9 @@
 Reads: a run folder's `checkpoints/`. Writes: `checkpoints/step-NNNNNN/` holding
 `model/` (the policy as a Hugging Face folder), `learner.pt` (optimizer, version, random
 state), `buffer.pkl` (the replay buffer's snapshot, with `checkpoint.buffer`) and
-`driver.json` (the driver's step and running totals).
+`driver.json` (the driver's step and running totals). With `learner.sharding=fsdp` the
+optimizer state is in `optimizer/` instead (each worker's shard, torch.distributed.checkpoint;
+any number of workers, sharded or not, can load it).
 
 Atomic: the roles write into `step-NNNNNN.tmp/`, every file is flushed to disk, and one
 rename makes it `step-NNNNNN/`. A crash mid-write leaves only a `.tmp` folder, which resume
@@ -85,6 +87,9 @@ def latest(run_dir: Path) -> tuple[Path, dict]:
     except Exception as e:
         raise ConfigError(f"--resume: checkpoint {ck} is corrupt: model.safetensors "
                           f"({str(e).splitlines()[0]})") from None
+    if (ck / "optimizer").is_dir() and not (ck / "optimizer" / ".metadata").is_file():
+        raise ConfigError(f"--resume: checkpoint {ck} is incomplete: no optimizer/.metadata "
+                          "(its sharded optimizer state)")
     if step != int(ck.name.removeprefix("step-")):
         raise ConfigError(f"--resume: checkpoint {ck} is corrupt: driver.json says step {step}")
     return ck, state

@@ -117,6 +117,9 @@ def _resume_config(args):
     if cfg.staleness.mode == "lag":
         raise ConfigError("--resume: lag-mode runs keep no checkpoints; rerun them (offpolicy "
                           "ablate reruns unfinished cells)")
+    if cfg.learner.sharding == "fsdp" and not (checkpoint[0] / "optimizer").is_dir():
+        raise ConfigError(f"--resume: {checkpoint[0]} was written without sharding; resume it "
+                          "with learner.sharding=none (a sharded one resumes either way)")
     if checkpoint[1]["step"] >= cfg.learner.steps:
         raise ConfigError(f"--resume: the checkpoint is at step {checkpoint[1]['step']} and the "
                           f"run has {cfg.learner.steps} steps; raise learner.steps to go on")

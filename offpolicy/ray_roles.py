@@ -146,7 +146,8 @@ class RayRoles:
         """The held-out eval of the learner's newest weights, on actor 0's engine between its
         batches (the learner never stops to evaluate); waits for it. Published first if the
         newest version was not yet."""
-        target = self.ray.get(self.learners[0].publish_latest.remote())
+        # every worker: with learner.sharding=fsdp the gather is a collective
+        target = self.ray.get([w.publish_latest.remote() for w in self.learners])[0]
         self.request_eval()
         since = time.monotonic()
         while True:
@@ -170,8 +171,9 @@ class RayRoles:
         return self.ray.get(self.buffer.eval_results.remote())
 
     def save_state(self, folder: Path, with_buffer: bool) -> None:
-        """Rank 0's policy and optimizer, and the buffer's snapshot, into `folder`."""
-        refs = [self.learners[0].save_state.remote(str(folder))]
+        """The policy and optimizer (rank 0 writes them; sharded, each worker its shard of the
+        optimizer), and the buffer's snapshot, into `folder`."""
+        refs = [w.save_state.remote(str(folder)) for w in self.learners]
         if with_buffer:
             refs.append(self.buffer.save.remote(str(folder / "buffer.pkl")))
         self.ray.get(refs)
@@ -186,7 +188,7 @@ class RayRoles:
         """Save the policy, stop the actors; returns (buffer stats, each actor's counts, the
         buffer's ledger once every actor has stopped)."""
         ray = self.ray
-        ray.get(self.learners[0].save.remote(str(checkpoint)))
+        ray.get([w.save.remote(str(checkpoint)) for w in self.learners])  # rank 0 writes
         ray.get(self.buffer.close.remote())
         counts = []
         for i, run in enumerate(self.runs):
@@ -227,7 +229,7 @@ def start_roles(cfg: Config, model_path: str, log=print, stream: int = 0) -> dic
     if nccl:
         sync.attach(actors)  # the learner's copy pushes into them
     args = (cfg, model_path, Remote(ActorRef(names["buffer"])), sync)
-    if cfg.resources.learner_workers == 1:
+    if cfg.resources.learner_workers == 1 and cfg.learner.sharding == "none":
         learners = [ray.remote(Learner).options(**where["learner"][0]).remote(*args)]
     else:  # data-parallel: rank 0 offers a rendezvous address, then all join at once
         learners = [ray.remote(LearnerWorker).options(**opts).remote(*args)

@@ -154,8 +154,23 @@ def preflight(cfg: Config, model_path: str | Path) -> dict:
         raise ConfigError(f"{key}: the longest prompt has {max(lengths)} tokens, and with "
                           f"engine.max_new_tokens={cfg.engine.max_new_tokens} it does not fit "
                           f"the model's context of {limit} tokens")
+    if cfg.learner.sharding == "fsdp":
+        _check_blocks(Path(model_path))
     out.update(check_memory(cfg, Path(model_path)))
     return out
+
+
+def _check_blocks(folder: Path) -> None:
+    """learner.sharding=fsdp needs the model's transformer blocks: looked for in a weightless
+    copy of it (meta device), before any process starts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from offpolicy.learner.sharding import check_shardable
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    check_shardable(model, str(folder))
 
 
 def check_memory(cfg: Config, folder: Path) -> dict:
@@ -165,7 +180,9 @@ def check_memory(cfg: Config, folder: Path) -> dict:
     copy of the weights (and vLLM its KV cache). Skipped on a cluster (other machines)."""
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(
         f.stat().st_size for f in folder.glob("*.bin"))
-    copies = 4 + (cfg.loss.kl_coef > 0)
+    # 4 float32 copies per unsharded worker; sharded, 4 in all plus rank 0's gathered one
+    workers = cfg.resources.learner_workers
+    copies = (5 if cfg.learner.sharding == "fsdp" else 4 * workers) + (cfg.loss.kl_coef > 0) * workers
     if cfg.engine.logprob_check_every:
         copies += 1 + cfg.buffer.max_staleness + 2 if cfg.staleness.mode == "bound" else (
             1 + cfg.staleness.k + 2)

@@ -26,9 +26,10 @@ def validate(cfg: Config) -> None:
     _validate_tiny_and_regularisers(cfg)
     if cfg.resources.serial:
         _check(cfg.engine.weight_sync in ("auto", "object_store") and
-               not cfg.engine.inflight_updates and cfg.resources.learner_gpus == 0,
-               "resources.serial: runs every role in one process on the CPU; it needs "
-               "engine.weight_sync=auto, engine.inflight_updates=false, resources.learner_gpus=0")
+               not cfg.engine.inflight_updates,
+               "resources.serial: runs every role in one process, taking turns (the learner "
+               "on a GPU with resources.learner_gpus > 0); it needs engine.weight_sync=auto "
+               "and engine.inflight_updates=false")
     _check(len(cfg.learner.betas) == 2, "learner.betas: expected a list of two floats")
     _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
            "buffer.capacity: must hold at least one learner batch "
@@ -233,6 +234,7 @@ def _validate_cluster(cfg: Config) -> None:
         _check(res.learner_workers <= cfg.learner.batch_groups * cfg.rollout.group_size,
                f"resources.learner_workers: {res.learner_workers} workers need at least as many "
                "rows per batch (learner.batch_groups * rollout.group_size)")
+    _check_sharding(cfg)
     _check(cl.placement_timeout_s >= 0,
            f"cluster.placement_timeout_s: must be >= 0, got {cl.placement_timeout_s}")
     _check(0 < cl.dashboard_port < 65536,
@@ -260,3 +262,27 @@ def _check_tokenizer_fits(path: Path) -> None:
     _check(vocab is None or tokens <= vocab,
            f"model.path: the tokenizer in {path} has {tokens} tokens but the model's vocabulary "
            f"has {vocab} (tokenizer and model do not match)")
+
+
+def _check_sharding(cfg: Config) -> None:
+    """learner.sharding=fsdp: FSDP2 present, a pull weight sync, micro-batches every worker
+    can fill (each sharded forward is a collective)."""
+    lc, res = cfg.learner, cfg.resources
+    if lc.sharding != "fsdp":
+        _check(not lc.fsdp_cpu_offload, "learner.fsdp_cpu_offload: needs learner.sharding=fsdp")
+        return
+    from offpolicy.learner.sharding import fsdp_available
+
+    import torch
+
+    _check(fsdp_available(), f"learner.sharding=fsdp: this torch ({torch.__version__}) has no "
+           "FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
+    _check(cfg.engine.weight_sync != "nccl", "learner.sharding=fsdp: engine.weight_sync=nccl "
+           "reads the learner's whole parameters; use object_store or filesystem")
+    _check(not lc.fsdp_cpu_offload or res.learner_gpus > 0,
+           "learner.fsdp_cpu_offload: offloads from a GPU; needs resources.learner_gpus > 0")
+    rows = lc.batch_groups * cfg.rollout.group_size
+    _check(lc.micro_batch != 1 or rows % (lc.minibatches * res.learner_workers) == 0,
+           f"learner.micro_batch=1 with learner.sharding=fsdp: every worker must run as many "
+           f"micro-batches, so {rows} rows per batch must split evenly over "
+           f"{lc.minibatches} minibatch(es) x {res.learner_workers} workers; raise micro_batch")
