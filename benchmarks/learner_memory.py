@@ -42,6 +42,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from offpolicy.buffer.fixed import FixedBatch  # noqa: E402
 from offpolicy.config_io import load_config  # noqa: E402
 from offpolicy.learner import sharding  # noqa: E402
 from offpolicy.learner.learner import Learner  # noqa: E402
@@ -79,22 +80,6 @@ def synthetic_batch(rows: int, prompt: int, completion: int) -> Batch:
     return Batch(trajs, 0)
 
 
-class SameBatch:
-    """The buffer's part: the same batch every step (rank 0 only reads it)."""
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def sample(self, version):
-        return self.batch
-
-    def publish(self, version):
-        pass
-
-    def is_closed(self):
-        return False
-
-
 def worker(rank: int, world: int, layout: dict, args, folder: str, out: str) -> None:
     torch.set_num_threads(1)
     cuda = args.device == "cuda"
@@ -111,7 +96,7 @@ def worker(rank: int, world: int, layout: dict, args, folder: str, out: str) -> 
                                  f"learner.sharding={layout['sharding']}",
                                  f"learner.micro_batch={args.micro_batch}"])
         batch = synthetic_batch(args.rows, args.prompt, args.completion)
-        learner = Learner(cfg, folder, SameBatch(batch if rank == 0 else None), LocalSync())
+        learner = Learner(cfg, folder, FixedBatch(batch if rank == 0 else None), LocalSync())
         times, tokens = [], 0
         for step in range(args.steps + 1):
             start = time.perf_counter()

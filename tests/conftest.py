@@ -6,26 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from offpolicy.buffer.fixed import FixedBatch
 from offpolicy.config_io import load_config
 from offpolicy.models import char_tokenizer, ensure_base_model, tiny_llama
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
-class OneBatch:
-    """Stands in for the buffer in learner tests: always the same batch; publishing is a no-op."""
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def sample(self, version):
-        return self.batch
-
-    def publish(self, version):
-        pass
-
-    def is_closed(self):
-        return False
+OneBatch = FixedBatch  # the buffer's stand-in in learner tests: the same batch every step
 
 
 def fast_config(model_dir, *overrides):
