@@ -1,6 +1,7 @@
 """learner.sharding=fsdp: FSDP2 workers (gloo on CPU) against one unsharded worker: the same
 step, half the storage each, sharded checkpoints that load with any number of workers."""
 
+import json
 import pickle
 
 import pytest
@@ -15,7 +16,7 @@ from offpolicy.learner.learner import Learner
 from offpolicy.types import Batch
 from offpolicy.weights import LocalSync, cpu_state
 
-from conftest import OneBatch, fast_config
+from conftest import QUICKSTART, OneBatch, fast_config
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,39 @@ def test_a_model_without_transformer_blocks_is_refused_before_anything_starts(mo
     monkeypatch.setattr(sharding, "transformer_blocks", lambda model: [])
     with pytest.raises(ConfigError, match="no transformer blocks found in"):
         preflight(cfg, model_dir)
+
+
+def test_a_sharded_serial_run_resumes_through_the_cli(model_dir, tmp_path, capsys):
+    """`offpolicy train` with learner.sharding=fsdp in one process (a group of one) writes
+    sharded checkpoints; `--resume` continues from one, and an unsharded checkpoint is refused
+    to a sharded resume in one line."""
+    from offpolicy.cli import main
+
+    common = [f"model.path={model_dir}", "rollout.prompts_per_batch=4", "rollout.group_size=4",
+              "learner.batch_groups=4", "eval.every=4", "env.eval_size=8",
+              "resources.serial=true", "checkpoint.every=2", "learner.steps=4"]
+    run = tmp_path / "run"
+    assert main(["train", str(QUICKSTART), *common, "learner.sharding=fsdp",
+                 f"run.dir={run}"]) == 0
+    assert (run / "checkpoints" / "step-000002" / "optimizer" / ".metadata").is_file()
+    assert main(["train", "--resume", str(run), "learner.steps=6"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["steps"] == 6
+    plain = tmp_path / "plain"
+    assert main(["train", str(QUICKSTART), *common, f"run.dir={plain}"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(plain), "learner.steps=6",
+                 "learner.sharding=fsdp"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "written without sharding" in err
+
+
+def test_bf16_mixed_precision_step_is_close_to_float32(model_dir, batch_file, tmp_path):
+    one = _one(_config(model_dir, False, 1), model_dir, batch_file)
+    bf16 = _spawn(_config(model_dir, True, 2, "learner.fsdp_param_dtype=bfloat16"), model_dir,
+                  batch_file, tmp_path)[0]
+    assert bf16["metrics"]["learner/loss"] == pytest.approx(one["metrics"]["learner/loss"],
+                                                            abs=2e-2)
+    for k, v in one["state"].items():  # the sharded master weights stay float32
+        assert bf16["state"][k].dtype == torch.float32
+        torch.testing.assert_close(bf16["state"][k], v, atol=2e-2, rtol=0)
