@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from offpolicy.types import Batch
 from offpolicy.weights import cpu_state
 
 from offpolicy.learner import sharding
+from offpolicy.learner.step_metrics import Spans, to_numbers
 
 
 def lr_at(lc, version: int) -> float:
@@ -235,7 +235,7 @@ class Learner:
                    first_target(d["loss_mask"][rows]))
 
     def _metrics(self, batch: Batch, d: dict[str, torch.Tensor], logprobs: torch.Tensor,
-                 tensors: dict[str, torch.Tensor], parity: dict, spans: "Spans") -> dict:
+                 tensors: dict[str, torch.Tensor], parity: dict, spans: Spans) -> dict:
         """The step's metrics, all in one place: tensors become numbers here, once."""
         self.samples += len(batch)
         mask = d["loss_mask"]                                                   # (B, T)
@@ -402,9 +402,7 @@ class Learner:
         """Write the current policy as a Hugging Face folder (loadable as `model.path`), from
         rank 0. Sharded, every worker calls it (the weights are gathered)."""
         if self.sharded:
-            state, _ = sharding.full_state(self.model, keep=self.rank == 0)
-            if self.rank == 0:
-                plain_model(self.model.config, state).save_pretrained(path)
+            sharding.save_whole(self.model, path, write=self.rank == 0)
         elif self.rank == 0:
             self.model.save_pretrained(path)
         if self.rank == 0:
@@ -447,47 +445,3 @@ class Learner:
             self.history.clear()  # the weights built in are this version's, not version 0's
             self.publish()
         return self.version
-
-def plain_model(config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """An unsharded model of `config` holding `state`'s tensors (no copy), to save."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(state, assign=True)
-    model.tie_weights()
-    return model
-
-
-class Spans:
-    """Named timing spans of one step, side by side (none inside another): `time/<name>_s`,
-    and `time/update_s`, their sum after the wait."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    def metrics(self) -> dict[str, float]:
-        out = {f"time/{k}_s": v for k, v in self.seconds.items()}
-        out["time/update_s"] = sum(v for k, v in self.seconds.items() if k != "wait")
-        out.setdefault("time/publish_s", 0.0)
-        return out
-
-
-def to_numbers(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-    """0-dim tensors to floats with one device-to-host copy per device."""
-    out: dict[str, float] = {}
-    by_device: dict[torch.device, list[str]] = {}
-    for k, v in tensors.items():
-        by_device.setdefault(v.device, []).append(k)
-    for names in by_device.values():
-        values = torch.stack([tensors[k].detach().double().reshape(()) for k in names])
-        out.update(zip(names, values.cpu().tolist()))
-    return out

@@ -109,6 +109,22 @@ def full_state(model: torch.nn.Module, keep: bool) -> tuple[dict | None, int]:
     return (out if keep else None), peak
 
 
+def save_whole(model: torch.nn.Module, path: str, write: bool) -> None:
+    """The full weights, gathered (every worker calls it), as a Hugging Face folder written
+    where `write`: an unsharded model of the same config built on the meta device, holding
+    the gathered tensors without a copy."""
+    from transformers import AutoModelForCausalLM
+
+    state, _ = full_state(model, keep=write)
+    if not write:
+        return
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict(state, assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(path)
+
+
 def save_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, folder: str) -> None:
     """Each worker writes its shard of the AdamW state (all workers call it)."""
     import torch.distributed.checkpoint as dcp

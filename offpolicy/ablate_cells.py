@@ -18,6 +18,7 @@ Both kinds are handles with `poll()` (the exit code once finished, else None), `
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -33,9 +34,14 @@ PRELOAD = ["offpolicy.cli", "offpolicy.launch", "offpolicy.serial_roles", "offpo
            "transformers.models.llama.modeling_llama", "transformers.tokenization_utils_fast"]
 
 
+def train_args(base_path: Path, overrides: list[str], run_dir: Path) -> list[str]:
+    """A cell's `offpolicy train` arguments."""
+    return ["train", str(base_path), *overrides, f"run.dir={run_dir}", "run.overwrite=true",
+            "log.progress_every_s=30"]
+
+
 def train_command(base_path: Path, overrides: list[str], run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "offpolicy.cli", "train", str(base_path), *overrides,
-            f"run.dir={run_dir}", "run.overwrite=true", "log.progress_every_s=30"]
+    return [sys.executable, "-m", "offpolicy.cli", *train_args(base_path, overrides, run_dir)]
 
 
 class LocalCell:
@@ -75,15 +81,11 @@ def _forked_train(argv: list[str], log_path: str, env: dict) -> None:
     sys.exit(main(argv))
 
 
-_server = None
-
-
+@functools.cache
 def _fork_server():
-    global _server
-    if _server is None:
-        _server = multiprocessing.get_context("forkserver")
-        _server.set_forkserver_preload(PRELOAD)
-    return _server
+    server = multiprocessing.get_context("forkserver")
+    server.set_forkserver_preload(PRELOAD)
+    return server
 
 
 class ForkedCell:
@@ -91,9 +93,9 @@ class ForkedCell:
 
     def __init__(self, base_path: Path, overrides: list[str], run_dir: Path, env: dict):
         run_dir.mkdir(exist_ok=True)
-        argv = train_command(base_path, overrides, run_dir)[3:]  # after `python -m offpolicy.cli`
-        self.proc = _fork_server().Process(target=_forked_train, daemon=False,
-                                           args=(argv, str(run_dir / "train.log"), env))
+        self.proc = _fork_server().Process(
+            target=_forked_train, daemon=False,
+            args=(train_args(base_path, overrides, run_dir), str(run_dir / "train.log"), env))
         self.proc.start()
 
     def poll(self) -> int | None:

@@ -265,18 +265,14 @@ class LearnerConfig:
     ess_lr_base: float = 1.0
     """The ESS fraction at and above which `ess_lr` leaves the learning rate alone."""
     sharding: Literal["none", "fsdp"] = "none"
-    """`fsdp`: shard the policy's parameters, gradients and AdamW state over the
-    `resources.learner_workers` workers with FSDP2 (each transformer block and the root;
-    gloo on CPU, NCCL on GPU), so each holds about 1/N of them. The full weights are gathered
-    one tensor at a time to publish and save; optimizer checkpoints are sharded
-    (torch.distributed.checkpoint) and load with any number of workers (docs/sharding.md)."""
+    """`fsdp`: shard parameters, gradients and AdamW state over the `resources.learner_workers`
+    workers with FSDP2, each holding about 1/N; checkpoints load with any number of workers
+    (docs/sharding.md)."""
     fsdp_param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """With `fsdp`: the dtype of the gathered parameters in forward and backward (gradient
-    reductions and the sharded master weights stay float32). `auto` = bfloat16 on a GPU,
-    float32 on a CPU."""
+    """With `fsdp`: the dtype parameters are gathered in for compute (reductions and master
+    weights stay float32). `auto` = bfloat16 on a GPU, float32 on a CPU."""
     fsdp_cpu_offload: bool = False
-    """With `fsdp` on a GPU: keep the parameter shards, gradients and AdamW state in CPU
-    memory (the optimizer steps there), moving each block to the GPU for its compute."""
+    """With `fsdp` on a GPU: parameter shards, gradients and AdamW state in CPU memory."""
 
 
 @dataclass
@@ -367,9 +363,8 @@ class ResourcesConfig:
     """Run the buffer, learner and actors in this one process, taking turns, without Ray (no
     inter-process calls, one model import). Generation and training then never overlap; in lag
     mode every update still gets exactly version t - k, so it is the same experiment as a Ray
-    run (not bit for bit) at about half the CPU: what the staleness ablation uses. The learner
-    trains on a GPU when `learner_gpus` > 0 and one is visible; the HF engine stays on the CPU.
-    Ray is never imported."""
+    run (not bit for bit) at about half the CPU: what the staleness ablation uses. No Ray; the
+    learner on a GPU with `learner_gpus` > 0, the HF engine on the CPU."""
 
 
 @dataclass
