@@ -22,11 +22,12 @@ from offpolicy.losses import (LOSSES, NEEDS_PROXIMAL, OWN_ADVANTAGE, LossInputs,
                               importance_diagnostics, kl_penalty, regularized,
                               split_loss_params)
 from offpolicy.metrics import peak_rss_mb
-from offpolicy.models import first_target, load_policy, token_logprobs
+from offpolicy.models import first_target, load_policy
 from offpolicy.types import Batch
 from offpolicy.weights import cpu_state
 
 from offpolicy.learner import sharding
+from offpolicy.learner.shared_prompt import sequence_logprobs
 from offpolicy.learner.step_metrics import Spans, to_numbers
 
 
@@ -210,11 +211,16 @@ class Learner:
         worker scoring its rows, `learner.micro_batch` at a time."""
         out = torch.zeros(d["targets"].shape, device=self.device)
         for rows, c, start in self._chunks(d):
-            out[rows] = token_logprobs(self.model, c["input_ids"], c["attention_mask"],
-                                       c["targets"], self.cfg.engine.temperature, start=start)
+            out[rows] = self._score(self.model, c, start)
         if self.world > 1:
             torch.distributed.all_reduce(out)
         return out.cpu()
+
+    def _score(self, model, c: dict[str, torch.Tensor], start: int, **entropy):
+        """(b, T) log-probs of a micro-batch's targets under `model` at the engine's
+        temperature, each distinct prompt run once (`learner.share_prompts`)."""
+        return sequence_logprobs(model, c, self.cfg.engine.temperature, start=start,
+                                 share=self.cfg.learner.share_prompts, **entropy)
 
     def _chunks(self, d: dict[str, torch.Tensor]):
         """This worker's rows (rank::world) in chunks of at most `learner.micro_batch` rows:
@@ -275,15 +281,12 @@ class Learner:
         total = d["loss_mask"].sum().clamp(min=1)  # the whole batch's: ranks weight alike
         loss_sum, metrics, logprobs = torch.zeros((), device=self.device).double(), {}, []
         for rows, c, start in self._chunks(d):
-            lp, entropy = token_logprobs(self.model, c["input_ids"], c["attention_mask"],
-                                         c["targets"], cfg.engine.temperature, entropy=True,
-                                         entropy_grad=cfg.loss.entropy_coef != 0,
-                                         start=start)  # (b, T) x2
+            lp, entropy = self._score(self.model, c, start, entropy=True,
+                                      entropy_grad=cfg.loss.entropy_coef != 0)  # (b, T) x2
             kl = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref = token_logprobs(self.reference, c["input_ids"], c["attention_mask"],
-                                         c["targets"], cfg.engine.temperature, start=start)
+                    ref = self._score(self.reference, c, start)
                 kl = kl_penalty(lp, ref, cfg.loss.kl_estimator)
             # Without a proximal pass (one step per batch) the weights at the start of the step
             # are the current ones, so this forward's log-probs are the proximal ones.
@@ -358,10 +361,8 @@ class Learner:
         v = known[self.version % len(known)]
         sel = torch.nonzero(first == v).squeeze(1)[:rows]
         self.shadow.load_state_dict(self.history[v])
-        lp = token_logprobs(self.shadow, *(d[k][sel].to(self.device) for k in
-                                           ("input_ids", "attention_mask", "targets")),
-                            self.cfg.engine.temperature,
-                            start=first_target(d["loss_mask"][sel])).cpu()
+        lp = self._score(self.shadow, {k: v[sel].to(self.device) for k, v in d.items()},
+                         first_target(d["loss_mask"][sel])).cpu()
         keep = mask[sel] & (versions[sel] == v)
         diffs = (lp - d["behavior_logprobs"][sel])[keep].abs()
         if not len(diffs):

@@ -253,6 +253,11 @@ class LearnerConfig:
     micro_batch: int = 0
     """Rows per forward/backward pass (gradients accumulate to one step per batch); 0 = the
     whole batch at once. Lower it when a batch of long sequences does not fit in memory."""
+    share_prompts: bool = True
+    """Run each distinct prompt of a micro-batch once and the group's completions on top of its
+    keys and values, in every scoring pass (exact up to float rounding; the win grows with the
+    prompt's share of each row: 1.8x on SmolLM2's chat prompts). `false`: the plain padded
+    forward."""
     minibatches: int = 1
     """Optimizer steps per sampled batch, PPO-style, each on a disjoint share of its rows. Above
     1 the batch is first scored with the weights at its start (the proximal policy of

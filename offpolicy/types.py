@@ -140,7 +140,7 @@ class Batch:
 
         Target position j holds token j + 1 (predicted from the logits at position j), so the
         learner's `logits[:, :-1]` line up with `targets`, `loss_mask`, `behavior_logprobs`
-        and `versions` without further shifting.
+        and `versions` without further shifting. `prompt_lens` (B,) is each row's prompt length.
         """
         lengths = [t.num_tokens for t in self.trajectories]
         B, L = len(lengths), max(lengths)
@@ -159,6 +159,7 @@ class Batch:
             behavior[i, P - 1:P - 1 + T] = t.behavior_logprobs
             versions[i, P - 1:P - 1 + T] = t.versions
         return {"input_ids": input_ids, "attention_mask": attention,
+                "prompt_lens": np.array([len(t.prompt_ids) for t in self.trajectories]),
                 "targets": input_ids[:, 1:].copy(), "loss_mask": mask,
                 "behavior_logprobs": behavior, "versions": versions}
 

@@ -184,6 +184,7 @@ def test_vllm_generates_with_parity_and_reloads_weights(smollm2):
         pytest.skip("vLLM not installed") if os.environ.get("CI") != "true" else pytest.fail(
             "CI=true but vLLM is not installed")
     from offpolicy.actors.rollout import RolloutActor
+    from offpolicy.learner.shared_prompt import sequence_logprobs
     from offpolicy.models import load_policy, token_logprobs
     from offpolicy.types import Batch
     from offpolicy.weights import cpu_state
@@ -198,11 +199,16 @@ def test_vllm_generates_with_parity_and_reloads_weights(smollm2):
     model, _ = load_policy(smollm2)
 
     def parity(trajectories):
+        """The engine's against the learner's log-probs, each chat prompt run once
+        (learner.share_prompts), which must also match the plain padded forward."""
         d = {k: torch.from_numpy(v) for k, v in Batch(trajectories, 0).padded(
             actor.tokenizer.pad_token_id).items()}
         with torch.no_grad():
-            lp = token_logprobs(model, d["input_ids"], d["attention_mask"], d["targets"], 0.7)
+            lp = sequence_logprobs(model, d, 0.7)
+            plain = token_logprobs(model, d["input_ids"], d["attention_mask"], d["targets"],
+                                   0.7)
         mask = d["loss_mask"].bool()
+        assert (lp - plain)[mask].abs().max() < 1e-4
         return (lp - d["behavior_logprobs"])[mask].abs().max().item()
 
     before = [t for g in actor.rollout_batch() for t in g]
