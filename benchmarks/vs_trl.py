@@ -175,6 +175,7 @@ def run_offpolicy(args, folder: Path, work: Path) -> dict:
            "log.progress_every_s=30", f"resources.torch_threads={args.threads}",
            f"run.seed={args.seed}", "buffer.drop_uniform_groups=false",
            "loss.kl_coef=0",  # TRL runs with beta=0: no KL term on either side
+           "learner.lr_schedule=constant",  # as TRL's lr_scheduler_type below
            *args.set]
     if subprocess.run(cmd, cwd=ROOT).returncode:
         sys.exit("the offpolicy run failed; its output is above")

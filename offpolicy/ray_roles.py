@@ -28,7 +28,7 @@ from offpolicy.learner.learner import Learner
 from offpolicy.learner.workers import LearnerWorker
 from offpolicy.placement import renice, nodes_of, pin_roles, reserve, start_ray
 from offpolicy.remote import ActorRef, Remote
-from offpolicy.run_dir import weights_dir
+from offpolicy.run_dir import weight_sync_kind, weights_dir
 from offpolicy.weight_store import WeightStore
 from offpolicy.weights import FileSync, NCCLSync, ObjectStoreSync
 
@@ -250,13 +250,6 @@ def make_weight_sync(cfg: Config, store: Remote, keep: int):
     if kind == "object_store":
         return ObjectStoreSync(store)
     return NCCLSync(store, tp=cfg.engine.vllm_args.get("tensor_parallel_size", 1))
-
-
-def weight_sync_kind(cfg: Config) -> str:
-    """`engine.weight_sync`, with `auto` resolved: vLLM reloads from files, HF from Ray."""
-    if cfg.engine.weight_sync != "auto":
-        return cfg.engine.weight_sync
-    return "filesystem" if cfg.engine.name == "vllm" else "object_store"
 
 
 def describe_nodes(nodes: dict) -> str:

@@ -157,7 +157,30 @@ def preflight(cfg: Config, model_path: str | Path) -> dict:
     if cfg.learner.sharding == "fsdp":
         _check_blocks(Path(model_path))
     out.update(check_memory(cfg, Path(model_path)))
+    _check_weights_dir(cfg, Path(model_path))
     return out
+
+
+def _check_weights_dir(cfg: Config, folder: Path) -> None:
+    """Filesystem weight sync keeps 3 published versions (plus one being written) under
+    `engine.weights_dir`: refuse a folder without room for them (a small /dev/shm, as in a
+    default Docker container) before any process starts."""
+    import shutil
+
+    from offpolicy.run_dir import weight_sync_kind, weights_dir
+
+    if weight_sync_kind(cfg) != "filesystem" or cfg.cluster.address:
+        return
+    where = weights_dir(cfg)
+    while not where.exists():
+        where = where.parent
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    free = shutil.disk_usage(where).free
+    if 4 * weights > free:
+        raise ConfigError(
+            f"engine.weights_dir: {where} has {free / (1 << 30):.2f} GiB free, but the "
+            f"published weights need about {4 * weights / (1 << 30):.2f} GiB (4 versions of "
+            f"{weights / (1 << 30):.2f} GiB); choose a larger folder")
 
 
 def _check_blocks(folder: Path) -> None:

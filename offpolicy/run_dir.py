@@ -66,6 +66,13 @@ def reopen_run_dir(cfg: Config, step: int) -> Path:
     return run_dir
 
 
+def weight_sync_kind(cfg: Config) -> str:
+    """`engine.weight_sync`, with `auto` resolved: vLLM reloads from files, HF from Ray."""
+    if cfg.engine.weight_sync != "auto":
+        return cfg.engine.weight_sync
+    return "filesystem" if cfg.engine.name == "vllm" else "object_store"
+
+
 def weights_dir(cfg: Config) -> Path:
     """Where FileSync writes: engine.weights_dir, else <run dir>/weights (removed at the end)."""
     if cfg.engine.weights_dir:

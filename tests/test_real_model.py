@@ -8,6 +8,7 @@ test set-up installs both (README, "Tests").
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,8 @@ def test_chat_prompts_without_a_chat_template_are_refused(model_dir, tmp_path):
         preflight(cfg, model_dir)
 
 
-def test_a_context_too_short_and_a_model_too_big_are_refused(smollm2, monkeypatch):
+def test_a_context_too_short_a_model_too_big_and_no_room_for_weights_are_refused(
+        smollm2, monkeypatch, tmp_path):
     from offpolicy import real_models
 
     cfg = load_config(None, [f"model.path={smollm2}", "env.name=multiplication",
@@ -153,6 +155,14 @@ def test_a_context_too_short_and_a_model_too_big_are_refused(smollm2, monkeypatc
     monkeypatch.setattr(real_models, "_available_bytes", lambda: 1 << 30)  # 1 GiB free
     with pytest.raises(ConfigError, match=r"needs about \d+\.\d GiB here .* this machine has "
                                           r"1\.0 GiB available"):
+        real_models.preflight(cfg, smollm2)
+    monkeypatch.undo()
+    # filesystem weight sync (vLLM's default) into a folder without room for 4 versions
+    cfg.engine.name, cfg.engine.weights_dir = "vllm", str(tmp_path)
+    real_models.preflight(cfg, smollm2)
+    monkeypatch.setattr("shutil.disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1 << 28))
+    with pytest.raises(ConfigError, match=rf"engine.weights_dir: {tmp_path} has 0.25 GiB free, "
+                                          r"but the published weights need about 2\.\d+ GiB"):
         real_models.preflight(cfg, smollm2)
 
 
