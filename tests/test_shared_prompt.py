@@ -3,6 +3,7 @@ log-probs, entropies and gradients (learner/shared_prompt.py)."""
 
 import numpy as np
 import torch
+from conftest import OneBatch, fast_config
 
 from offpolicy.learner.shared_prompt import sequence_logprobs
 from offpolicy.models import load_policy, token_logprobs
@@ -76,7 +77,6 @@ def test_the_shared_path_is_not_taken_without_a_repeated_prompt(model_dir, monke
 def test_a_learner_step_is_the_same_with_and_without_sharing(model_dir):
     from offpolicy.learner.learner import Learner
     from offpolicy.weights import LocalSync
-    from tests.conftest import OneBatch, fast_config
 
     results = []
     for share in ("true", "false"):
