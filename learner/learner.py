@@ -361,7 +361,7 @@ class Learner:
         v = known[self.version % len(known)]
         sel = torch.nonzero(first == v).squeeze(1)[:rows]
         self.shadow.load_state_dict(self.history[v])
-        lp = self._score(self.shadow, {k: v[sel].to(self.device) for k, v in d.items()},
+        lp = self._score(self.shadow, {k: t[sel].to(self.device) for k, t in d.items()},
                          first_target(d["loss_mask"][sel])).cpu()
         keep = mask[sel] & (versions[sel] == v)
         diffs = (lp - d["behavior_logprobs"][sel])[keep].abs()
