@@ -93,9 +93,9 @@ def main() -> None:
                           if k.startswith("time/")))
     print(f"shared / plain step time: {med['shared'] / med['plain']:.2f}x "
           f"(speed-up {med['plain'] / med['shared']:.2f}x)")
-    diffs = [max((a - b).abs().max().item() for a, b in
-                 zip(learners["plain"].model.parameters(), learners["shared"].model.parameters()))]
-    print(f"largest parameter difference after {args.steps + 1} steps: {diffs[0]:.2e}")
+    diff = max((a - b).abs().max().item() for a, b in
+               zip(learners["plain"].model.parameters(), learners["shared"].model.parameters()))
+    print(f"largest parameter difference after {args.steps + 1} steps: {diff:.2e}")
 
 
 def _cpu() -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from offpolicy.models import _takes_logits_to_keep, token_logprobs
+from offpolicy.models import takes_logits_to_keep, token_logprobs
 
 
 def sequence_logprobs(model, c: dict[str, torch.Tensor], temperature: float = 1.0,
@@ -29,7 +29,7 @@ def sequence_logprobs(model, c: dict[str, torch.Tensor], temperature: float = 1.
     """(B, L-1) log-probs of `c["targets"]` (and with `entropy`, the entropies), laid out as
     `token_logprobs` lays them out. `c` holds a micro-batch of `Batch.padded`: input_ids,
     attention_mask, targets and prompt_lens."""
-    prompts = _distinct_prompts(c) if share and _takes_logits_to_keep(type(model)) else None
+    prompts = _distinct_prompts(c) if share and takes_logits_to_keep(type(model)) else None
     if prompts is None:
         return token_logprobs(model, c["input_ids"], c["attention_mask"], c["targets"],
                               temperature, entropy=entropy, entropy_grad=entropy_grad,

@@ -307,7 +307,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     L = input_ids.shape[1]
     start = max(0, min(start, L - 1))
-    keep = ({"logits_to_keep": L - start} if start and _takes_logits_to_keep(type(model))
+    keep = ({"logits_to_keep": L - start} if start and takes_logits_to_keep(type(model))
             else {})
     if not keep:
         start = 0
@@ -333,7 +333,7 @@ def first_target(loss_mask: torch.Tensor) -> int:
 
 
 @functools.cache
-def _takes_logits_to_keep(model_class: type) -> bool:
+def takes_logits_to_keep(model_class: type) -> bool:
     """Whether the model's forward can compute logits for the last positions only (asked
     once per model class: `token_logprobs` runs for every micro-batch)."""
     import inspect

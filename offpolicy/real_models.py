@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 from offpolicy.config import Config, ConfigError
@@ -165,8 +166,6 @@ def _check_weights_dir(cfg: Config, folder: Path) -> None:
     """Filesystem weight sync keeps 3 published versions (plus one being written) under
     `engine.weights_dir`: refuse a folder without room for them (a small /dev/shm, as in a
     default Docker container) before any process starts."""
-    import shutil
-
     from offpolicy.run_dir import weight_sync_kind, weights_dir
 
     if weight_sync_kind(cfg) != "filesystem" or cfg.cluster.address:
@@ -174,7 +173,7 @@ def _check_weights_dir(cfg: Config, folder: Path) -> None:
     where = weights_dir(cfg)
     while not where.exists():
         where = where.parent
-    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    weights = _weights_bytes(folder)
     free = shutil.disk_usage(where).free
     if 4 * weights > free:
         raise ConfigError(
@@ -201,8 +200,7 @@ def check_memory(cfg: Config, folder: Path) -> dict:
     fit: the learner keeps float32 weights, gradients and two Adam moments (4 copies), plus
     the parity check's shadow model and history and the KL reference when on; each actor one
     copy of the weights (and vLLM its KV cache). Skipped on a cluster (other machines)."""
-    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(
-        f.stat().st_size for f in folder.glob("*.bin"))
+    weights = _weights_bytes(folder)
     # 4 float32 copies per unsharded worker; sharded, 4 in all plus rank 0's gathered one
     workers = cfg.resources.learner_workers
     copies = (5 if cfg.learner.sharding == "fsdp" else 4 * workers) + (cfg.loss.kl_coef > 0) * workers
@@ -224,6 +222,12 @@ def check_memory(cfg: Config, folder: Path) -> dict:
             f"this machine has {available / (1 << 30):.1f} GiB available; use fewer actors, "
             "engine.logprob_check_every=0, or a smaller model")
     return out
+
+
+def _weights_bytes(folder: Path) -> int:
+    """Bytes of the model's weight files (safetensors, else PyTorch .bin)."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(
+        f.stat().st_size for f in folder.glob("*.bin"))
 
 
 def _available_bytes() -> int | None:
