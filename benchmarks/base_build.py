@@ -14,9 +14,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from offpolicy.config_io import load_config
-from offpolicy.models import (BuildError, build_info, ensure_base_model, environment_info,
-                              evaluate, load_policy)
+from offpolicy.runtime.validate import load_config
+from offpolicy.core.machine import environment_info
+from offpolicy.models.loading import load_policy
+from offpolicy.models.sources import ensure_base_model
+from offpolicy.models.tiny import BuildError, build_info, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from offpolicy.buffer.replay import ReplayBuffer
-from offpolicy.types import Trajectory
+from offpolicy.core.types import Trajectory
 
 GROUP, BATCH_GROUPS = 8, 4
 

@@ -30,7 +30,7 @@ def build_135m(path: Path) -> Path:
     """A randomly initialised model shaped like SmolLM-135M (30 layers, hidden 576, GQA 9/3)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from offpolicy.models import char_tokenizer
+    from offpolicy.models.tiny import char_tokenizer
 
     tok = char_tokenizer()
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -52,8 +52,8 @@ def throughput(model_path: str, rounds: int) -> dict:
 
     from offpolicy.actors.rollout import RolloutActor
     from offpolicy.buffer.replay import ReplayBuffer
-    from offpolicy.config_io import load_config
-    from offpolicy.weights import LocalSync
+    from offpolicy.runtime.validate import load_config
+    from offpolicy.weights.sync import LocalSync
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml",
                       [f"model.path={model_path}", "engine.name=vllm"])
@@ -81,8 +81,9 @@ def throughput(model_path: str, rounds: int) -> dict:
 
 def _learner(model_path: str, folder: str, reps: int, go, out) -> None:
     """The learner's side, in its own process as in a run: change every weight, publish."""
-    from offpolicy.models import load_policy
-    from offpolicy.weights import FileSync, WeightStore, cpu_state
+    from offpolicy.models.loading import load_policy
+    from offpolicy.weights.store import WeightStore
+    from offpolicy.weights.sync import FileSync, cpu_state
 
     torch.set_num_threads(1)
     model, _ = load_policy(model_path)
@@ -106,7 +107,7 @@ def update_latency(model_path: str, reps: int, root: str) -> dict:
 
     from offpolicy.actors.engine import SamplingParams
     from offpolicy.actors.vllm import VLLMEngine
-    from offpolicy.models import load_tokenizer
+    from offpolicy.models.loading import load_tokenizer
 
     tok = load_tokenizer(model_path)
     engine = VLLMEngine(model_path, dtype="float32", max_model_len=256)
@@ -145,8 +146,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from offpolicy.config_io import load_config
-    from offpolicy.models import ensure_base_model
+    from offpolicy.runtime.validate import load_config
+    from offpolicy.models.sources import ensure_base_model
 
     tiny = str(ensure_base_model(load_config(
         Path(__file__).parents[1] / "configs" / "quickstart.yaml")))

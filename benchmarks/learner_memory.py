@@ -43,12 +43,12 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offpolicy.buffer.fixed import FixedBatch  # noqa: E402
-from offpolicy.config_io import load_config  # noqa: E402
+from offpolicy.runtime.validate import load_config  # noqa: E402
 from offpolicy.learner import sharding  # noqa: E402
 from offpolicy.learner.learner import Learner  # noqa: E402
-from offpolicy.models import char_tokenizer  # noqa: E402
-from offpolicy.types import Batch, Trajectory  # noqa: E402
-from offpolicy.weights import LocalSync  # noqa: E402
+from offpolicy.models.tiny import char_tokenizer  # noqa: E402
+from offpolicy.core.types import Batch, Trajectory  # noqa: E402
+from offpolicy.weights.sync import LocalSync  # noqa: E402
 
 
 def build_model(folder: Path) -> None:

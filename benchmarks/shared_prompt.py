@@ -27,14 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from offpolicy.buffer.fixed import FixedBatch  # noqa: E402
-from offpolicy.chat import messages_of, prompt_ids  # noqa: E402
-from offpolicy.config_io import load_config  # noqa: E402
+from offpolicy.models.chat import messages_of, prompt_ids  # noqa: E402
+from offpolicy.runtime.validate import load_config  # noqa: E402
 from offpolicy.envs import env_from_config  # noqa: E402
 from offpolicy.learner.learner import Learner  # noqa: E402
-from offpolicy.models import cache_root, load_tokenizer  # noqa: E402
-from offpolicy.real_models import resolve_model_path  # noqa: E402
-from offpolicy.types import Batch, Trajectory  # noqa: E402
-from offpolicy.weights import LocalSync  # noqa: E402
+from offpolicy.models.loading import cache_root, load_tokenizer  # noqa: E402
+from offpolicy.models.sources import resolve_model_path  # noqa: E402
+from offpolicy.config.plan import RunPlan  # noqa: E402
+from offpolicy.core.machine import setup_process  # noqa: E402
+from offpolicy.core.types import Batch, Trajectory  # noqa: E402
+from offpolicy.weights.sync import LocalSync  # noqa: E402
 
 
 def make_batch(cfg, tokenizer, groups: int, size: int, seed: int = 0) -> Batch:
@@ -62,6 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(ROOT / "configs" / "smollm2_cpu.yaml",
                       ["engine.logprob_check_every=0", f"rollout.group_size={args.group_size}"])
+    setup_process(RunPlan.of(cfg).learner_threads)  # as a learner process is set up
     folder = resolve_model_path(cfg, cache_root(cfg))
     tokenizer = load_tokenizer(folder)
     batch = make_batch(cfg, tokenizer, args.groups, args.group_size)
@@ -71,7 +74,7 @@ def main() -> None:
     print(f"CPU: {_cpu()}, learner {cfg.resources.torch_threads} torch thread(s); batch {len(batch)} rows, prompts "
           f"{len(batch.trajectories[0].prompt_ids)} tokens, completions {completion_tokens} "
           "tokens in all")
-    print(f"tokens a forward runs over: plain (padded) {d['input_ids'].size}, shared "
+    print(f"tokens a forward runs over: plain (padded) {d.input_ids.size}, shared "
           f"{prompt_tokens + completion_tokens} (+ completion padding)")
     learners, times, results = {}, {"plain": [], "shared": []}, {}
     for name, share in (("plain", "false"), ("shared", "true")):

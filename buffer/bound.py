@@ -2,8 +2,8 @@
 eviction (`staleness.mode: bound`, the default).
 
 Reads: groups from `ReplayBuffer.add`. Writes: the groups of a batch (`take`); every drop is
-counted in the shared `counts` (the ledger's): `evicted_staleness`, `evicted_capacity`,
-`retired` (used `max_reuse` times).
+counted in this store's `fates`: `evicted_staleness`, `evicted_capacity`, `retired` (used
+`max_reuse` times). The members are the `Store` protocol's (store.py).
 
 Each group gets a slot; a sampler (`samplers.py`: fifo, uniform, prioritized) picks the slots
 of the next batch. Capacity is in trajectories and in bytes; beyond either the oldest groups
@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from offpolicy.buffer.ledger import STORE_FATES
 from offpolicy.buffer.samplers import PRIORITIES, SAMPLERS, pass_rate
-from offpolicy.types import Trajectory
-
-Group = list[Trajectory]
+from offpolicy.buffer.store import Group
 
 
 @dataclass
@@ -50,16 +49,17 @@ class Entry:
 
 class BoundStore:
     # constructor settings: a snapshot carries the state, a resumed run its own settings
-    SETTINGS = ("counts", "batch_groups", "max_staleness", "capacity", "capacity_bytes",
-                "max_reuse", "priority_fn", "sampler")
+    SETTINGS = ("batch_groups", "max_staleness", "capacity", "capacity_bytes", "max_reuse",
+                "priority_fn", "sampler")
 
-    def __init__(self, counts: dict, batch_groups: int, max_staleness: int, capacity: int,
+    def __init__(self, batch_groups: int, max_staleness: int, capacity: int,
                  capacity_bytes: int = 0, sampler: str = "fifo", priority: str = "pass_rate",
                  alpha: float = 0.6, beta: float = 0.4, max_reuse: int = 1, seed: int = 0):
-        self.counts, self.batch_groups, self.max_staleness = counts, batch_groups, max_staleness
+        self.batch_groups, self.max_staleness = batch_groups, max_staleness
         self.capacity, self.capacity_bytes, self.max_reuse = capacity, capacity_bytes, max_reuse
-        self.priority_fn = PRIORITIES[priority]
-        self.sampler = SAMPLERS[sampler](seed=seed, alpha=alpha, beta=beta)
+        self.priority_fn = PRIORITIES.lookup(priority)
+        self.sampler = SAMPLERS.lookup(sampler)(seed=seed, alpha=alpha, beta=beta)
+        self.fates = dict.fromkeys(STORE_FATES, 0)
         self.entries: dict[int, Entry] = {}
         self.age: OrderedDict[int, None] = OrderedDict()  # slots, oldest first
         self.heap: list[tuple[int, int, int]] = []  # (min_version, seq, slot), lazily cleaned
@@ -144,7 +144,7 @@ class BoundStore:
         self.size -= len(e.group)
         self.nbytes -= e.nbytes
         self.unused -= e.uses == 0
-        self.counts[reason] += len(e.group)
+        self.fates[reason] += len(e.group)
         return e
 
     # -- the learner's side ---------------------------------------------------------------------

@@ -1,28 +1,28 @@
 """The buffer's ledger: where every episode went, so that none goes missing silently.
 
-Reads: the buffer's events (admitted, added, dropped by an actor, lost with a dead actor, and
-the stores' fates: filtered, retired, evicted). Writes: `counts` (in trajectories) and
-`summary()`, the check that admitted = added + env_errors + lost + in_flight and that
-added = filtered + retired + evicted + in the buffer.
+Reads: the buffer's events (admitted, added, dropped by an actor, lost with a dead actor) and,
+at `summary`, what became of the added trajectories (the buffer's `filtered`, the store's
+fates: retired, evicted). Writes: its own `counts` (in trajectories) and `summary()`, the check
+that admitted = added + env_errors + lost + in_flight and that added = filtered + retired +
+evicted + in the buffer.
 
-An actor has one batch at a time. Each actor incarnation ("<actor id>:<uuid>", a restarted
-actor is a new one) owes the batch it was admitted for until it adds it; when a newer
-incarnation of the same actor shows up, the older one died and its batch is lost.
+Each count has one owner: the ledger counts admission and delivery (`COUNTS`), the buffer what
+arrives (added, filtered), the store what leaves it (`STORE_FATES`).
+
+An actor has one batch at a time. Each actor incarnation (`Incarnation`: a restarted actor is a
+new one) owes the batch it was admitted for until it adds it; when a newer incarnation of the
+same actor shows up, the older one died and its batch is lost.
 """
 
 from __future__ import annotations
 
-COUNTS = (
-    # the stores' fates of added trajectories (see bound.py, lag.py)
-    "added", "filtered", "sampled", "evicted_staleness", "evicted_capacity", "evicted_surplus",
-    "retired", "kept_uniform",
-    # admission
-    "admission_waits", "held_off",
-    # the ledger proper, in episodes: admitted batches end up added, dropped by the actor
-    # (env_errors), lost with a dead actor, or are still in flight
-    "admitted", "env_errors", "lost", "in_flight",
-)
-FATES = ("filtered", "retired", "evicted_staleness", "evicted_capacity", "evicted_surplus")
+from offpolicy.core.types import Incarnation
+
+COUNTS = ("admitted", "env_errors", "lost", "in_flight")
+"""In episodes: admitted batches end up added, dropped by the actor (env_errors), lost with a
+dead actor, or are still in flight."""
+STORE_FATES = ("retired", "evicted_staleness", "evicted_capacity", "evicted_surplus")
+"""What a store counts as trajectories leave it (bound.py, lag.py)."""
 
 
 class Ledger:
@@ -31,10 +31,10 @@ class Ledger:
         self.counts = dict.fromkeys(COUNTS, 0)
         # the batch each incarnation was admitted for and has not added yet:
         # (groups, lag-mode version or None)
-        self.outstanding: dict[str, tuple[int, int | None]] = {}
-        self.reports: dict[str, dict] = {}  # each incarnation's last reported counts
+        self.outstanding: dict[Incarnation, tuple[int, int | None]] = {}
+        self.reports: dict[Incarnation, dict] = {}  # each incarnation's last reported counts
 
-    def order(self, n_groups: int, actor: str | None, version: int | None) -> None:
+    def order(self, n_groups: int, actor: Incarnation | None, version: int | None) -> None:
         """`actor` starts n_groups groups (for lag-mode work order `version`)."""
         episodes = n_groups * self.group_size
         self.counts["admitted"] += episodes
@@ -42,12 +42,11 @@ class Ledger:
         if actor is not None:
             self.outstanding[actor] = (n_groups, version)
 
-    def dead_incarnations(self, actor: str) -> list[str]:
+    def dead_incarnations(self, actor: Incarnation) -> list[Incarnation]:
         """Earlier incarnations of `actor`'s actor that still owe a batch: they died."""
-        name = actor.split(":")[0]
-        return [k for k in self.outstanding if k.split(":")[0] == name and k != actor]
+        return [k for k in self.outstanding if k.actor == actor.actor and k != actor]
 
-    def lose(self, actor: str) -> tuple[int, int | None]:
+    def lose(self, actor: Incarnation) -> tuple[int, int | None]:
         """`actor` is dead: its batch will never arrive. Returns (groups, version) owed, whose
         reservation the buffer releases."""
         n_groups, version = self.outstanding.pop(actor)
@@ -55,7 +54,7 @@ class Ledger:
         self.counts["in_flight"] -= n_groups * self.group_size
         return n_groups, version
 
-    def arrived(self, reserved: int, n_groups: int, actor: str | None,
+    def arrived(self, reserved: int, n_groups: int, actor: Incarnation | None,
                 report: dict | None) -> None:
         """An admitted batch of `reserved` groups arrived with `n_groups` of them (the actor
         dropped the rest: an environment failed)."""
@@ -74,18 +73,20 @@ class Ledger:
         self.counts["lost"] += self.counts["in_flight"]
         self.counts["in_flight"] = 0
 
-    def summary(self, in_buffer: int) -> dict:
-        """Where every episode went, in trajectories; `balanced` is the check that nothing
-        went missing."""
+    def summary(self, added: int, filtered: int, store_fates: dict[str, int],
+                in_buffer: int) -> dict:
+        """Where every episode went, in trajectories, given what arrived (`added`, of which
+        `filtered` were dropped on arrival) and the store's fates; `balanced` is the check
+        that nothing went missing."""
         c = self.counts
-        fates = {k: c[k] for k in FATES}
-        fates["in_buffer"] = in_buffer
-        out = {"admitted": c["admitted"], "added": c["added"], "env_errors": c["env_errors"],
+        fates = {"filtered": filtered, **{k: store_fates[k] for k in STORE_FATES},
+                 "in_buffer": in_buffer}
+        out = {"admitted": c["admitted"], "added": added, "env_errors": c["env_errors"],
                "lost": c["lost"], "in_flight": c["in_flight"], **fates,
                "actors_reported": sum(r.get("trajectories", 0) for r in self.reports.values())}
         out["balanced"] = (
-            c["added"] == sum(fates.values())
-            and c["admitted"] == c["added"] + c["env_errors"] + c["lost"] + c["in_flight"]
+            added == sum(fates.values())
+            and c["admitted"] == added + c["env_errors"] + c["lost"] + c["in_flight"]
             # actors count what they sent; a group lost between actor and buffer shows here
-            and (not self.reports or out["actors_reported"] == c["added"]))
+            and (not self.reports or out["actors_reported"] == added))
         return out

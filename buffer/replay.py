@@ -14,7 +14,8 @@ behind this one surface:
   version exactly max(0, t - k); `admit` hands out work orders for a version.
 Groups whose rewards are all equal are dropped on arrival (`drop_uniform_groups`) unless fewer
 than `filter_floor` of recent groups carry signal. The ledger (`ledger.py`) counts where every
-admitted episode went.
+admitted episode went. The buffer counts what arrives (`COUNTS`), the store what leaves it,
+the ledger admission and delivery: each count has one owner.
 
 The class is plain Python and thread-safe; in a run it is a threaded Ray actor (several calls
 block at once: actors in `admit`, the learner in `sample`), in tests it is used directly.
@@ -30,11 +31,19 @@ from pathlib import Path
 
 import numpy as np
 
-from offpolicy.buffer.bound import BoundStore, Entry, Group
+from offpolicy.buffer.bound import BoundStore, Entry
 from offpolicy.buffer.lag import LagStore
 from offpolicy.buffer.ledger import Ledger
 from offpolicy.buffer.samplers import binary_entropy
-from offpolicy.types import Batch
+from offpolicy.buffer.store import Group, Store
+from offpolicy.config.plan import RunPlan
+from offpolicy.config.schema import Config
+from offpolicy.core.types import Batch, Incarnation
+
+COUNTS = ("added", "filtered", "kept_uniform", "sampled", "admission_waits", "held_off")
+"""The buffer's own counts: trajectories that arrived (added), were dropped as uniform on
+arrival (filtered) or kept although uniform (kept_uniform), were sampled; admission calls that
+were refused in time (admission_waits) or had to wait (held_off)."""
 
 
 @dataclass(frozen=True)
@@ -51,17 +60,13 @@ class Admission:
     """Groups to generate (lag mode sizes its work orders; otherwise as asked)."""
     version: int | None = None
     """Lag mode: generate with exactly this version's weights. None: the newest."""
-    evaluate: bool = False
-    """Run the held-out eval first, with the newest weights, and `report_eval` it (asked of
-    actor 0 only, when the driver requested an eval)."""
 
 
 class ReplayBuffer:
     # Attributes that are not this object's own state: settings come from the constructor (a
     # resumed run's own), the lock from the process, the store and ledger snapshot themselves.
     # A snapshot holds everything else, and so every new field.
-    _NOT_STATE = ("batch_groups", "drop_uniform_groups", "filter_floor", "_cond", "store", "book",
-                  "eval_wanted", "eval_holder", "eval_done")  # evals belong to a live run
+    _NOT_STATE = ("batch_groups", "drop_uniform_groups", "filter_floor", "_cond", "store", "book")
 
     def __init__(self, batch_groups: int, max_staleness: int, capacity: int,
                  drop_uniform_groups: bool = False, lag: int | None = None, *,
@@ -71,50 +76,42 @@ class ReplayBuffer:
         self.batch_groups = batch_groups
         self.drop_uniform_groups, self.filter_floor = drop_uniform_groups, filter_floor
         self._cond = threading.Condition()
+        self.counts = dict.fromkeys(COUNTS, 0)
         self.book = Ledger(group_size)
-        self.store: BoundStore | LagStore = (
-            BoundStore(self.book.counts, batch_groups, max_staleness, capacity, capacity_bytes,
-                       sampler, priority, alpha, beta, max_reuse, seed)
-            if lag is None else LagStore(self.book.counts, batch_groups, lag))
+        self.store: Store = (
+            BoundStore(batch_groups, max_staleness, capacity, capacity_bytes, sampler, priority,
+                       alpha, beta, max_reuse, seed)
+            if lag is None else LagStore(batch_groups, lag))
         self.next_version = 0          # learner version of the next update to sample
         self.published = 0             # newest weights actors can load
         self.reserved = 0              # groups admitted but not yet added
         self.closed = False
         self.held_off_s = 0.0          # time actors spent held off in admit (see _wait)
-        # Evals run on actor 0's engine between its batches: the driver requests one, the
-        # next admit of actor 0 hands it out, the actor reports the result here.
-        self.eval_wanted = False
-        self.eval_holder: str | None = None  # the incarnation evaluating now
-        self.eval_done: list[dict] = []
         self.keep_rate = 1.0           # recent share of groups that survive filtering (EMA)
         self.pass_window = [0, 0]      # groups arrived since the last batch, and those passed
 
-    @property
-    def counts(self) -> dict:
-        return self.book.counts
-
     @staticmethod
-    def config_kwargs(cfg) -> dict:
-        """The constructor's arguments from a run Config (the layouts pass them on)."""
+    def arguments(cfg: Config, plan: RunPlan) -> dict:
+        """The constructor's arguments for a run (the layouts pass them on)."""
         b = cfg.buffer
-        return dict(batch_groups=cfg.learner.batch_groups, max_staleness=b.max_staleness,
+        return dict(batch_groups=cfg.learner.batch_groups, max_staleness=plan.max_staleness,
                     capacity=b.capacity, drop_uniform_groups=b.drop_uniform_groups,
-                    lag=cfg.staleness.k if cfg.staleness.mode == "lag" else None,
-                    capacity_bytes=b.capacity_bytes, sampler=b.sampler, priority=b.priority,
-                    alpha=b.alpha, beta=b.beta, max_reuse=b.max_reuse, seed=cfg.run.seed,
-                    filter_floor=b.filter_floor, group_size=cfg.rollout.group_size)
+                    lag=plan.lag, capacity_bytes=b.capacity_bytes, sampler=b.sampler,
+                    priority=b.priority, alpha=b.alpha, beta=b.beta, max_reuse=b.max_reuse,
+                    seed=cfg.run.seed, filter_floor=b.filter_floor,
+                    group_size=cfg.rollout.group_size)
 
     # -- actors ---------------------------------------------------------------------------------
 
     def admit(self, version: int, n_groups: int, timeout: float = 1.0,
-              actor: str | None = None) -> Admission:
+              actor: Incarnation | None = None) -> Admission:
         """Block (up to `timeout`) until a batch of `n_groups` started now would be fresh
         enough when consumed, or (lag mode) until some version needs groups.
 
         The actor will load the newest published weights first, so the prediction uses
         max(version, published). An admitted batch reserves its place until `add`, so two
-        actors cannot both take the last fresh slot. `actor` ("<actor id>:<incarnation>") lets
-        the ledger tell a batch lost with a dead actor from one still being generated.
+        actors cannot both take the last fresh slot. `actor` (its incarnation) lets the ledger
+        tell a batch lost with a dead actor from one still being generated.
         """
         with self._cond:
             if actor is not None:  # an earlier incarnation of this actor died with its batch
@@ -131,50 +128,18 @@ class ReplayBuffer:
                 return order is not None
 
             self._wait(ready, timeout)
-            evaluate = self._hand_out_eval(actor)
             if self.closed or order is None:
                 if not self.closed:
                     self.counts["admission_waits"] += 1
-                return Admission(False, self.published, self.closed, evaluate=evaluate)
+                return Admission(False, self.published, self.closed)
             work_version, n = order
             self.reserved += n
             self.book.order(n, actor, work_version)
-            return Admission(True, self.published, False, n, work_version, evaluate)
+            return Admission(True, self.published, False, n, work_version)
 
-    def _hand_out_eval(self, actor: str | None) -> bool:
-        """Whether `actor` should run the requested eval now (actor 0 only)."""
-        if actor is None or actor.split(":")[0] != "0" or self.closed:
-            return False
-        if self.eval_holder not in (None, actor):  # the incarnation evaluating died
-            self.eval_wanted, self.eval_holder = True, None
-        if not self.eval_wanted:
-            return False
-        self.eval_wanted, self.eval_holder = False, actor
-        return True
-
-    # -- evals (run by actor 0 between batches) -------------------------------------------------
-
-    def request_eval(self) -> None:
-        """The driver wants a held-out eval with the newest weights."""
-        with self._cond:
-            self.eval_wanted = True
-
-    def report_eval(self, result: dict) -> None:
-        with self._cond:
-            self.eval_done.append(result)
-            self.eval_holder = None
-
-    def eval_results(self) -> list[dict]:
-        """The evals finished since the last call, oldest first."""
-        with self._cond:
-            done, self.eval_done = self.eval_done, []
-            return done
-
-    def _lose(self, actor: str) -> None:
+    def _lose(self, actor: Incarnation) -> None:
         """The incarnation `actor` is dead: its admitted groups will never arrive, so their
         reservation is released (lag mode would otherwise wait for them forever)."""
-        if self.eval_holder == actor:  # it died evaluating: ask the next incarnation
-            self.eval_wanted, self.eval_holder = True, None
         n_groups, version = self.book.lose(actor)
         self.reserved = max(0, self.reserved - n_groups)
         self.store.release(version, n_groups)
@@ -191,7 +156,7 @@ class ReplayBuffer:
         return bool(ok)
 
     def add(self, groups: list[Group], reserved: int = 0, version: int | None = None,
-            actor: str | None = None, report: dict | None = None) -> int:
+            actor: Incarnation | None = None, report: dict | None = None) -> int:
         """Store whole groups; `reserved` releases what `admit` reserved (for work order
         `version` in lag mode). `report` is the actor's counts so far; the groups it dropped
         (reserved - len(groups): an environment failed) go to the ledger as env_errors.
@@ -306,8 +271,7 @@ class ReplayBuffer:
             return pickle.dumps({"buffer": _state(self, self._NOT_STATE),
                                  "store": _state(self.store, self.store.SETTINGS),
                                  "sampler": self.store.sampler_state(),
-                                 "ledger": _state(self.book, ("counts", "group_size")),
-                                 "counts": dict(self.counts)}, protocol=5)
+                                 "ledger": _state(self.book, ("group_size",))}, protocol=5)
 
     def restore(self, state: dict) -> None:
         """Load a `snapshot` into this (empty, same mode) buffer; the sampler keeps this run's
@@ -318,7 +282,6 @@ class ReplayBuffer:
             vars(self.store).update(state["store"])
             self.store.restore_sampler(state["sampler"])
             vars(self.book).update(state["ledger"])
-            self.counts.update(state["counts"])  # the one dict the store and ledger share
             # batches being generated at the snapshot belong to the processes that wrote it:
             # they never arrive here
             self.book.forget_in_flight()
@@ -347,14 +310,15 @@ class ReplayBuffer:
             if final:
                 for actor in list(self.book.outstanding):
                     self._lose(actor)
-            return self.book.summary(self.store.size)
+            return self.book.summary(self.counts["added"], self.counts["filtered"],
+                                     self.store.fates, self.store.size)
 
     def stats(self) -> dict:
         with self._cond:
             return self._stats()
 
     def _stats(self) -> dict:
-        c, store = self.counts, self.store
+        c, store = {**self.counts, **self.store.fates}, self.store
         return {"buffer/size": store.size, "buffer/bytes": store.nbytes,
                 "buffer/groups": store.groups,
                 "buffer/held_off": c["held_off"], "buffer/held_off_s": self.held_off_s,

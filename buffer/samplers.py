@@ -26,22 +26,15 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from offpolicy.advantages import grpo
-from offpolicy.types import Trajectory
-
-Group = list[Trajectory]
+from offpolicy.algorithms.advantages import grpo
+from offpolicy.buffer.store import Group
+from offpolicy.core.registry import Registry
 
 # -- priorities -----------------------------------------------------------------------------------
 
 PriorityFn = Callable[[Group], float]
-PRIORITIES: dict[str, PriorityFn] = {}
-
-
-def register_priority(name: str) -> Callable[[PriorityFn], PriorityFn]:
-    def wrap(fn: PriorityFn) -> PriorityFn:
-        PRIORITIES[name] = fn
-        return fn
-    return wrap
+PRIORITIES: Registry[PriorityFn] = Registry("buffer.priority")
+register_priority = PRIORITIES.register  # @register_priority("name") on fn(group) -> float
 
 
 def pass_rate(group: Group) -> float:
@@ -223,13 +216,13 @@ class PrioritizedSampler:
         return self.n
 
 
-SAMPLERS: dict[str, Callable[..., Sampler]] = {}
+SAMPLERS: Registry[Callable[..., Sampler]] = Registry("buffer.sampler")
 
 
 def register_sampler(name: str, factory: Callable[..., Sampler]) -> None:
     """Make `factory(seed=..., alpha=..., beta=...)` available as `buffer.sampler: <name>`
     (a factory takes the keywords it needs and ignores the rest: `**_`)."""
-    SAMPLERS[name] = factory
+    SAMPLERS.register(name, factory)
 
 
 register_sampler("fifo", FifoSampler)

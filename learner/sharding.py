@@ -10,9 +10,9 @@ parameters at a time and frees them after; a backward reduce-scatters each block
 The reductions sum (not average): every worker already weights its rows' loss by their share
 of the batch's tokens, so the sum is the full-batch gradient, as without sharding.
 
-Every FSDP collective needs every worker, so the Learner calls the functions here on all
-ranks at once: the step (equal numbers of micro-batches per rank), `full_state` (publish and
-save) and the optimizer checkpoint.
+Every FSDP collective needs every worker, so the functions here run on all ranks at once: the
+step (equal numbers of micro-batches per rank), `full_state` (publish and save) and the
+optimizer checkpoint. The Learner reaches them through its `Sharded` strategy (parallel.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from offpolicy.config import ConfigError
+from offpolicy.core.errors import ConfigError
 
 
 def fsdp_available() -> bool:
@@ -49,7 +49,7 @@ def check_shardable(model: torch.nn.Module, where: str) -> None:
                           "it contains); use learner.sharding=none")
 
 
-def _ensure_group(device: torch.device) -> None:
+def ensure_group(device: torch.device) -> None:
     """A process group of one for a learner that has none (serial mode, one worker)."""
     if dist.is_initialized():
         return
@@ -75,7 +75,7 @@ def shard(model: torch.nn.Module, device: torch.device, lc) -> None:
                                         OffloadPolicy, fully_shard)
 
     check_shardable(model, "the policy")
-    _ensure_group(device)
+    ensure_group(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     options = {"mesh": mesh,
                "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype(lc, device),

@@ -2,12 +2,14 @@
 
 Reads: the rendezvous address rank 0 offers. Writes: what the Learner writes (rank 0 only).
 
-`offpolicy/ray_roles.py` starts `resources.learner_workers` of these as Ray actors, asks rank 0
-for an address, and has every worker `join` the group (gloo on CPU, NCCL on GPU) before the
-Learner is built, so each Learner sees its rank. From then on one update is a `step` call on
-every worker at once: the step has collective sync points (the batch broadcast, the gradient
-all-reduce), so a worker left out would block the others. Publishing and saving touch no
-collective and go to rank 0 alone.
+`offpolicy/runtime/ray_roles.py` starts `resources.learner_workers` of these as Ray actors, asks
+rank 0 for an address, and has every worker `join` the group (gloo on CPU, NCCL on GPU) before
+the Learner is built, so each Learner sees its rank. From then on one update is a `step` call
+on every worker at once: the step has collective sync points (the batch broadcast, the gradient
+all-reduce), so a worker left out would block the others. The layout calls publishing and
+saving on every worker too: data-parallel, rank 0 alone does them and the others return at
+once; sharded (FSDP), gathering the weights is a collective of all workers
+(`Parallel.publishes`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import socket
 import torch
 import torch.distributed as dist
 
-from offpolicy.config import Config
+from offpolicy.config.plan import RunPlan
+from offpolicy.config.schema import Config
 from offpolicy.learner.learner import Learner
 
 
 class LearnerWorker:
-    def __init__(self, cfg: Config, model_path: str, buffer, weights):
-        self.args = (cfg, model_path, buffer, weights)
+    def __init__(self, cfg: Config, model_path: str, buffer, weights,
+                 plan: RunPlan | None = None):
+        self.args, self.plan = (cfg, model_path, buffer, weights), plan
         self.learner: Learner | None = None
         self.rank = None
 
@@ -45,7 +49,7 @@ class LearnerWorker:
         dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
         self.rank = rank
-        self.learner = Learner(*self.args)
+        self.learner = Learner(*self.args, plan=self.plan)
         return rank
 
     def step(self) -> dict | None:

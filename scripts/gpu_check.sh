@@ -2,7 +2,8 @@
 # The checks that need a GPU, in one script that finishes in under 8 minutes on one H200.
 # Made for a machine with torch and transformers but no Ray, no vLLM and no network, so it
 # installs nothing from outside: offpolicy goes in with --no-deps (or, where pip cannot do
-# that offline, runs from this folder through scripts/gpu_pythonpath).
+# that offline, runs from the source tree: offpolicy/actors, learner and buffer link to the
+# role folders, so the repository root on PYTHONPATH is the whole package).
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine, from the repository root
 #   DEVICE=cpu bash scripts/gpu_check.sh # a dry run of the same steps on a CPU
@@ -31,15 +32,15 @@ python -c "import vllm" 2>/dev/null && echo "vllm: installed" || echo "vllm: not
 step "install offpolicy without dependencies"
 if [ -n "${NO_INSTALL:-}" ] || ! pip install -q --no-deps --no-build-isolation --no-index -e . 2>/dev/null; then
     echo "pip could not install offline; running from the source tree"
-    export PYTHONPATH="$PWD/scripts/gpu_pythonpath${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python -c "import offpolicy.learner.sharding, offpolicy.launch; print('offpolicy imports')" || exit 1
+python -c "import offpolicy.learner.sharding, offpolicy.runtime.launch; print('offpolicy imports')" || exit 1
 
 export OFFPOLICY_CACHE=${OFFPOLICY_CACHE:-/tmp/offpolicy-gpu-cache}
 GPUS=$([ "$DEVICE" = cuda ] && echo 1 || echo 0)
 
 step "1. serial-mode quickstart run, learner on $DEVICE (120 steps)"
-timeout 300 python -m offpolicy.cli train configs/quickstart.yaml resources.serial=true \
+timeout 300 python -m offpolicy.tools.cli train configs/quickstart.yaml resources.serial=true \
     resources.learner_gpus=$GPUS learner.steps=120 eval.every=60 \
     run.dir=/tmp/gpu-check-run run.overwrite=true
 echo "exit $?"

@@ -1,14 +1,20 @@
 """Shared fixtures: a small random-weight model folder (no warm-up), the quickstart's base
-model, and a fast config."""
+model, and a fast config. The test process is set up as a role's process would be (offline, one
+torch thread: the roles built in-process share it)."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from offpolicy.buffer.fixed import FixedBatch
-from offpolicy.config_io import load_config
-from offpolicy.models import char_tokenizer, ensure_base_model, tiny_llama
+from offpolicy.core.machine import setup_process
+
+setup_process(threads=1)  # before transformers is imported
+
+from offpolicy.buffer.fixed import FixedBatch  # noqa: E402
+from offpolicy.models.sources import ensure_base_model  # noqa: E402
+from offpolicy.models.tiny import char_tokenizer, tiny_llama  # noqa: E402
+from offpolicy.runtime.validate import load_config  # noqa: E402
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offpolicy.ablate import ablate, cell_name, load_ablation
-from offpolicy.config import ConfigError
-from offpolicy.config_io import load_config
-from offpolicy.launch import train
-from offpolicy.report import report
+from offpolicy.tools.ablate import ablate, cell_name, load_ablation
+from offpolicy.core.errors import ConfigError
+from offpolicy.runtime.validate import load_config
+from offpolicy.runtime.launch import train
+from offpolicy.tools.report import report
 
 from conftest import fast_config
 
@@ -115,7 +115,7 @@ def test_ablate_runs_the_grid_resumes_and_writes_results(model_dir, tmp_path, mo
 
 def test_threshold_gives_samples_to_reach_it(tmp_path):
     """Synthetic run folders: eval 0.2 at 0 samples, then per seed a curve; threshold 0.5."""
-    from offpolicy.ablate_results import collect, write_results
+    from offpolicy.tools.ablate_results import collect, write_results
 
     grid = {"buffer.sampler": ["fifo", "uniform"], "run.seed": [0, 1]}
     curves = {("fifo", 0): [0.3, 0.5, 0.7], ("fifo", 1): [0.6, 0.6, 0.6],
@@ -160,7 +160,7 @@ def test_ablate_base_inherits_a_config_and_names_clashing_keys(tmp_path):
 
 
 def test_bootstrap_intervals_mark_cells_that_differ_from_k0(tmp_path):
-    from offpolicy.ablate_results import _table, bootstrap_interval
+    from offpolicy.tools.ablate_results import _table, bootstrap_interval
 
     assert bootstrap_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
     lo, hi = bootstrap_interval([0.2, 0.4, 0.6])
@@ -176,7 +176,7 @@ def test_bootstrap_intervals_mark_cells_that_differ_from_k0(tmp_path):
 
 
 def test_ablate_extra_sets_overrides_for_the_cells_with_a_value(tmp_path):
-    from offpolicy.ablate import cell_overrides
+    from offpolicy.tools.ablate import cell_overrides
 
     (tmp_path / "grid.yaml").write_text(
         "ablate:\n  grid: {loss.name: [pg, decoupled_ppo]}\n"
@@ -196,8 +196,8 @@ def test_serial_cells_fork_from_a_preloaded_server_and_match_a_plain_process(mod
                                                                             monkeypatch):
     """Serial HF cells start from the fork server (no interpreter start, no imports); a cell
     run that way trains exactly as `offpolicy train` in a fresh process does."""
-    import offpolicy.ablate as ablate_module
-    from offpolicy.ablate_cells import ForkedCell, LocalCell
+    import offpolicy.tools.ablate as ablate_module
+    from offpolicy.tools.ablate_cells import ForkedCell, LocalCell
 
     forked = []
     monkeypatch.setattr(ablate_module, "ForkedCell",
@@ -225,7 +225,7 @@ def test_a_stopped_forked_cell_exits_and_leaves_no_process(model_dir, tmp_path):
     import os
     import time
 
-    from offpolicy.ablate_cells import ForkedCell
+    from offpolicy.tools.ablate_cells import ForkedCell
 
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({"model": {"path": str(model_dir)},

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from offpolicy.advantages import (ADVANTAGES, asymre_advantage, oapl_advantage,
+from offpolicy.algorithms.advantages import (ADVANTAGES, asymre_advantage, oapl_advantage,
                                   vcpo_advantage)
 
 # Group 0: rewards 1, 0, 0, 0 (mean 0.25, population std sqrt(0.1875)); group 1: 1, 1.
@@ -56,12 +56,12 @@ def test_vcpo_baseline_is_grpo_on_policy_and_finite_far_off_policy():
 
 
 def test_loss_params_split_between_the_loss_and_its_own_advantage():
-    from offpolicy.config import ConfigError
-    from offpolicy.losses import check_loss_params, split_loss_params
+    from offpolicy.algorithms.losses import LOSSES
+    from offpolicy.core.errors import ConfigError
 
-    assert split_loss_params("oapl", {"beta": 0.2, "beta_v": 0.5}) == ({"beta": 0.2},
-                                                                       {"beta_v": 0.5})
-    assert split_loss_params("tis", {"cap": 3.0}) == ({"cap": 3.0}, {})
-    check_loss_params("asymre", {"delta": -0.2})
+    assert LOSSES["oapl"].split({"beta": 0.2, "beta_v": 0.5}) == ({"beta": 0.2},
+                                                                  {"beta_v": 0.5})
+    assert LOSSES["tis"].split({"cap": 3.0}) == ({"cap": 3.0}, {})
+    LOSSES["asymre"].check({"delta": -0.2})
     with pytest.raises(ConfigError, match="loss.params.delta: not a parameter of loss 'tis'"):
-        check_loss_params("tis", {"delta": -0.2})
+        LOSSES["tis"].check({"delta": -0.2})

@@ -5,8 +5,8 @@ import socket
 
 import pytest
 
-from offpolicy.cli import main
-from offpolicy.models import char_tokenizer
+from offpolicy.tools.cli import main
+from offpolicy.models.tiny import char_tokenizer
 
 from conftest import QUICKSTART
 

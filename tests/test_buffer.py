@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from offpolicy.buffer.replay import ReplayBuffer
-from offpolicy.types import Trajectory
+from offpolicy.core.types import Trajectory
 
 
 def group(version, gid, size=2):
@@ -118,8 +118,8 @@ def test_lag_mode_trains_on_exactly_version_t_minus_k():
         assert orders == sorted(orders)  # work goes to the oldest version still short
         assert buf.counts["filtered"] > 0
         # Orders are sized to what is missing: at most one order's surplus per version.
-        assert buf.counts["evicted_surplus"] <= 12 * 3 * 2
-        assert buf.counts["evicted_staleness"] == 0
+        assert buf.store.fates["evicted_surplus"] <= 12 * 3 * 2
+        assert buf.store.fates["evicted_staleness"] == 0
 
 
 def test_lag_orders_grow_with_the_filter_rate():

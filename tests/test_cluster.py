@@ -159,9 +159,9 @@ def test_private_ray_dashboard_on_loopback_and_placement_timeout(monkeypatch):
     grant ends the run after cluster.placement_timeout_s with one line naming the request."""
     import ray
 
-    from offpolicy.config import ConfigError
-    from offpolicy.config_io import load_config
-    from offpolicy.placement import reserve, start_ray
+    from offpolicy.core.errors import ConfigError
+    from offpolicy.runtime.validate import load_config
+    from offpolicy.runtime.placement import reserve, start_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     port = _free_port()
@@ -186,9 +186,9 @@ def test_private_ray_dashboard_on_loopback_and_placement_timeout(monkeypatch):
 
 
 def test_unreachable_cluster_address_is_a_one_line_error():
-    from offpolicy.config import ConfigError
-    from offpolicy.config_io import load_config
-    from offpolicy.placement import start_ray
+    from offpolicy.core.errors import ConfigError
+    from offpolicy.runtime.validate import load_config
+    from offpolicy.runtime.placement import start_ray
 
     cfg = load_config(None, [f"cluster.address=127.0.0.1:{_free_port()}"])  # nothing listens
     t0 = time.monotonic()

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from offpolicy.config import Config, ConfigError
-from offpolicy.config_io import field_docs, load_config, reference_rows
+from offpolicy.config.schema import Config
+from offpolicy.core.errors import ConfigError
+from offpolicy.config.io import field_docs, reference_rows
+from offpolicy.runtime.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +65,7 @@ def test_every_field_has_a_docstring():
 
 def test_cli_unknown_key_exits_2_with_one_line():
     proc = subprocess.run(
-        [sys.executable, "-m", "offpolicy.cli", "train", str(ROOT / "configs/quickstart.yaml"),
+        [sys.executable, "-m", "offpolicy.tools.cli", "train", str(ROOT / "configs/quickstart.yaml"),
          "learner.nope=1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -93,10 +95,10 @@ def test_every_loss_takes_its_own_params_and_no_others():
     quickstart's file plus overrides), and a key it does not take is a one-line error."""
     import inspect
 
-    from offpolicy.losses import LOSSES
+    from offpolicy.algorithms.losses import LOSSES
     quickstart = ROOT / "configs" / "quickstart.yaml"
-    for name, fn in LOSSES.items():
-        params = {p.name: p.default for p in inspect.signature(fn).parameters.values()
+    for name, spec in LOSSES.items():
+        params = {p.name: p.default for p in inspect.signature(spec.fn).parameters.values()
                   if p.name != "inputs"}
         cfg = load_config(quickstart, [f"loss.name={name}"]
                           + [f"loss.params.{k}={v!r}" for k, v in params.items()])
@@ -107,7 +109,7 @@ def test_every_loss_takes_its_own_params_and_no_others():
 
 
 def test_rl_seeds_share_one_base_model_and_tiny_seed_changes_it():
-    from offpolicy.models import recipe_key
+    from offpolicy.models.tiny import recipe_key
 
     base = recipe_key(load_config(None))
     assert recipe_key(load_config(None, ["run.seed=1"])) == base

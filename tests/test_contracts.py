@@ -16,14 +16,15 @@ from offpolicy.actors.engine import ENGINES, Engine
 from offpolicy.actors.hf import _sample
 from offpolicy.actors.rollout import RolloutActor
 from offpolicy.buffer.replay import ReplayBuffer
-from offpolicy.config import ConfigError
-from offpolicy.config_io import load_config
-from offpolicy.models import token_logprobs
-from offpolicy.run_dir import prepare_run_dir
-from offpolicy.serial_roles import SerialRoles
-from offpolicy.types import Batch
-from offpolicy.weight_store import WeightStore
-from offpolicy.weights import FileSync, LocalSync, NCCLSync, ObjectStoreSync, cpu_state
+from offpolicy.core.errors import ConfigError
+from offpolicy.runtime.validate import load_config
+from offpolicy.algorithms.logprobs import token_logprobs
+from offpolicy.runtime.run_dir import prepare_run_dir
+from offpolicy.config.plan import RunPlan
+from offpolicy.runtime.serial_roles import SerialRoles
+from offpolicy.core.types import Batch
+from offpolicy.weights.store import WeightStore
+from offpolicy.weights.sync import FileSync, LocalSync, NCCLSync, ObjectStoreSync, cpu_state
 
 from conftest import fast_config
 
@@ -38,7 +39,7 @@ def test_every_engine_implements_the_protocol(model_dir):
 def test_sync_every_publishes_every_nth_version_and_actors_only_hold_those(model_dir):
     cfg = fast_config(model_dir, "learner.sync_every=2", "buffer.max_staleness=1",
                       "buffer.drop_uniform_groups=false")
-    session = SerialRoles(cfg, str(model_dir))
+    session = SerialRoles(cfg, RunPlan.of(cfg), str(model_dir))
     published = []
     for step in range(1, 6):
         m = session.step()
@@ -72,13 +73,12 @@ def test_top_p_behaviour_logprobs_exceed_the_full_distributions(model_dir):
     cfg = fast_config(model_dir, "engine.top_p=0.3")
     actor = RolloutActor(cfg, 0, str(model_dir), ReplayBuffer(4, 2, 1000), LocalSync())
     trajs = [t for g in actor.rollout_batch() for t in g]
-    d = {k: torch.from_numpy(v) for k, v in
-         Batch(trajs, 0).padded(actor.tokenizer.pad_token_id).items()}
+    d = Batch(trajs, 0).padded(actor.tokenizer.pad_token_id).map(torch.from_numpy)
     with torch.no_grad():
-        full = token_logprobs(actor.engine.model, d["input_ids"], d["attention_mask"],
-                              d["targets"], 1.0)
-    mask = d["loss_mask"].bool()
-    gap = (d["behavior_logprobs"] - full)[mask]
+        full = token_logprobs(actor.engine.model, d.input_ids, d.attention_mask,
+                              d.targets, 1.0)
+    mask = d.loss_mask.bool()
+    gap = (d.behavior_logprobs - full)[mask]
     assert (gap > -1e-4).all()
     assert (gap > 0.1).float().mean() > 0.9  # a random model is nearly uniform: Z << 1
 
@@ -143,12 +143,12 @@ def test_a_run_folder_is_never_reused_silently(tmp_path, monkeypatch):
 def test_parity_history_keeps_only_versions_data_can_still_come_from(model_dir):
     cfg = fast_config(model_dir, "engine.logprob_check_every=1", "buffer.max_staleness=2",
                       "buffer.drop_uniform_groups=false")
-    session = SerialRoles(cfg, str(model_dir))
+    session = SerialRoles(cfg, RunPlan.of(cfg), str(model_dir))
     for _ in range(8):
         m = session.step()
         assert m["engine/logprob_abs_diff"] < 1e-4
     # version 8 - max_staleness - sync_every = 5 is the oldest an actor may still sample with
-    assert sorted(session.learner.history) == [5, 6, 7, 8]
+    assert sorted(session.learner.parity.history) == [5, 6, 7, 8]
 
 
 def _stub_modules(monkeypatch, modules: dict[str, dict]) -> None:
@@ -231,7 +231,7 @@ def test_wandb_backend_logs_scalars_and_finishes(monkeypatch, tmp_path):
             self.finished = True
 
     _stub_modules(monkeypatch, {"wandb": {"init": lambda **kw: Run(**kw)}})
-    from offpolicy.metrics import MetricsWriter, make_backends
+    from offpolicy.runtime.metrics import MetricsWriter, make_backends
 
     cfg = load_config(None, ["log.wandb=true", "log.wandb_project=p", "run.name=r"])
     writer = MetricsWriter(tmp_path, 2, backends=make_backends(cfg, tmp_path),
@@ -255,8 +255,8 @@ def test_a_serial_run_never_imports_ray(model_dir, tmp_path):
     import subprocess
 
     code = ("import sys\n"
-            "from offpolicy.config_io import load_config\n"
-            "from offpolicy.launch import train\n"
+            "from offpolicy.runtime.validate import load_config\n"
+            "from offpolicy.runtime.launch import train\n"
             f"cfg = load_config(None, ['model.path={model_dir}', 'resources.serial=true',\n"
             "    'learner.steps=2', 'eval.every=2', 'env.eval_size=4', 'learner.batch_groups=2',\n"
             "    'rollout.prompts_per_batch=2', 'rollout.group_size=2',\n"
@@ -268,3 +268,38 @@ def test_a_serial_run_never_imports_ray(model_dir, tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def _members(protocol) -> set[str]:
+    """The names a Protocol class declares: methods, properties and annotated attributes."""
+    own = {k for k in vars(protocol) if not k.startswith("_")}
+    return own | set(getattr(protocol, "__annotations__", {}))
+
+
+def test_the_stores_and_the_layouts_have_every_member_of_their_protocols():
+    from offpolicy.buffer.bound import BoundStore
+    from offpolicy.buffer.lag import LagStore
+    from offpolicy.buffer.store import Store
+    from offpolicy.runtime.layout import Layout
+    from offpolicy.runtime.ray_roles import RayRoles
+
+    for store in (BoundStore(2, 1, 100), LagStore(2, 1)):
+        missing = sorted(m for m in _members(Store) if not hasattr(store, m))
+        assert not missing, (type(store).__name__, missing)
+    for layout in (SerialRoles, RayRoles):
+        missing = sorted(m for m in _members(Layout) if not callable(getattr(layout, m, None)))
+        assert not missing, (layout.__name__, missing)
+
+
+def test_the_eval_desk_hands_a_request_to_actor_0_once_and_again_after_its_death():
+    from offpolicy.core.types import Incarnation
+    from offpolicy.runtime.eval_desk import EvalDesk
+
+    desk, first, other = EvalDesk(), Incarnation(0, "a"), Incarnation(1, "a")
+    assert not desk.take(first)  # nothing asked yet
+    desk.request()
+    assert not desk.take(other) and desk.take(first) and not desk.take(first)  # once, actor 0
+    assert not desk.take(Incarnation(0, "a"))  # the same incarnation is still evaluating
+    assert desk.take(Incarnation(0, "b"))  # a new incarnation of actor 0: the old one died
+    desk.report({"eval/reward": 0.5, "eval/version": 3})
+    assert desk.results() == [{"eval/reward": 0.5, "eval/version": 3}] and desk.results() == []

@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 
 from offpolicy.actors.rollout import RolloutActor
 from offpolicy.learner.learner import Learner
-from offpolicy.types import Batch
-from offpolicy.weights import LocalSync, cpu_state
+from offpolicy.core.types import Batch
+from offpolicy.weights.sync import LocalSync, cpu_state
 
 from conftest import OneBatch, fast_config
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from offpolicy.config_io import load_config
-from offpolicy.launch import train
+from offpolicy.runtime.validate import load_config
+from offpolicy.runtime.launch import train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from offpolicy.config_io import load_config
+from offpolicy.runtime.validate import load_config
 from offpolicy.envs import ENVS, make_env, register_env
-from offpolicy.models import char_tokenizer, demo_batch, evaluate
+from offpolicy.models.tiny import char_tokenizer, demo_batch, evaluate
 
 
 def play(env, guesses):
@@ -207,6 +207,6 @@ def test_addition_flawed_demonstration_drops_every_carry():
         seen[no_carry] += 1
     assert min(seen.values()) > 40  # both kinds of problem occur
     assert env.step(flawed)[1] == float(no_carry)
-    from offpolicy.models import _has_flawed
+    from offpolicy.models.tiny import _has_flawed
 
     assert _has_flawed(env) and not _has_flawed(make_env("guess"))  # guess keeps the old rule

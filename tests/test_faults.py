@@ -15,11 +15,11 @@ import torch
 
 from offpolicy.actors.rollout import RolloutActor
 from offpolicy.buffer.replay import ReplayBuffer
-from offpolicy.config_io import load_config
-from offpolicy.launch import train
+from offpolicy.runtime.validate import load_config
+from offpolicy.runtime.launch import train
 from offpolicy.learner.learner import Learner
-from offpolicy.types import Batch
-from offpolicy.weights import LocalSync, cpu_state
+from offpolicy.core.types import Batch, Incarnation
+from offpolicy.weights.sync import LocalSync, cpu_state
 
 from conftest import QUICKSTART, OneBatch, fast_config
 from test_ray_loop import read_metrics
@@ -29,16 +29,16 @@ from test_replay import group, mixed
 def test_ledger_counts_a_dead_actors_batch_as_lost_and_balances():
     buf = ReplayBuffer(2, max_staleness=100, capacity=10_000, drop_uniform_groups=True,
                        group_size=4)
-    assert buf.admit(0, 3, timeout=0, actor="0:a").admitted
-    buf.add([mixed("a1"), mixed("a2"), group("a3", [1, 1, 1, 1])], reserved=3, actor="0:a",
+    assert buf.admit(0, 3, timeout=0, actor=Incarnation(0, "a")).admitted
+    buf.add([mixed("a1"), mixed("a2"), group("a3", [1, 1, 1, 1])], reserved=3, actor=Incarnation(0, "a"),
             report={"trajectories": 12})
-    assert buf.admit(0, 2, timeout=0, actor="1:a").admitted
+    assert buf.admit(0, 2, timeout=0, actor=Incarnation(1, "a")).admitted
     # an environment failed in one of the two groups: the actor dropped that group
-    buf.add([mixed("b1")], reserved=2, actor="1:a", report={"trajectories": 4})
-    assert buf.admit(0, 2, timeout=0, actor="0:a").admitted  # actor 0 generates 2 groups...
+    buf.add([mixed("b1")], reserved=2, actor=Incarnation(1, "a"), report={"trajectories": 4})
+    assert buf.admit(0, 2, timeout=0, actor=Incarnation(0, "a")).admitted  # actor 0 generates 2 groups...
     assert buf.reserved == 2
     # ...and dies. Ray restarts it: the new incarnation's first call reveals the lost batch.
-    assert buf.admit(0, 1, timeout=0, actor="0:b").admitted
+    assert buf.admit(0, 1, timeout=0, actor=Incarnation(0, "b")).admitted
     assert buf.reserved == 1  # the dead batch's reservation is released
     assert len(buf.sample(0)) == 8  # a1 and a2 trained on
     ledger = buf.ledger()
@@ -55,10 +55,10 @@ def test_ledger_counts_a_dead_actors_batch_as_lost_and_balances():
 
 def test_lag_mode_reissues_the_work_order_of_a_dead_actor():
     buf = ReplayBuffer(2, max_staleness=0, capacity=1000, lag=0, group_size=2)
-    order = buf.admit(0, 2, timeout=0, actor="0:a")
+    order = buf.admit(0, 2, timeout=0, actor=Incarnation(0, "a"))
     assert order.admitted and (order.version, order.n_groups) == (0, 2)
-    assert not buf.admit(0, 2, timeout=0, actor="1:a").admitted  # all on order already
-    order = buf.admit(0, 2, timeout=0, actor="0:b")  # actor 0 died and came back
+    assert not buf.admit(0, 2, timeout=0, actor=Incarnation(1, "a")).admitted  # all on order already
+    order = buf.admit(0, 2, timeout=0, actor=Incarnation(0, "b"))  # actor 0 died and came back
     assert order.admitted and (order.version, order.n_groups) == (0, 2)
     assert buf.ledger()["lost"] == 4
 
@@ -171,7 +171,7 @@ def test_an_actor_that_dies_past_max_restarts_ends_the_run_in_one_line(base_mode
 
 
 def _checkpoint(run_dir, learner, step, keep=2):
-    from offpolicy.checkpoint import commit, staging
+    from offpolicy.runtime.checkpoint import commit, staging
 
     folder = staging(run_dir, step)
     learner.save_state(str(folder))
@@ -179,9 +179,9 @@ def _checkpoint(run_dir, learner, step, keep=2):
 
 
 def test_checkpoints_are_atomic_kept_and_checked_on_resume(model_dir, tmp_path, capsys):
-    from offpolicy.checkpoint import checkpoints, latest
-    from offpolicy.cli import main
-    from offpolicy.config import ConfigError
+    from offpolicy.runtime.checkpoint import checkpoints, latest
+    from offpolicy.tools.cli import main
+    from offpolicy.core.errors import ConfigError
 
     cfg = fast_config(model_dir, "engine.logprob_check_every=0")
     (tmp_path / "config.yaml").write_text("{}")
@@ -223,13 +223,13 @@ def test_checkpoints_are_atomic_kept_and_checked_on_resume(model_dir, tmp_path, 
 def test_a_killed_run_resumes_where_its_checkpoint_left_off(base_model, tmp_path):
     import sys
 
-    from offpolicy.checkpoint import checkpoints, latest
+    from offpolicy.runtime.checkpoint import checkpoints, latest
     from test_ray_loop import ray_processes
 
     run_dir = tmp_path / "run"
     before = ray_processes()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "offpolicy.cli", "train", str(QUICKSTART), f"model.path={base_model}",
+        [sys.executable, "-m", "offpolicy.tools.cli", "train", str(QUICKSTART), f"model.path={base_model}",
          f"run.dir={run_dir}", "learner.steps=40", "checkpoint.every=10", "eval.every=10",
          "learner.batch_groups=4", "rollout.prompts_per_batch=8", "env.eval_size=32",
          "log.progress_every_s=0"],
@@ -256,7 +256,8 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(base_model, tmp_path
     assert summary["resumed_from"] == 20 and summary["steps"] == 40
     # the resumed run's first eval measured the very weights of step 20 (scored here again
     # in-process; one of the 32 problems may flip between the two greedy implementations)
-    from offpolicy.models import evaluate, load_policy
+    from offpolicy.models.loading import load_policy
+    from offpolicy.models.tiny import evaluate
 
     model, tokenizer = load_policy(checkpoint[0] / "model")
     again = evaluate(model, tokenizer, cfg.env, list(range(cfg.env.eval_size)),
@@ -278,7 +279,7 @@ def test_a_byte_capacity_below_one_batch_fails_instead_of_stalling():
 
 @pytest.mark.ray
 def test_a_learner_crash_ends_the_run_with_a_resumable_checkpoint(base_model, tmp_path):
-    from offpolicy.checkpoint import latest
+    from offpolicy.runtime.checkpoint import latest
 
     run_dir = tmp_path / "run"
     cfg = load_config(QUICKSTART, [

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from offpolicy.ray_roles import RayRoles
+from offpolicy.config.plan import RunPlan
+from offpolicy.runtime.ray_roles import RayRoles
 
 from conftest import fast_config
 
@@ -25,7 +26,7 @@ def test_sixteen_fake_actors_feed_one_buffer_for_a_minute(model_dir, tmp_path):
                       "engine.logprob_check_every=0", f"buffer.capacity_bytes={CAPACITY}",
                       "buffer.max_staleness=2", "rollout.prompts_per_batch=8",
                       "learner.batch_groups=8", f"run.dir={tmp_path}")
-    session = RayRoles(cfg, str(model_dir), log=lambda *a: None)
+    session = RayRoles(cfg, RunPlan.of(cfg), str(model_dir), log=lambda *a: None)
     session.start()
     try:
         steps, t0 = [], time.monotonic()

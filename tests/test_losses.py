@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from offpolicy.losses import (LOSSES, LossInputs, importance_diagnostics, kl_penalty,
+from offpolicy.algorithms.losses import (LOSSES, LossInputs, importance_diagnostics, kl_penalty,
                               regularized)
 
 # Two sequences, two target positions; the last token of row 2 is masked out.
@@ -218,7 +218,7 @@ def test_zero_coefficients_leave_the_loss_alone():
 
 
 def test_token_entropy_matches_the_distribution():
-    from offpolicy.models import token_logprobs
+    from offpolicy.algorithms.logprobs import token_logprobs
 
     class Fixed(torch.nn.Module):  # logits: uniform over 4 tokens, then one-hot-ish
         def forward(self, input_ids, attention_mask):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from offpolicy.config import ConfigError
-from offpolicy.config_io import load_config
-from offpolicy.metrics import MetricsWriter, TensorBoardBackend
+from offpolicy.core.errors import ConfigError
+from offpolicy.runtime.validate import load_config
+from offpolicy.runtime.metrics import MetricsWriter, TensorBoardBackend
 
 
 def metrics(step):
@@ -38,7 +38,7 @@ def test_wandb_offline_or_a_one_line_error(tmp_path):
         with pytest.raises(ConfigError, match="log.wandb: the `wandb` package is not installed"):
             load_config(None, ["log.wandb=true"])
         return
-    from offpolicy.metrics import WandbBackend
+    from offpolicy.runtime.metrics import WandbBackend
 
     cfg = load_config(None, ["log.wandb=true", "log.wandb_mode=offline"])
     backend = WandbBackend(tmp_path, cfg)

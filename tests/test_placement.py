@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from offpolicy import placement
-from offpolicy.config_io import load_config
+from offpolicy.runtime import placement
+from offpolicy.runtime.validate import load_config
 
 
 class _Handle:
@@ -43,12 +43,13 @@ def test_learner_side_and_actors_get_disjoint_cores(monkeypatch):
 
     learner = _Handle()
     roles = {"learner": learner, "learners": [learner, _Handle()], "buffer": _Handle(),
-             "store": _Handle(), "actors": [_Handle(), _Handle()]}
+             "store": _Handle(), "desk": _Handle(), "actors": [_Handle(), _Handle()]}
     one_node = {"driver": "a", "buffer": "a", "store": "a", "learners": ["a", "a"],
                 "actors": ["a", "a"]}
     cfg = load_config(None, ["resources.pin_cpus=true", "resources.learner_cpus=0.5"])
     assert placement.pin_roles(cfg, roles, _Ray, one_node) == {"learner": [0], "actors": [1, 2, 3]}
-    assert [h.cores for h in (*roles["learners"], roles["buffer"], roles["store"])] == [{0}] * 4
+    assert ([h.cores for h in (*roles["learners"], roles["buffer"], roles["store"],
+                                roles["desk"])] == [{0}] * 5)
     assert [a.cores for a in roles["actors"]] == [{1, 2, 3}] * 2
     assert set_calls == [{0}]  # the driver joins the learner's side
     # with actor_nice the actors are reniced instead and may use every core
@@ -67,7 +68,7 @@ def test_learner_side_and_actors_get_disjoint_cores(monkeypatch):
 
 
 def test_actor_nice_out_of_range_is_a_config_error():
-    from offpolicy.config import ConfigError
+    from offpolicy.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="resources.actor_nice: 25"):
         load_config(None, ["resources.actor_nice=25"])
@@ -79,7 +80,7 @@ def test_run_with_actor_nice_starts_ray_workers_at_niceness_0(monkeypatch):
     30% of a core from the learner. `start_ray` starts the workers at 0 instead."""
     import ray
 
-    from offpolicy.placement import start_ray
+    from offpolicy.runtime.placement import start_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_worker_niceness", raising=False)

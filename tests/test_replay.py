@@ -9,7 +9,7 @@ import pytest
 from offpolicy.buffer.replay import ReplayBuffer
 from offpolicy.buffer.samplers import (SAMPLERS, PrioritizedSampler, SumTree, advantage_priority,
                                        binary_entropy, pass_rate_priority)
-from offpolicy.types import Trajectory
+from offpolicy.core.types import Incarnation, Trajectory
 
 
 def group(gid, rewards, version=0):
@@ -176,13 +176,13 @@ def test_a_snapshot_is_a_copy_and_a_resumed_run_keeps_its_own_sampler():
 @pytest.mark.parametrize("lag", [None, 1])
 def test_restore_forgets_batches_in_flight_and_releases_their_reservations(lag):
     buf = ReplayBuffer(2, max_staleness=5, capacity=1000, lag=lag, group_size=4)
-    admission = buf.admit(0, 2, timeout=0, actor="0:a")
+    admission = buf.admit(0, 2, timeout=0, actor=Incarnation(0, "a"))
     assert admission.admitted and buf.reserved == 2
     other = ReplayBuffer(2, max_staleness=5, capacity=1000, lag=lag, group_size=4)
     other.restore(buf.snapshot())
     ledger = other.ledger()
     assert other.reserved == 0 and ledger["in_flight"] == 0 and ledger["lost"] == 8
-    assert ledger["balanced"] and other.admit(0, 2, timeout=0, actor="0:b").admitted
+    assert ledger["balanced"] and other.admit(0, 2, timeout=0, actor=Incarnation(0, "b")).admitted
 
 
 def test_filter_floor_keeps_uniform_groups_when_almost_all_would_be_dropped():

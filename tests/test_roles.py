@@ -2,6 +2,7 @@
 
 import math
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,13 +10,14 @@ import torch
 
 from offpolicy.actors.engine import SamplingParams
 from offpolicy.actors.hf import HFEngine
-from offpolicy.actors.rollout import RolloutActor
+from offpolicy.actors.rollout import BatchResult, RolloutActor
 from offpolicy.buffer.replay import ReplayBuffer
 from offpolicy.learner.learner import Learner
-from offpolicy.losses import LOSSES
-from offpolicy.models import load_policy, token_logprobs
-from offpolicy.types import Batch, Trajectory
-from offpolicy.weights import LocalSync, cpu_state
+from offpolicy.algorithms.losses import LOSSES
+from offpolicy.algorithms.logprobs import token_logprobs
+from offpolicy.models.loading import load_policy
+from offpolicy.core.types import Batch, Trajectory
+from offpolicy.weights.sync import LocalSync, cpu_state
 
 from conftest import fast_config
 
@@ -74,7 +76,7 @@ def test_learner_step_changes_parameters_and_publishes(model_dir, loss):
 
 
 def test_learning_rate_schedules_by_hand():
-    from offpolicy.config_io import load_config
+    from offpolicy.runtime.validate import load_config
     from offpolicy.learner.learner import lr_at
 
     def lrs(schedule, *extra):
@@ -202,7 +204,8 @@ def test_prioritized_replay_weights_scale_the_gradient(model_dir):
 def test_file_sync_round_trip_keeps_tied_weights(model_dir, tmp_path):
     """Learner -> safetensors folder -> HF engine: both names of the tied embedding are written
     and come back tied and equal; the newest `keep` versions stay on disk."""
-    from offpolicy.weights import FileSync, WeightStore
+    from offpolicy.weights.store import WeightStore
+    from offpolicy.weights.sync import FileSync
 
     engine = HFEngine(str(model_dir))
     model = load_policy(model_dir)[0]
@@ -228,7 +231,7 @@ def test_numpy_encoding_round_trips_dtypes_and_ties():
     and arrays pickle (as the object store does) without losing any of that."""
     import pickle
 
-    from offpolicy.weights import from_numpy, to_numpy
+    from offpolicy.weights.sync import from_numpy, to_numpy
 
     emb = torch.randn(5, 3)
     state = {"emb": emb, "head": emb, "w": torch.randn(2, 2).to(torch.bfloat16),
@@ -258,7 +261,8 @@ def test_nccl_weight_rpc_holds_the_engine_from_start_to_finish(monkeypatch):
     import ray
 
     from offpolicy.actors.vllm import VLLMEngine
-    from offpolicy.weights import NCCLSync, WeightStore, _ActorsClient
+    from offpolicy.weights.store import WeightStore
+    from offpolicy.weights.sync import NCCLSync, _ActorsClient
 
     def make_actor(fail_on=None):
         engine = VLLMEngine.__new__(VLLMEngine)  # the weight-update half, without vLLM
@@ -313,10 +317,10 @@ def _learner_logprobs(engine, contexts, outs, temperature=1.0):
                         np.ones(len(c.token_ids), np.int8), c.logprobs,
                         np.zeros(len(c.token_ids), np.int32), 0.0, "x", c.finish_reason)
              for p, c in zip(contexts, outs)]
-    d = {k: torch.from_numpy(v) for k, v in Batch(trajs, 0).padded(0).items()}
-    lp = token_logprobs(engine.model, d["input_ids"], d["attention_mask"], d["targets"],
+    d = Batch(trajs, 0).padded(0).map(torch.from_numpy)
+    lp = token_logprobs(engine.model, d.input_ids, d.attention_mask, d.targets,
                         temperature)
-    return ((lp - d["behavior_logprobs"]).abs() * d["loss_mask"]).max().item()
+    return ((lp - d.behavior_logprobs).abs() * d.loss_mask).max().item()
 
 
 def test_hf_engine_next_turn_reuses_the_previous_turns_keys_and_values(model_dir):
@@ -445,11 +449,11 @@ def test_env_timeouts_and_errors_are_counted_and_latency_runs_concurrently(model
         actor = actor_for(fail=True)
         assert actor.rollout_batch() == [] and actor.counts["env_errors"] == 2  # both groups
         # through the buffer: the ledger counts the dropped episodes, and a cut one arrives
-        assert actor.one_batch(timeout=0) == "added"
+        assert actor.one_batch(timeout=0) is BatchResult.ADDED
         ledger = actor.buffer.ledger()
         assert (ledger["env_errors"], ledger["added"], ledger["balanced"]) == (8, 0, True)
         actor = actor_for("env.timeout_s=0.1", hang=1.0)
-        assert actor.one_batch(timeout=0) == "added"
+        assert actor.one_batch(timeout=0) is BatchResult.ADDED
         ledger = actor.buffer.ledger()
         assert (ledger["added"], ledger["in_buffer"], ledger["balanced"]) == (8, 8, True)
         # 8 steps of 0.4 s simulated latency overlap: far less than 3.2 s in sequence
@@ -467,7 +471,7 @@ def test_env_timeouts_and_errors_are_counted_and_latency_runs_concurrently(model
 def test_hf_engine_passes_the_cache_under_the_name_the_model_takes(model_dir):
     """transformers >= 5.2x calls it `cache` and warns on every `past_key_values` call (964
     warning lines in one quickstart); older versions only know `past_key_values`."""
-    from offpolicy.actors.hf import cache_argument
+    from offpolicy.algorithms.logprobs import cache_argument
 
     class New(torch.nn.Module):
         def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None):
@@ -506,8 +510,9 @@ def test_minibatch_rows_are_disjoint_and_cover_the_batch(model_dir):
     learner = _learner_with_a_batch(model_dir, "loss.name=pg", "learner.minibatches=3")
     seen, full = [], []
     backward, update = learner._backward, learner._update
-    learner._backward = lambda d, adv: (seen.append(d["input_ids"]), backward(d, adv))[1]
-    learner._update = lambda d, batch: (full.append(d["input_ids"]), update(d, batch))[1]
+    learner._backward = lambda d, adv: (seen.append(d.input_ids), backward(d, adv))[1]
+    learner._update = lambda d, batch, spans: (full.append(d.input_ids),
+                                               update(d, batch, spans))[1]
     learner.step()
     assert [len(s) for s in seen] == [6, 5, 5]
     assert sorted(map(tuple, torch.cat(seen).tolist())) == sorted(map(tuple, full[0].tolist()))
@@ -523,7 +528,7 @@ def test_ess_lr_scales_the_learning_rate_by_the_effective_sample_size(model_dir)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     behavior = torch.zeros(3, 3)
     prox = torch.tensor([[0.0, math.log(3), 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    d = {"loss_mask": mask, "behavior_logprobs": behavior, "proximal_logprobs": prox}
+    d = SimpleNamespace(loss_mask=mask, behavior_logprobs=behavior, proximal_logprobs=prox)
     # w = 3, 1, 1: ESS / n = 25 / (3 * 11)
     assert learner._ess_scale(d, prox) == pytest.approx(math.sqrt(25 / 33))
     learner.cfg.learner.ess_lr = "linear"

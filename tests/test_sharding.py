@@ -10,11 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from offpolicy.actors.rollout import RolloutActor
-from offpolicy.config import ConfigError
+from offpolicy.core.errors import ConfigError
 from offpolicy.learner import sharding
 from offpolicy.learner.learner import Learner
-from offpolicy.types import Batch
-from offpolicy.weights import LocalSync, cpu_state
+from offpolicy.runtime import validate
+from offpolicy.core.types import Batch
+from offpolicy.weights.sync import LocalSync, cpu_state
 
 from conftest import QUICKSTART, OneBatch, fast_config
 
@@ -145,14 +146,14 @@ def test_sharding_bad_input_is_one_line(model_dir, monkeypatch):
     with pytest.raises(ConfigError, match="micro_batch=1"):
         fast_config(model_dir, "learner.sharding=fsdp", "resources.learner_workers=3",
                     "learner.micro_batch=1")
-    monkeypatch.setattr(sharding, "fsdp_available", lambda: False)
+    monkeypatch.setattr(validate, "fsdp_available", lambda: False)
     with pytest.raises(ConfigError, match="has no FSDP2"):
         fast_config(model_dir, "learner.sharding=fsdp")
 
 
 def test_a_model_without_transformer_blocks_is_refused_before_anything_starts(model_dir,
                                                                                monkeypatch):
-    from offpolicy.real_models import preflight
+    from offpolicy.runtime.preflight import preflight
 
     cfg = fast_config(model_dir, "learner.sharding=fsdp")
     preflight(cfg, model_dir)  # the tiny Llama has blocks
@@ -165,7 +166,7 @@ def test_a_sharded_serial_run_resumes_through_the_cli(model_dir, tmp_path, capsy
     """`offpolicy train` with learner.sharding=fsdp in one process (a group of one) writes
     sharded checkpoints; `--resume` continues from one, and an unsharded checkpoint is refused
     to a sharded resume in one line."""
-    from offpolicy.cli import main
+    from offpolicy.tools.cli import main
 
     common = [f"model.path={model_dir}", "rollout.prompts_per_batch=4", "rollout.group_size=4",
               "learner.batch_groups=4", "eval.every=4", "env.eval_size=8",

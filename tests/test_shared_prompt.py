@@ -6,8 +6,9 @@ import torch
 from conftest import OneBatch, fast_config
 
 from offpolicy.learner.shared_prompt import sequence_logprobs
-from offpolicy.models import load_policy, token_logprobs
-from offpolicy.types import Batch, Trajectory
+from offpolicy.algorithms.logprobs import token_logprobs
+from offpolicy.models.loading import load_policy
+from offpolicy.core.types import Batch, Trajectory
 
 
 def _batch(seed: int, groups: list[tuple[int, int]], vocab: int, env_tokens: bool = False):
@@ -24,12 +25,11 @@ def _batch(seed: int, groups: list[tuple[int, int]], vocab: int, env_tokens: boo
             trajs.append(Trajectory(f"{g}-{i}", str(g), prompt, rng.integers(3, vocab, T)
                                     .astype(np.int32), mask, np.zeros(T, np.float32),
                                     np.zeros(T, np.int32), 0.0, "e", "stop"))
-    d = Batch(trajs, 0).padded(0)
-    return {k: torch.from_numpy(v) for k, v in d.items()}
+    return Batch(trajs, 0).padded(0).map(torch.from_numpy)
 
 
 def _both(model, d, **kw):
-    plain = token_logprobs(model, d["input_ids"], d["attention_mask"], d["targets"], 0.7,
+    plain = token_logprobs(model, d.input_ids, d.attention_mask, d.targets, 0.7,
                            entropy=True, **kw)
     shared = sequence_logprobs(model, d, 0.7, entropy=True, **kw)
     return plain, shared
@@ -46,11 +46,11 @@ def test_shared_prompts_match_the_plain_forward(model_dir):
     # prompts of different lengths (the shorter is right-padded in the prompts' forward), one
     # prompt alone, environment tokens inside completions
     d = _batch(0, [(7, 4), (5, 3), (9, 1)], len(tok), env_tokens=True)
-    mask = d["loss_mask"]
+    mask = d.loss_mask
     # every completion token's target position, the environment's tokens included
     j = torch.arange(mask.shape[1])
-    comp = ((j >= d["prompt_lens"][:, None] - 1)
-            & (j < d["attention_mask"].sum(1, keepdim=True) - 1)).float()
+    comp = ((j >= d.prompt_lens[:, None] - 1)
+            & (j < d.attention_mask.sum(1, keepdim=True) - 1)).float()
     (lp, ent), (slp, sent) = _both(model, d)
     assert ((lp - slp) * comp).abs().max() < 1e-5
     assert ((ent - sent) * comp).abs().max() < 1e-5
@@ -76,7 +76,7 @@ def test_the_shared_path_is_not_taken_without_a_repeated_prompt(model_dir, monke
 
 def test_a_learner_step_is_the_same_with_and_without_sharing(model_dir):
     from offpolicy.learner.learner import Learner
-    from offpolicy.weights import LocalSync
+    from offpolicy.weights.sync import LocalSync
 
     results = []
     for share in ("true", "false"):

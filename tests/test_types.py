@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from offpolicy.types import Batch, Trajectory
+from offpolicy.core.types import Batch, Trajectory
 
 
 def traj(prompt, completion, versions, group="g", reward=1.0):
@@ -18,13 +18,13 @@ def traj(prompt, completion, versions, group="g", reward=1.0):
 def test_padded_alignment():
     b = Batch([traj([1, 5, 6], [7, 2], [3, 4]), traj([1, 5], [8, 9, 2], [4, 4, 4], "h")], 6)
     d = b.padded(pad_id=0)
-    assert d["input_ids"].tolist() == [[1, 5, 6, 7, 2], [1, 5, 8, 9, 2]]
-    assert d["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert d["targets"].tolist() == [[5, 6, 7, 2], [5, 8, 9, 2]]
+    assert d.input_ids.tolist() == [[1, 5, 6, 7, 2], [1, 5, 8, 9, 2]]
+    assert d.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert d.targets.tolist() == [[5, 6, 7, 2], [5, 8, 9, 2]]
     # Row 1: completion tokens 7, 2 are targets 2 and 3; row 2: 8, 9, 2 are targets 1..3.
-    assert d["loss_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
-    assert d["behavior_logprobs"].tolist() == [[0, 0, -1, -2], [0, -1, -2, -3]]
-    assert d["versions"].tolist() == [[-1, -1, 3, 4], [-1, 4, 4, 4]]
+    assert d.loss_mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
+    assert d.behavior_logprobs.tolist() == [[0, 0, -1, -2], [0, -1, -2, -3]]
+    assert d.versions.tolist() == [[-1, -1, 3, 4], [-1, 4, 4, 4]]
     assert b.group_index().tolist() == [0, 1]
 
 
@@ -37,7 +37,7 @@ def test_min_version_ignores_environment_tokens():
 def test_batches_and_groups_pickle_packed_and_round_trip():
     import pickle
 
-    from offpolicy.types import Groups
+    from offpolicy.core.types import Groups
 
     trajs = [traj([1, 2], [3, 4, 5], [0, 1, 1], group="a", reward=0.5),
              traj([6], [7], [2], group="a"), traj([8, 9, 10], [], [], group="b", reward=0.0)]

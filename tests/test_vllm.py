@@ -20,11 +20,14 @@ if not vllm_available():
 
 from offpolicy.actors.rollout import RolloutActor  # noqa: E402
 from offpolicy.buffer.replay import ReplayBuffer  # noqa: E402
-from offpolicy.config_io import load_config  # noqa: E402
+from offpolicy.runtime.validate import load_config  # noqa: E402
 from offpolicy.learner.learner import Learner  # noqa: E402
-from offpolicy.models import char_tokenizer, load_policy, tiny_llama, token_logprobs  # noqa: E402
-from offpolicy.types import Batch  # noqa: E402
-from offpolicy.weights import FileSync, LocalSync, WeightStore, cpu_state  # noqa: E402
+from offpolicy.algorithms.logprobs import token_logprobs  # noqa: E402
+from offpolicy.models.loading import load_policy
+from offpolicy.models.tiny import char_tokenizer, tiny_llama
+from offpolicy.core.types import Batch  # noqa: E402
+from offpolicy.weights.store import WeightStore  # noqa: E402
+from offpolicy.weights.sync import FileSync, LocalSync, cpu_state
 
 # vLLM's CPU attention needs head_dim >= 32, so not the 8 of conftest's model.
 SMALL_KV = "engine.vllm_args.kv_cache_memory_bytes=67108864"  # 64 MiB; the default is 1 GiB
@@ -51,9 +54,9 @@ def vllm_config(model_dir, *overrides):
 
 def rescore(model, trajectories, temperature=1.0):
     """(B, T) learner log-probs, engine log-probs, versions and mask for `trajectories`."""
-    d = {k: torch.from_numpy(v) for k, v in Batch(trajectories, 0).padded(0).items()}
-    lp = token_logprobs(model, d["input_ids"], d["attention_mask"], d["targets"], temperature)
-    return lp, d["behavior_logprobs"], d["versions"], d["loss_mask"].bool()
+    d = Batch(trajectories, 0).padded(0).map(torch.from_numpy)
+    lp = token_logprobs(model, d.input_ids, d.attention_mask, d.targets, temperature)
+    return lp, d.behavior_logprobs, d.versions, d.loss_mask.bool()
 
 
 def test_vllm_logprobs_match_the_learner_after_weight_updates(vllm_model_dir, tmp_path):
@@ -162,7 +165,7 @@ def test_ray_run_with_vllm_reloads_weights_from_files(vllm_model_dir, tmp_path):
     checks parity, and the run folder is complete (its weight copies cleaned up)."""
     import json
 
-    from offpolicy.launch import train
+    from offpolicy.runtime.launch import train
 
     run_dir = tmp_path / "run"
     cfg = vllm_config(vllm_model_dir, f"run.dir={run_dir}", "learner.steps=6", "eval.every=3",

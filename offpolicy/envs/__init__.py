@@ -12,6 +12,9 @@ import importlib
 import random
 from typing import Any, Callable, Protocol
 
+from offpolicy.core.errors import ConfigError
+from offpolicy.core.registry import Registry
+
 
 class Env(Protocol):
     def reset(self, seed: int) -> str: ...
@@ -20,26 +23,22 @@ class Env(Protocol):
 
 
 EnvFactory = Callable[..., Env]
-ENVS: dict[str, EnvFactory] = {}
+ENVS: Registry[EnvFactory] = Registry("env.name")
 
 
 def register_env(name: str, factory: EnvFactory) -> None:
     """Make `factory(split=..., **env.kwargs)` available as `env.name: <name>`."""
-    ENVS[name] = factory
+    ENVS.register(name, factory)
 
 
 def make_env(name: str, split: str = "train", **kwargs: Any) -> Env:
-    if name not in ENVS:
-        raise KeyError(f"unknown env '{name}'; valid: {', '.join(sorted(ENVS))}")
-    return ENVS[name](split=split, **kwargs)
+    return ENVS.lookup(name)(split=split, **kwargs)
 
 
 def import_env_module(module: str) -> None:
     """Import the user's task module (which registers its envs); a one-line error if missing."""
     if not module:
         return
-    from offpolicy.config import ConfigError
-
     try:
         importlib.import_module(module)
     except ImportError as e:

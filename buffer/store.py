@@ -1,0 +1,73 @@
+"""The Store protocol: what the replay buffer asks of its storage engine, in either mode.
+
+Reads: nothing. Writes: nothing. `ReplayBuffer` (replay.py) holds one store and calls only
+these members, under its lock. The implementations: `BoundStore` (bound.py, bounded
+staleness, a sampler, capacity, reuse) and `LagStore` (lag.py, work orders for the exact
+version t - k). A store counts what leaves it in its own `fates` (the ledger's
+`STORE_FATES`); what arrives is the buffer's count.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from offpolicy.core.types import Trajectory
+
+Group = list[Trajectory]
+
+
+class Store(Protocol):
+    SETTINGS: tuple[str, ...]
+    """Attribute names that are constructor settings: a snapshot carries everything else,
+    and a resumed run keeps its own settings."""
+    fates: dict[str, int]
+    """Trajectories that left the store, by reason: retired, evicted_staleness,
+    evicted_capacity, evicted_surplus."""
+    size: int
+    """Trajectories stored."""
+    nbytes: int
+    """Bytes of the stored trajectories (`Trajectory.nbytes`)."""
+    reuse_hist: dict[int, int]
+    """Groups sampled for the n-th time, by n."""
+
+    @property
+    def groups(self) -> int:
+        """Groups stored."""
+
+    # actors
+    def admit(self, n_groups: int, version: int, next_version: int, published: int,
+              reserved: int, survival: float) -> tuple[int | None, int] | None:
+        """(work-order version or None, groups) for a batch an actor at `version` may start
+        now, or None: wait. `survival` is the recent share of groups kept by filtering."""
+
+    def release(self, version: int | None, n_groups: int) -> None:
+        """`n_groups` of an order for `version` arrived or died: no longer on order."""
+
+    def release_all(self) -> None:
+        """Nothing is on order any more (after a restore)."""
+
+    def check_fit(self, groups: list[Group]) -> None:
+        """Raise ValueError when a learner batch of groups like these can never fit."""
+
+    def add(self, group: Group) -> None:
+        """Store one group (it passed the buffer's filter)."""
+
+    def fit_capacity(self) -> None:
+        """Evict, counted, until within capacity."""
+
+    # the learner
+    def available(self, version: int) -> int:
+        """Groups update `version` may take now (evicting, counted, what it never will)."""
+
+    def take(self, version: int, n: int) -> tuple[list, np.ndarray | None]:
+        """n groups (`bound.Entry`s) for update `version` and their importance weights, or
+        None for weights of 1."""
+
+    # snapshot and restore
+    def sampler_state(self) -> dict | None:
+        """The sampler's order and random state, or None without a sampler."""
+
+    def restore_sampler(self, state: dict | None) -> None:
+        """Take over a snapshot's sampler order (this run's sampler settings)."""

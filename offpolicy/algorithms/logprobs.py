@@ -1,0 +1,68 @@
+"""Scoring tokens with a causal LM: per-token log-probs and entropies, and the forward's names.
+
+Reads: a model and token tensors. Writes: nothing. `token_logprobs` is the plain padded forward
+every scoring pass falls back to (the learner's shared-prompt scoring,
+`offpolicy/learner/shared_prompt.py`, builds on it). `takes_logits_to_keep` and
+`cache_argument` tell which keyword names a model's forward takes, so callers pass whichever
+this transformers version has instead of a name it warns about.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   targets: torch.Tensor, temperature: float = 1.0,
+                   entropy: bool = False, entropy_grad: bool = True, start: int = 0):
+    """(B, L-1) log-prob of each next token under `model`, logits divided by `temperature`.
+
+    With `entropy`, also the (B, L-1) entropy of each position's next-token distribution, from
+    the same logits: differentiable (an entropy bonus) when `entropy_grad`, else detached, which
+    keeps no (B, L-1, V) softmax for the backward pass.
+    `start`: the first target position the caller needs (the earliest completion token); the
+    output layer runs on positions from there on only (the prompt's logits would be thrown
+    away: with a 49k vocabulary they are most of the memory traffic), earlier ones are 0.
+    """
+    L = input_ids.shape[1]
+    start = max(0, min(start, L - 1))
+    keep = ({"logits_to_keep": L - start} if start and takes_logits_to_keep(type(model))
+            else {})
+    if not keep:
+        start = 0
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits[:, :-1]
+    logits = logits.float() / temperature
+    # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the (B, L, V) log-softmax.
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets[:, start:].unsqueeze(-1)).squeeze(-1) - lse
+    pad = torch.nn.functional.pad
+    if not entropy:
+        return pad(picked, (start, 0))
+    if not entropy_grad:
+        logits, lse = logits.detach(), lse.detach()
+    # H = logsumexp(x) - sum softmax(x) * x
+    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return pad(picked, (start, 0)), pad(ent, (start, 0))
+
+
+def first_target(loss_mask: torch.Tensor) -> int:
+    """The first target position any row needs (`token_logprobs`' `start`)."""
+    cols = loss_mask.bool().any(0)
+    return int(cols.float().argmax()) if bool(cols.any()) else 0
+
+
+@functools.cache
+def takes_logits_to_keep(model_class: type) -> bool:
+    """Whether the model's forward can compute logits for the last positions only (asked
+    once per model class: `token_logprobs` runs for every micro-batch)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def cache_argument(model) -> str:
+    """The name under which `model`'s forward takes its key/value cache: transformers renamed
+    `past_key_values` to `cache` (5.2x) and warns on every call that uses the old name."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -1,0 +1,223 @@
+"""The data every role shares: Trajectory (one episode), Batch (one update), PaddedBatch (its
+rows as arrays), Incarnation (one process of a rollout actor).
+
+Reads: nothing. Writes: nothing. Plain dataclasses of numpy arrays, cheap to pickle through Ray.
+Everything here is framework-neutral (no torch) so the buffer never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class Trajectory:
+    """One episode. Arrays over completion tokens all have length T = len(completion_ids)."""
+
+    id: str
+    group_id: str
+    """The prompt this episode answered; GRPO normalises rewards within a group."""
+    prompt_ids: np.ndarray
+    """(P,) int32 token ids of the prompt."""
+    completion_ids: np.ndarray
+    """(T,) int32 every token after the prompt: policy tokens and any environment tokens."""
+    loss_mask: np.ndarray
+    """(T,) int8, 1 for tokens the policy sampled, 0 for tokens the environment inserted."""
+    behavior_logprobs: np.ndarray
+    """(T,) float32 log-prob of each token under the policy that sampled it (0 where masked)."""
+    versions: np.ndarray
+    """(T,) int32 policy version that produced each token (-1 where the environment did)."""
+    reward: float
+    env: str
+    finish_reason: str
+    """`stop` (end-of-sequence), `length` (token limit), or an environment reason."""
+    timings: dict = field(default_factory=dict)
+    """Seconds spent: `generate`, `env`."""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held: the arrays plus the strings and a fixed object overhead
+        (what `buffer.capacity_bytes` counts; dict fields are counted by their text only)."""
+        arrays = (self.prompt_ids, self.completion_ids, self.loss_mask, self.behavior_logprobs,
+                  self.versions)
+        text = len(self.id) + len(self.group_id) + len(self.env) + len(self.finish_reason)
+        return sum(a.nbytes for a in arrays) + text + len(repr(self.info)) + 600
+
+    def min_version(self) -> int:
+        """Oldest policy version among the policy tokens (what staleness bounds)."""
+        policy = self.versions[self.loss_mask.astype(bool)]
+        return int(policy.min()) if len(policy) else int(self.versions.max(initial=0))
+
+
+_ARRAYS = ("prompt_ids", "completion_ids", "loss_mask", "behavior_logprobs", "versions")
+
+
+def pack(trajectories: list[Trajectory]) -> tuple:
+    """Trajectories as five concatenated arrays, their lengths and one list of small fields.
+
+    What crosses a process boundary: pickling 128 trajectories one array at a time made 640
+    out-of-band buffers and cost about 6 ms each way; packed it is a handful of arrays.
+    """
+    arrays = {name: np.concatenate([getattr(t, name) for t in trajectories]) if trajectories
+              else np.zeros(0, np.int32) for name in _ARRAYS}
+    lengths = np.array([(len(t.prompt_ids), len(t.completion_ids)) for t in trajectories],
+                       dtype=np.int64).reshape(-1, 2)
+    small = [(t.id, t.group_id, t.reward, t.env, t.finish_reason, t.timings, t.info)
+             for t in trajectories]
+    return arrays, lengths, small
+
+
+def unpack(packed: tuple) -> list[Trajectory]:
+    """The inverse of `pack`; every array is its own copy (no view pins the packed buffer)."""
+    arrays, lengths, small = packed
+    ends = {"prompt_ids": np.cumsum(lengths[:, 0]), **{
+        name: np.cumsum(lengths[:, 1]) for name in _ARRAYS[1:]}}
+    out = []
+    for i, (id, group_id, reward, env, finish, timings, info) in enumerate(small):
+        parts = {}
+        for name in _ARRAYS:
+            end = int(ends[name][i])
+            n = int(lengths[i, 0] if name == "prompt_ids" else lengths[i, 1])
+            parts[name] = arrays[name][end - n:end].copy()
+        out.append(Trajectory(id=id, group_id=group_id, reward=reward, env=env,
+                              finish_reason=finish, timings=timings, info=info, **parts))
+    return out
+
+
+class Groups(list):
+    """A list of GRPO groups (lists of Trajectories) that pickles packed (see `pack`); it
+    arrives as a plain list of lists."""
+
+    def __reduce__(self):
+        flat = [t for group in self for t in group]
+        return _groups_from_packed, (pack(flat), [len(g) for g in self])
+
+
+def _groups_from_packed(packed: tuple, sizes: list[int]) -> list[list[Trajectory]]:
+    flat, groups, start = unpack(packed), [], 0
+    for n in sizes:
+        groups.append(flat[start:start + n])
+        start += n
+    return groups
+
+
+@dataclass
+class Batch:
+    """The trajectories of one learner update, whole groups only, plus buffer statistics."""
+
+    trajectories: list[Trajectory]
+    version: int
+    """Learner version of the update that consumes this batch."""
+    stats: dict = field(default_factory=dict)
+    """`buffer/...` metrics measured when the batch was sampled."""
+    weights: np.ndarray | None = None
+    """(B,) float32 importance weights of prioritized replay (None: all 1); the learner
+    multiplies them into the advantages."""
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def __reduce__(self):  # packed across processes (see `pack`)
+        return _batch_from_packed, (pack(self.trajectories), self.version, self.stats,
+                                    self.weights)
+
+    def rewards(self) -> np.ndarray:
+        return np.array([t.reward for t in self.trajectories], dtype=np.float32)
+
+    def group_index(self) -> np.ndarray:
+        """(B,) int64 index of each trajectory's group, numbered from 0 in order of appearance."""
+        ids: dict[str, int] = {}
+        return np.array([ids.setdefault(t.group_id, len(ids)) for t in self.trajectories])
+
+    def padded(self, pad_id: int) -> "PaddedBatch":
+        """The batch as right-padded (B, L) arrays of prompt + completion, with per-target
+        arrays (B, L-1) (see `PaddedBatch`)."""
+        lengths = [t.num_tokens for t in self.trajectories]
+        B, L = len(lengths), max(lengths)
+        input_ids = np.full((B, L), pad_id, dtype=np.int64)
+        attention = np.zeros((B, L), dtype=np.int64)
+        mask = np.zeros((B, L - 1), dtype=np.float32)
+        behavior = np.zeros((B, L - 1), dtype=np.float32)
+        versions = np.full((B, L - 1), -1, dtype=np.int64)
+        for i, t in enumerate(self.trajectories):
+            P, T = len(t.prompt_ids), len(t.completion_ids)
+            input_ids[i, :P] = t.prompt_ids
+            input_ids[i, P:P + T] = t.completion_ids
+            attention[i, :P + T] = 1
+            # Completion token k sits at input position P + k, so its target index is P + k - 1.
+            mask[i, P - 1:P - 1 + T] = t.loss_mask
+            behavior[i, P - 1:P - 1 + T] = t.behavior_logprobs
+            versions[i, P - 1:P - 1 + T] = t.versions
+        return PaddedBatch(input_ids=input_ids, attention_mask=attention,
+                           prompt_lens=np.array([len(t.prompt_ids) for t in self.trajectories]),
+                           targets=input_ids[:, 1:].copy(), loss_mask=mask,
+                           behavior_logprobs=behavior, versions=versions)
+
+
+@dataclass
+class PaddedBatch:
+    """A batch's rows as right-padded arrays: numpy from `Batch.padded`, torch tensors in the
+    learner (`map(torch.from_numpy)`). Target position j holds token j + 1 (predicted from the
+    logits at position j), so a model's `logits[:, :-1]` line up with `targets`, `loss_mask`,
+    `behavior_logprobs` and `versions` without further shifting."""
+
+    input_ids: Any
+    """(B, L) int64 prompt then completion, padded on the right."""
+    attention_mask: Any
+    """(B, L) int64, 1 on real tokens."""
+    prompt_lens: Any
+    """(B,) each row's prompt length."""
+    targets: Any
+    """(B, L-1) the token each position predicts."""
+    loss_mask: Any
+    """(B, L-1) float32, 1 on targets the policy sampled."""
+    behavior_logprobs: Any
+    """(B, L-1) float32 the engine's log-prob of each target (0 elsewhere)."""
+    versions: Any
+    """(B, L-1) int64 the policy version of each target (-1 elsewhere)."""
+    proximal_logprobs: Any = None
+    """(B, L-1) log-probs under the weights at the start of the update, when the update scores
+    them first (the learner's proximal pass); None otherwise."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def map(self, fn: Callable) -> "PaddedBatch":
+        """The same batch with `fn` applied to every array (None stays None)."""
+        return PaddedBatch(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v)
+                              for f in dataclasses.fields(self)})
+
+    def rows(self, index) -> "PaddedBatch":
+        """The rows `index` selects, of every array."""
+        return self.map(lambda a: a[index])
+
+
+@dataclass(frozen=True)
+class Incarnation:
+    """One process of a rollout actor: its actor number and a fresh id per process start. A
+    restarted actor is a new incarnation, so the buffer's ledger can tell a batch lost with a
+    dead process from one still being generated."""
+
+    actor: int
+    uid: str
+
+    @classmethod
+    def new(cls, actor: int) -> "Incarnation":
+        return cls(actor, uuid.uuid4().hex[:8])
+
+    def __str__(self) -> str:
+        return f"{self.actor}:{self.uid}"
+
+
+def _batch_from_packed(packed: tuple, version: int, stats: dict, weights) -> Batch:
+    return Batch(unpack(packed), version, stats, weights)

@@ -1,0 +1,43 @@
+"""The `Layout` protocol: where a run's roles live, as the driver sees them.
+
+Reads: nothing. Writes: nothing. `launch.train` drives a run through these members only. The
+implementations: `SerialRoles` (serial_roles.py, `resources.serial`: every role in the driver's
+process, taking turns) and `RayRoles` (ray_roles.py: every role its own Ray actor, the rollout
+actors generating continuously).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class Layout(Protocol):
+    def start(self) -> None:
+        """Let the rollout actors generate (after any resumed state is loaded)."""
+
+    def step(self) -> dict:
+        """One learner update; returns its metrics."""
+
+    def evaluate(self) -> dict:
+        """The held-out eval of the newest weights (published first if needed), waited for:
+        `eval/reward`, `eval/version`, `eval/seconds`."""
+
+    def request_eval(self) -> None:
+        """Ask for an eval of the newest weights without waiting; see `eval_results`."""
+
+    def eval_results(self) -> list[dict]:
+        """Evals finished since the last call, oldest first."""
+
+    def save_state(self, folder: Path, with_buffer: bool) -> None:
+        """A resumable checkpoint's roles' part: the learner's, and the buffer's snapshot."""
+
+    def load_state(self, folder: Path) -> int:
+        """Continue from `save_state`'s folder; returns the learner version."""
+
+    def finish(self, checkpoint: Path) -> tuple[dict, list[dict], dict]:
+        """Save the final policy, stop the actors; (buffer stats, each actor's counts, the
+        ledger)."""
+
+    def close(self) -> None:
+        """Stop every process the layout started."""

@@ -1,0 +1,82 @@
+"""The serial layout (`resources.serial`): every role in this one process, taking turns.
+
+Reads: a validated Config and its run plan. Writes: what the roles write (see `launch.py`).
+The same role classes as the Ray layout (`ray_roles.py`), without Ray: the buffer is a plain
+object, weights go through a `LocalSync`, evals run in place. The staleness ablation's layout.
+A `Layout` (layout.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from offpolicy.actors.rollout import BatchResult, RolloutActor
+from offpolicy.buffer.replay import ReplayBuffer
+from offpolicy.config.plan import RunPlan
+from offpolicy.config.schema import Config
+from offpolicy.learner.learner import Learner
+from offpolicy.weights.sync import LocalSync
+
+
+class SerialRoles:
+    """`resources.serial`: the same role classes in this process, taking turns. Before each
+    update the actors (round robin) generate until the buffer holds that update's batch."""
+
+    def __init__(self, cfg: Config, plan: RunPlan, model_path: str, stream: int = 0):
+        self.buffer = ReplayBuffer(**ReplayBuffer.arguments(cfg, plan))
+        sync = LocalSync(keep=plan.store_versions)
+        self.actors = [RolloutActor(cfg, i, model_path, self.buffer, sync, stream)
+                       for i in range(cfg.rollout.num_actors)]
+        self.learner = Learner(cfg, model_path, self.buffer, sync, plan=plan)
+        self.turn = 0
+        self.done_evals: list[dict] = []
+
+    def start(self) -> None:
+        """Nothing runs between steps here: actors generate inside `step`."""
+
+    def step(self) -> dict:
+        refused = 0
+        while not self.buffer.ready(self.learner.version):
+            actor = self.actors[self.turn % len(self.actors)]
+            self.turn += 1
+            result = actor.one_batch(timeout=0)
+            refused = refused + 1 if result is BatchResult.REFUSED else 0
+            if refused >= len(self.actors):  # nobody may generate and no batch is ready
+                raise RuntimeError("serial layout: the buffer admits no work and holds no batch "
+                                   f"for update {self.learner.version}")
+        return self.learner.step()
+
+    def evaluate(self) -> dict:
+        """The held-out eval on actor 0's engine with the learner's newest weights (published
+        first if they were not yet): `eval/reward`, `eval/version`, `eval/seconds`."""
+        self.learner.publish_latest()
+        actor = self.actors[0]
+        actor.sync_weights()
+        return actor.evaluate()
+
+    def request_eval(self) -> None:
+        """Here an eval simply runs now; `eval_results` hands it over."""
+        self.done_evals.append(self.evaluate())
+
+    def eval_results(self) -> list[dict]:
+        done, self.done_evals = self.done_evals, []
+        return done
+
+    def save_state(self, folder: Path, with_buffer: bool) -> None:
+        self.learner.save_state(str(folder))
+        if with_buffer:
+            self.buffer.save(folder / "buffer.pkl")
+
+    def load_state(self, folder: Path) -> int:
+        if (folder / "buffer.pkl").is_file():
+            self.buffer.load(folder / "buffer.pkl")
+        return self.learner.load_state(str(folder))
+
+    def finish(self, checkpoint: Path) -> tuple[dict, list[dict], dict]:
+        self.learner.save(str(checkpoint))
+        self.buffer.close()
+        return (self.buffer.stats(), [dict(a.counts) for a in self.actors],
+                self.buffer.ledger(final=True))
+
+    def close(self) -> None:
+        """Nothing runs outside this process."""
