@@ -1,33 +1,41 @@
 """The rollout actor: generates GRPO groups with whatever weights it holds, forever.
 
-Reads: published weights (WeightSync), admission decisions from the buffer, eval requests from
-the eval desk (actor 0).
+Reads: published weights (WeightSync), admission decisions from the buffer, requests from the
+desk (evals for actor 0, snapshots for a checkpoint).
 Writes: groups of Trajectories to the buffer, every token tagged with its policy version;
-eval results to the desk.
+segments of long episodes as they close; eval results and snapshots to the desk.
 
-Loop (one iteration = one batch of `prompts_per_batch` prompts x `group_size` samples):
-  admit (may block: the staleness bound) -> [actor 0: the eval the desk holds, if any] -> load
-  newest weights (safe point: no generation in flight) -> generate -> score in the environment
-  -> add to the buffer.
-With `engine.inflight_updates` (vLLM) the engine also polls for new weights between its steps,
-so one trajectory's tokens can carry several versions.
+`rollout.mode: continuous` (the default), one `advance` at a time: keep
+`rollout.concurrent_episodes` episodes in flight; admit new groups into free slots (admission
+may refuse: the staleness bound); load newer weights (a safe point: no generation in flight);
+one engine call for every episode waiting for the policy; step the environments; send every
+finished group to the buffer at once, and the closed segments of long episodes every second or
+megabyte. So an episode is never held up by a slower one, and a long episode spans as many
+weight versions as it lasts. In lag mode a work order's groups drain before the next order's
+version is loaded (a trajectory must come from one version). `rollout.mode: batch` plays one
+batch of groups to its slowest episode before the next (for comparisons).
+With `engine.inflight_updates` (vLLM) the engine also polls for new weights between its steps.
 A plain class: `offpolicy/runtime/ray_roles.py` wraps it as a Ray actor; tests drive it directly.
 """
 
 from __future__ import annotations
 
 import enum
-import queue
+import json
 import random
-import threading
+import sys
 import time
+import traceback
 import uuid
-from concurrent.futures import Future, TimeoutError
+from concurrent.futures import TimeoutError
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
 from offpolicy.actors.engine import SamplingParams, make_engine
+from offpolicy.actors.episodes import Episode, StepPool, start_step
 from offpolicy.config.schema import Config
 from offpolicy.core.machine import peak_rss_mb
 from offpolicy.core.types import Groups, Incarnation, Trajectory
@@ -35,16 +43,35 @@ from offpolicy.envs import import_env_module, latency_sampler, make_env
 from offpolicy.models.chat import between_turns, messages_of, prompt_ids
 from offpolicy.models.loading import load_tokenizer
 
+FLUSH_BYTES, FLUSH_S = 1 << 20, 1.0
+"""Closed segments go to the buffer once a megabyte of them waits, or a second has passed."""
+
 
 class BatchResult(enum.Enum):
-    """What one `RolloutActor.one_batch` did."""
+    """What one `RolloutActor.advance` (or `one_batch`) did."""
 
     ADDED = "added"
-    """A batch was generated and added to the buffer."""
+    """Groups finished and went to the buffer."""
+    ADVANCED = "advanced"
+    """An engine call advanced the episodes in flight; no group finished."""
     REFUSED = "refused"
-    """The buffer did not admit a batch in time (the staleness bound held the actor off)."""
+    """Nothing in flight, and the buffer did not admit a group in time (the staleness bound
+    held the actor off)."""
     STOP = "stop"
     """The run is over."""
+
+
+@dataclass
+class _Group:
+    id: str
+    seed: int
+    episodes: list[Episode] = field(default_factory=list)
+    version: int | None = None  # lag mode: the work order's version
+    failed: bool = False        # its environments did not start
+
+    @property
+    def done(self) -> bool:
+        return self.failed or all(ep.finish is not None for ep in self.episodes)
 
 
 class RolloutActor:
@@ -52,9 +79,9 @@ class RolloutActor:
                  stream: int = 0, desk=None):
         self.cfg, self.actor_id = cfg, actor_id
         # This process's name in the buffer's ledger: a restarted actor is a new incarnation,
-        # and the batch the old one was generating is counted as lost.
+        # and the groups the old one was generating are counted as lost.
         self.incarnation = Incarnation.new(actor_id)
-        # the eval desk (actor 0 of a Ray layout): evals the driver asked for, run here
+        # the desk (Ray layout): evals the driver asks of actor 0, snapshots for checkpoints
         self.buffer, self.weights, self.desk = buffer, weights, desk
         import_env_module(cfg.env.module)  # user code: tasks, and maybe an engine
         self.engine = make_engine(cfg, model_path, cfg.run.seed * 1000 + actor_id)
@@ -69,46 +96,251 @@ class RolloutActor:
                                 **cfg.env.kwargs)
         self.make_eval_env = partial(make_env, cfg.env.name, "eval", eval_size=cfg.env.eval_size,
                                      **cfg.env.kwargs)
-        self.counts = {"batches": 0, "trajectories": 0, "env_errors": 0, "env_timeouts": 0,
-                       "weight_loads": 0, "inflight_loads": 0}
-        self._next_poll = 0.0
-        # With simulated latency or a timeout, the environment steps of one turn run at once on
+        self.counts = {"batches": 0, "trajectories": 0, "episodes": 0, "env_errors": 0,
+                       "env_timeouts": 0, "episodes_capped": 0, "context_cuts": 0,
+                       "episodes_restarted": 0, "weight_loads": 0, "inflight_loads": 0,
+                       "engine_calls": 0, "calls": 0, "segments_sent": 0, "occupancy": 0.0}
+        self.slots = (cfg.rollout.concurrent_episodes
+                      or cfg.rollout.prompts_per_batch * cfg.rollout.group_size)
+        self.groups: dict[str, _Group] = {}     # in flight (continuous mode)
+        self.outbox: list[Trajectory] = []      # closed segments not yet sent
+        self._next_poll = self._next_desk = self._last_flush = 0.0
+        self.max_context = context_limit(cfg, model_path)
+        self.failures = FailureLog(actor_id, cfg.run.dir)
+        # With simulated latency or a timeout, the environment steps of one call run at once on
         # daemon threads (tool calls wait on I/O, not the CPU; a hung step cannot block exit).
         # Without either they run inline, as cheap reward functions should.
-        self.pool = _StepPool() if cfg.env.latency or cfg.env.timeout_s else None
+        self.pool = StepPool() if cfg.env.latency or cfg.env.timeout_s else None
         self.latency = latency_sampler(cfg.env.latency)
         self.latency_rng = random.Random(cfg.run.seed * 1000 + actor_id)
 
-    def run(self, max_batches: int | None = None) -> dict:
-        """Generate until the buffer closes (or `max_batches`); returns this actor's counts."""
-        while max_batches is None or self.counts["batches"] < max_batches:
-            if self.one_batch() is BatchResult.STOP:
+    @property
+    def live(self) -> list[Episode]:
+        """The episodes in flight that wait for the policy."""
+        return [ep for g in self.groups.values() for ep in g.episodes if ep.finish is None]
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self, max_steps: int | None = None) -> dict:
+        """Generate until the buffer closes (or `max_steps` turns); returns this actor's
+        counts. The episodes still in flight then are abandoned (the ledger counts them as
+        unfinished)."""
+        n = 0
+        while max_steps is None or n < max_steps:
+            n += 1
+            if self.turn() is BatchResult.STOP:
                 break
+        for ep in self.live:
+            ep.close()
         return self.counts
 
-    def one_batch(self, timeout: float = 1.0) -> BatchResult:
-        """Ask the buffer for admission (waiting up to `timeout`), run the eval the desk holds
-        for this actor if any, load weights, generate one batch and add it."""
-        n = self.cfg.rollout.prompts_per_batch
-        admission = self.buffer.admit(self.engine.version, n, timeout, actor=self.incarnation)
-        if admission.stop:
+    def turn(self, timeout: float = 1.0) -> BatchResult:
+        """One engine call of the continuous loop (`advance`), or one batch (`one_batch`)."""
+        if self.cfg.rollout.mode == "batch":
+            return self.one_batch(timeout)
+        return self.advance(timeout)
+
+    def advance(self, timeout: float = 1.0) -> BatchResult:
+        """One turn of the continuous loop: admission into free slots (waiting up to `timeout`
+        only when nothing is in flight), the desk's requests, newer weights, one engine call
+        for every episode waiting for the policy, and every finished group to the buffer."""
+        if not self._admit(timeout):
             return BatchResult.STOP
-        if self.desk is not None and self.desk.take(self.incarnation):
-            self.sync_weights()  # the driver asked for an eval: newest weights, then this batch
-            self.desk.report(self.evaluate())
-        if admission.version is not None:  # lag mode: a work order for exactly this version
-            if admission.version != self.engine.version:
-                self.sync_weights(want=admission.version)
-        elif admission.published > self.engine.version:
-            self.sync_weights()
-        if not admission.admitted:
+        live = self.live
+        if not live:
             return BatchResult.REFUSED
-        groups = self.rollout_batch(admission.n_groups)
+        between = self._inflight_sync if self.cfg.engine.inflight_updates else None
+        self._call(live, self.sampling, between)
+        added = self._collect()
+        self._flush()
+        return BatchResult.ADDED if added else BatchResult.ADVANCED
+
+    def _admit(self, timeout: float) -> bool:
+        """Start new groups in the free slots if the buffer admits them; serve the desk; load
+        newer weights (lag mode: the work order's). False once the run is over."""
+        busy = bool(self.groups)
+        lag_busy = busy and any(g.version is not None for g in self.groups.values())
+        n = (self.slots - len(self.live)) // self.cfg.rollout.group_size
+        if n <= 0 or lag_busy:  # no room, or a lag-mode order still draining
+            self._serve_desk()
+            if lag_busy:  # the order's version, whatever an eval loaded meanwhile
+                self._load(next(g.version for g in self.groups.values()), 0)
+            else:
+                self._poll_weights()
+            return True
+        admission = self.buffer.admit(self.engine.version, n, 0.0 if busy else timeout,
+                                      actor=self.incarnation)
+        if admission.stop:
+            return False
+        self._serve_desk(force=True)
+        self._load(admission.version, admission.published)
+        if admission.admitted:
+            seeds = self.rng.integers(0, 2**31, size=admission.n_groups)
+            for seed in seeds:
+                self._start_group(int(seed), admission.version)
+        return True
+
+    def _load(self, order: int | None, published: int) -> None:
+        if order is not None:  # lag mode: a work order for exactly this version
+            if order != self.engine.version:
+                self.sync_weights(want=order)
+        elif published > self.engine.version:
+            self.sync_weights()
+
+    def _start_group(self, seed: int, version: int | None) -> _Group:
+        """`group_size` episodes of the task `seed` picks, in flight from now on."""
+        group = _Group(f"{self.actor_id}-{uuid.uuid4().hex[:12]}", seed, version=version)
+        self.groups[group.id] = group
+        try:
+            group.episodes = self._episodes(self.make_env, group.id, seed,
+                                            self.cfg.rollout.group_size)
+        except Exception as e:  # a task that cannot start costs its group, counted
+            group.failed = True
+            self.failures.record(group.id, 0, e, self.counts)
+        return group
+
+    def _episodes(self, make, group_id: str, seed: int, n: int) -> list[Episode]:
+        """n fresh episodes of one task; its prompt is tokenized once."""
+        envs = [make() for _ in range(n)]
+        prompts = [env.reset(seed) for env in envs]
+        messages = messages_of(prompts[0], self.cfg.env.system_prompt, self.cfg.env.chat)
+        ids = np.asarray(prompt_ids(self.tokenizer, prompts[0], messages), np.int32)
+        return [Episode(group_id, k, env, self.cfg.env.name, ids, messages)
+                for k, env in enumerate(envs)]
+
+    # -- one engine call --------------------------------------------------------------------------
+
+    def _call(self, episodes: list[Episode], sampling: SamplingParams, between_steps) -> None:
+        """One engine call for `episodes`, then each one's environment step (concurrently on
+        the pool when steps may be slow or hang)."""
+        waiting = [ep for ep in episodes if not self._too_long(ep)]
+        if not waiting:
+            return
+        t0 = time.perf_counter()
+        completions = self.engine.generate([ep.context() for ep in waiting], sampling,
+                                           between_steps=between_steps)
+        gen_s = (time.perf_counter() - t0) / len(completions)
+        self.counts["engine_calls"] += 1
+        self.counts["calls"] += len(waiting)
+        self.counts["occupancy"] += len(waiting) / self.slots
+        texts = self.tokenizer.batch_decode([c.token_ids for c in completions],
+                                            skip_special_tokens=True)
+        delays = [self.latency(self.latency_rng) for _ in waiting]
+        steps = [start_step(ep.env, text, d, self.pool)
+                 for ep, text, d in zip(waiting, texts, delays)]
+        start, timeout = time.perf_counter(), self.cfg.env.timeout_s or None
+        for ep, c, text, step in zip(waiting, completions, texts, steps):
+            ep.timings["generate"] += gen_s
+            ep.add(c.token_ids, c.logprobs, c.versions, policy=True)
+            left = None if timeout is None else max(0.0, start + timeout - time.perf_counter())
+            try:
+                result = step.result(timeout=left)
+            except TimeoutError:
+                self._end(ep, "timeout", "env_timeouts")
+                continue
+            except Exception as e:  # a bad environment or reward function: contained
+                self.failures.record(ep.id, ep.calls + 1, e, self.counts)
+                self._end(ep, "error", "env_errors")
+                continue
+            self._turn(ep, c, text, *result)
+
+    def _too_long(self, ep: Episode) -> bool:
+        """A context that, with `engine.max_new_tokens`, would not fit the model's: the episode
+        ends there (finish reason `context`, counted), never a crash."""
+        if not self.max_context or \
+                ep.context_length() + self.sampling.max_new_tokens <= self.max_context:
+            return False
+        self._end(ep, "context", "context_cuts")
+        return True
+
+    def _end(self, ep: Episode, finish: str, count: str) -> None:
+        ep.finish = finish
+        self.counts[count] += 1
+        ep.close()
+
+    def _turn(self, ep: Episode, c, text: str, obs, reward, done, info, env_s: float) -> None:
+        """Record the environment's answer to a call. If the episode goes on, its observation
+        is the next call's context (a segmented environment: a new segment) or is appended to
+        the conversation (in a chat, as a message rendered by the template)."""
+        ep.timings["env"] += env_s
+        ep.rewards.append(float(reward))
+        ep.info.update(info or {})
+        if done or obs is None:
+            ep.finish = c.finish_reason
+        elif ep.calls >= self.cfg.env.max_turns:
+            self._end(ep, "max_turns", "episodes_capped")
+        elif ep.segmented:
+            messages = messages_of(obs, self.cfg.env.system_prompt, self.cfg.env.chat)
+            ep.new_segment(np.asarray(prompt_ids(self.tokenizer, obs, messages), np.int32),
+                           messages)
+        else:
+            if ep.history is None:
+                ids = self.tokenizer(obs, add_special_tokens=False)["input_ids"]
+            else:
+                eos = len(c.token_ids) > 0 and int(c.token_ids[-1]) == self.tokenizer.eos_token_id
+                ids = between_turns(self.tokenizer, ep.history, obs, eos)
+                ep.history += [{"role": "assistant", "content": text},
+                               obs if isinstance(obs, dict) else {"role": "user", "content": obs}]
+            ep.add(np.asarray(ids, np.int32), None, None, policy=False)
+        if ep.finish is None and self.cfg.env.max_tokens and ep.length >= self.cfg.env.max_tokens:
+            self._end(ep, "length", "episodes_capped")
+
+    # -- finished groups and closed segments ------------------------------------------------------
+
+    def _collect(self) -> int:
+        """Send every finished group to the buffer in one call; returns how many went."""
+        done = [g for g in self.groups.values() if g.done]
+        if not done:
+            return 0
+        groups, dropped = [], []
+        for g in done:
+            del self.groups[g.id]
+            rows, lost = self._group_rows(g)
+            groups += [rows] if rows else []
+            dropped += lost
+        self._send(groups, len(done), done[0].version, dropped)
+        return len(done)
+
+    def _group_rows(self, group: _Group) -> tuple[list[Trajectory], list[str]]:
+        """(the rows a finished group trains on, the ids of its episodes dropped): an episode
+        whose environment raised costs its group (`rollout.failure_cost: group`, or when fewer
+        than two episodes would remain) or itself alone (`episode`)."""
+        if group.failed:
+            return [], []
+        failed = [ep for ep in group.episodes if ep.finish == "error"]
+        keep = [ep for ep in group.episodes if ep.finish != "error"]
+        if failed and (self.cfg.rollout.failure_cost == "group" or len(keep) < 2):
+            keep = []
+        self.counts["episodes"] += len(keep)
+        self.counts["trajectories"] += sum(ep.segment + 1 for ep in keep)  # streamed ones too
+        rows = [t for ep in keep for t in ep.final_rows()]
+        return rows, [ep.id for ep in group.episodes if ep not in keep and ep.segmented]
+
+    def _send(self, groups: list[list[Trajectory]], reserved: int, version: int | None,
+              dropped: list[str]) -> None:
+        self._flush(force=True)  # the episodes' earlier segments first
         self.counts["batches"] += 1
         self.counts["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        self.buffer.add(Groups(groups), admission.n_groups, self.engine.version,  # pickles packed
-                        actor=self.incarnation, report=dict(self.counts))
-        return BatchResult.ADDED
+        self.buffer.add(Groups(groups), reserved, version,  # pickles packed
+                        actor=self.incarnation, report=dict(self.counts), dropped=dropped)
+
+    def _flush(self, force: bool = False) -> None:
+        """Send the closed segments of episodes in flight to the buffer (which holds them until
+        their episode ends): every `FLUSH_S` seconds or `FLUSH_BYTES`, or now with `force`."""
+        for g in self.groups.values():
+            for ep in g.episodes:
+                if ep.closed and ep.finish is None:
+                    self.outbox += ep.take_closed()
+        if not self.outbox:
+            return
+        now = time.perf_counter()
+        if force or now - self._last_flush >= FLUSH_S or \
+                sum(t.nbytes for t in self.outbox) >= FLUSH_BYTES:
+            self.counts["segments_sent"] += len(self.outbox)
+            self.buffer.add_segments(Groups([self.outbox]), actor=self.incarnation)
+            self.outbox, self._last_flush = [], now
+
+    # -- weights and the desk ---------------------------------------------------------------------
 
     def sync_weights(self, want: int | None = None) -> bool:
         """Load the newest published weights if newer than the engine's (or exactly `want`)."""
@@ -136,202 +368,134 @@ class RolloutActor:
             self.counts["weight_loads"] += 1
 
     def _inflight_sync(self) -> None:
-        """Between engine steps: load newer weights if the learner published any. Polls the
-        weight store at most every 10 ms (one small Ray call) so fast steps are not slowed."""
+        """Between engine steps: load newer weights if the learner published any."""
+        if self._poll_weights():
+            self.counts["inflight_loads"] += 1
+
+    def _poll_weights(self) -> bool:
+        """Newer weights, if any were published: polls the weight store at most every 10 ms
+        (one small call) so fast steps are not slowed."""
         now = time.perf_counter()
-        if now >= self._next_poll:
-            self._next_poll = now + 0.01
-            if self.sync_weights():
-                self.counts["inflight_loads"] += 1
+        if now < self._next_poll:
+            return False
+        self._next_poll = now + 0.01
+        return self.sync_weights()
+
+    def _serve_desk(self, force: bool = False) -> None:
+        """The driver's requests, at most every 0.2 s unless `force`: actor 0 runs a requested
+        eval with the newest weights (lag mode reloads its order's version after)."""
+        now = time.perf_counter()
+        if self.desk is None or (not force and now < self._next_desk):
+            return
+        self._next_desk = now + 0.2
+        if self.desk.take(self.incarnation):
+            order = next((g.version for g in self.groups.values()), None)
+            self.sync_weights()
+            self.desk.report(self.evaluate())
+            if order is not None and order != self.engine.version:
+                self.sync_weights(want=order)
+
+    # -- batch mode and evals ---------------------------------------------------------------------
+
+    def one_batch(self, timeout: float = 1.0) -> BatchResult:
+        """`rollout.mode: batch`: ask for admission (waiting up to `timeout`), serve the desk,
+        load weights, play one batch of groups to its slowest episode and add it."""
+        n = self.cfg.rollout.prompts_per_batch
+        admission = self.buffer.admit(self.engine.version, n, timeout, actor=self.incarnation)
+        if admission.stop:
+            return BatchResult.STOP
+        self._serve_desk(force=True)
+        self._load(admission.version, admission.published)
+        if not admission.admitted:
+            return BatchResult.REFUSED
+        seeds = self.rng.integers(0, 2**31, size=admission.n_groups)
+        groups = self._play(self.make_env, seeds, self.cfg.rollout.group_size, self.sampling,
+                            self._inflight_sync if self.cfg.engine.inflight_updates else None)
+        rows = [self._group_rows(g)[0] for g in groups]
+        self._send([r for r in rows if r], admission.n_groups, admission.version, [])
+        return BatchResult.ADDED
 
     def rollout_batch(self, n_prompts: int | None = None) -> list[list[Trajectory]]:
-        """n_prompts (default prompts_per_batch) x group_size episodes; returns whole groups."""
-        cfg, G = self.cfg, self.cfg.rollout.group_size
-        seeds = self.rng.integers(0, 2**31, size=n_prompts or cfg.rollout.prompts_per_batch)
-        episodes = self._play(self.make_env, seeds, G, self.sampling,
-                              self._inflight_sync if cfg.engine.inflight_updates else None)
-        return self._groups(episodes, G)
+        """n_prompts (default prompts_per_batch) x group_size episodes played to the end;
+        returns whole groups (a group with a failed episode is dropped)."""
+        seeds = self.rng.integers(0, 2**31, size=n_prompts or self.cfg.rollout.prompts_per_batch)
+        groups = self._play(self.make_env, seeds, self.cfg.rollout.group_size, self.sampling,
+                            self._inflight_sync if self.cfg.engine.inflight_updates else None)
+        return [rows for rows, _ in map(self._group_rows, groups) if rows]
 
     def evaluate(self) -> dict:
         """Greedy reward on the fixed held-out eval set with the weights loaded now, played as
-        training episodes are (multi-turn included), on this actor's engine."""
+        training episodes are (multi-turn and many-call included), on this actor's engine."""
         t0 = time.perf_counter()
         greedy = SamplingParams(max_new_tokens=self.cfg.engine.max_new_tokens, greedy=True,
                                 stop=tuple(self.cfg.engine.stop))
-        episodes = self._play(self.make_eval_env, range(self.cfg.env.eval_size), 1, greedy, None)
-        rewards = [sum(ep.rewards) for ep in episodes]
+        groups = self._play(self.make_eval_env, range(self.cfg.env.eval_size), 1, greedy, None,
+                            count=False)
+        rewards = [sum(ep.rewards) for g in groups for ep in g.episodes]
         return {"eval/reward": float(np.mean(rewards)), "eval/version": self.engine.version,
                 "eval/seconds": time.perf_counter() - t0}
 
-    def _play(self, make_env, seeds, G: int, sampling: SamplingParams,
-              between_steps) -> list["_Episode"]:
-        """G episodes per seed, played to the end. Every turn is one engine call over the
-        episodes still running: the policy's completion goes to the environment, whose
-        observation (if the episode goes on) is appended with loss_mask 0 and version -1, and
-        the next turn generates from the whole conversation. Single-turn tasks are done after
-        the first turn (one engine call)."""
-        env_cfg, episodes = self.cfg.env, []
-        for g, seed in enumerate(seeds):
-            envs = [make_env() for _ in range(G)]
-            prompts = [env.reset(int(seed)) for env in envs]  # one prompt per group
-            messages = messages_of(prompts[0], env_cfg.system_prompt, env_cfg.chat)
-            ids = np.asarray(prompt_ids(self.tokenizer, prompts[0], messages), np.int32)
-            episodes += [_Episode(g, env, ids, messages) for env in envs]  # tokenized once
-        active = episodes
-        while active:
-            t0 = time.perf_counter()
-            completions = self.engine.generate([ep.context() for ep in active], sampling,
-                                               between_steps=between_steps)
-            gen_s = (time.perf_counter() - t0) / len(completions)
-            texts = self.tokenizer.batch_decode([c.token_ids for c in completions],
-                                                skip_special_tokens=True)
-            delays = [self.latency(self.latency_rng) for _ in active]
-            steps = [_start_step(ep.env, text, d, self.pool)
-                     for ep, text, d in zip(active, texts, delays)]
-            start, timeout = time.perf_counter(), env_cfg.timeout_s or None
-            for ep, c, text, step in zip(active, completions, texts, steps):
-                ep.timings["generate"] += gen_s
-                ep.add(c.token_ids, c.logprobs, c.versions, policy=True)
-                left = None if timeout is None else max(0.0, start + timeout - time.perf_counter())
-                try:
-                    result = step.result(timeout=left)
-                except TimeoutError:
-                    ep.finish = "timeout"
-                    self.counts["env_timeouts"] += 1
-                    continue
-                except Exception:  # a bad environment or reward function costs its group
-                    ep.finish = "error"
-                    continue
-                self._turn(ep, c, text, *result)
-            active = [ep for ep in active if ep.finish is None]
-        return episodes
-
-    def _turn(self, ep: "_Episode", c, text: str, obs, reward, done, info, env_s: float) -> None:
-        """Record the environment's answer to a turn; append its observation if it goes on
-        (in a chat, as a message rendered by the template, with the turn markup around it)."""
-        ep.timings["env"] += env_s
-        ep.rewards.append(float(reward))
-        ep.info.update(info or {})
-        if done or obs is None:
-            ep.finish = c.finish_reason
-        elif len(ep.rewards) >= self.cfg.env.max_turns:
-            ep.finish = "max_turns"
-        else:
-            if ep.history is None:
-                ids = self.tokenizer(obs, add_special_tokens=False)["input_ids"]
-            else:
-                eos = len(c.token_ids) > 0 and int(c.token_ids[-1]) == self.tokenizer.eos_token_id
-                ids = between_turns(self.tokenizer, ep.history, obs, eos)
-                ep.history += [{"role": "assistant", "content": text},
-                               obs if isinstance(obs, dict) else {"role": "user", "content": obs}]
-            ep.add(np.asarray(ids, np.int32), None, None, policy=False)
-            if self.cfg.env.max_tokens and ep.length >= self.cfg.env.max_tokens:
-                ep.finish = "length"
-
-    def _groups(self, episodes: list["_Episode"], G: int) -> list[list[Trajectory]]:
-        """Trajectories grouped by prompt; a group with a failed episode is dropped (counted)."""
+    def _play(self, make, seeds, n: int, sampling: SamplingParams, between_steps,
+              count: bool = True) -> list[_Group]:
+        """n episodes per seed played to the end, every call one engine call over the episodes
+        still running."""
         groups = []
-        for g in range(0, len(episodes), G):
-            eps = episodes[g:g + G]
-            if any(ep.finish == "error" for ep in eps):
-                self.counts["env_errors"] += 1
-                continue
-            group_id = f"{self.actor_id}-{uuid.uuid4().hex[:12]}"
-            groups.append([ep.trajectory(f"{group_id}-{k}", group_id, self.cfg.env.name)
-                           for k, ep in enumerate(eps)])
-            self.counts["trajectories"] += len(eps)
+        for seed in seeds:
+            group = _Group(f"{self.actor_id}-{uuid.uuid4().hex[:12]}", int(seed))
+            try:
+                group.episodes = self._episodes(make, group.id, int(seed), n)
+            except Exception as e:
+                group.failed = True
+                self.failures.record(group.id, 0, e, self.counts)
+            groups.append(group)
+        saved = self.counts
+        if not count:  # evals are not training work
+            self.counts = dict(saved)
+        while live := [ep for g in groups for ep in g.episodes if ep.finish is None]:
+            self._call(live, sampling, between_steps)
+        self.counts = saved
         return groups
 
 
-def _start_step(env, text: str, delay: float, pool: "_StepPool | None") -> Future:
-    """A Future of `_timed_step`: on the pool's threads, or run inline (already done)."""
-    if pool is not None:
-        return pool.submit(partial(_timed_step, env, text, delay))
-    fut: Future = Future()
+def context_limit(cfg: Config, model_path: str) -> int:
+    """The longest context the engine takes (`engine.max_model_len`, else the model's
+    `max_position_embeddings`); 0 when unknown."""
+    if cfg.engine.max_model_len:
+        return cfg.engine.max_model_len
     try:
-        fut.set_result(_timed_step(env, text, delay))
-    except Exception as e:
-        fut.set_exception(e)
-    return fut
+        return int(json.loads((Path(model_path) / "config.json").read_text())
+                   .get("max_position_embeddings") or 0)
+    except (OSError, ValueError):
+        return 0
 
 
-class _StepPool:
-    """Daemon threads that run environment steps, reused across turns and batches.
+class FailureLog:
+    """Environment failures, so that none passes unseen: the first one's traceback on stderr,
+    then the count and rate every 30 s; the tracebacks (the first 100) in the run folder's
+    `env_errors.log` when the folder is on this node."""
 
-    Starting a thread per step cost about 0.4 ms of CPU each (a third of a 128-episode batch's
-    CPU with 4 turns). Daemon threads cannot block the process from exiting, and a hung step
-    only keeps its own thread: a new one is started whenever no idle thread is left for a job.
-    """
+    KEEP = 100
 
-    def __init__(self):
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.idle = self.queued = 0
+    def __init__(self, actor_id: int, run_dir: str):
+        self.actor_id, self.n, self.last_said = actor_id, 0, 0.0
+        self.path = Path(run_dir) / "env_errors.log" if run_dir and Path(run_dir).is_dir() \
+            else None
 
-    def submit(self, fn) -> Future:
-        fut: Future = Future()
-        with self.lock:
-            self.queued += 1
-            if self.queued > self.idle:  # every queued job has an idle thread to take it
-                self.idle += 1
-                threading.Thread(target=self._work, daemon=True, name="env-step").start()
-        self.jobs.put((fn, fut))
-        return fut
-
-    def _work(self) -> None:
-        while True:
-            fn, fut = self.jobs.get()
-            with self.lock:
-                self.queued -= 1
-                self.idle -= 1
-            try:
-                fut.set_result(fn())
-            except Exception as e:
-                fut.set_exception(e)
-            with self.lock:
-                self.idle += 1
-
-
-def _timed_step(env, text: str, delay: float):
-    """One environment step after `delay` seconds of simulated latency (on a pool thread)."""
-    t0 = time.perf_counter()
-    if delay > 0:
-        time.sleep(delay)
-    obs, reward, done, info = env.step(text)
-    return obs, reward, done, info, time.perf_counter() - t0
-
-
-class _Episode:
-    """One episode being generated: the prompt, then policy and environment tokens in turn."""
-
-    def __init__(self, group: int, env, prompt_ids: np.ndarray, messages=None):
-        self.group, self.env, self.prompt_ids = group, env, prompt_ids
-        self.history = None if messages is None else list(messages)  # a chat's messages so far
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        self.rewards: list[float] = []
-        self.info: dict = {}
-        self.timings = {"generate": 0.0, "env": 0.0}
-        self.finish: str | None = None
-        self.length = 0
-
-    def add(self, ids, logprobs, versions, policy: bool) -> None:
-        n = len(ids)
-        self.parts.append((np.asarray(ids, np.int32),
-                           np.full(n, int(policy), np.int8),
-                           np.asarray(logprobs, np.float32) if policy else np.zeros(n, np.float32),
-                           np.asarray(versions, np.int32) if policy else np.full(n, -1, np.int32)))
-        self.length += n
-
-    def context(self) -> list[int]:
-        """Prompt and every token so far: what the next turn generates from."""
-        return np.concatenate([self.prompt_ids] + [p[0] for p in self.parts]).tolist()
-
-    def trajectory(self, id: str, group_id: str, env_name: str) -> Trajectory:
-        ids, mask, lp, versions = (np.concatenate(x) for x in zip(*self.parts))
-        return Trajectory(
-            id=id, group_id=group_id, prompt_ids=self.prompt_ids, completion_ids=ids,
-            loss_mask=mask, behavior_logprobs=lp, versions=versions,
-            reward=float(sum(self.rewards)), env=env_name, finish_reason=self.finish,
-            timings=self.timings,
-            info={**self.info, "turns": len(self.rewards), "turn_rewards": self.rewards}
-            if len(self.rewards) > 1 else self.info)
+    def record(self, episode: str, call: int, error: BaseException, counts: dict) -> None:
+        self.n += 1
+        text = "".join(traceback.format_exception(error)).rstrip()
+        if self.path is not None and self.n <= self.KEEP:
+            with open(self.path, "a") as f:
+                f.write(f"actor {self.actor_id}, episode {episode}, call {call}:\n{text}\n\n")
+        now = time.monotonic()
+        if self.n == 1:
+            where = f"; tracebacks in {self.path}" if self.path else ""
+            print(f"rollout actor {self.actor_id}: an environment step raised (episode "
+                  f"{episode}, call {call}); its episode is dropped and counted as env_errors"
+                  f"{where}:\n{text}", file=sys.stderr, flush=True)
+            self.last_said = now
+        elif now - self.last_said >= 30:
+            started = max(counts.get("episodes", 0) + self.n, 1)
+            print(f"rollout actor {self.actor_id}: {self.n} environment failures so far "
+                  f"(about {self.n / started:.0%} of its episodes)", file=sys.stderr, flush=True)
+            self.last_said = now

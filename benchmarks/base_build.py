@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from offpolicy.runtime.validate import load_config
-from offpolicy.core.machine import environment_info
+from offpolicy.core.process import environment_info
 from offpolicy.models.loading import load_policy
 from offpolicy.models.sources import ensure_base_model
 from offpolicy.models.tiny import BuildError, build_info, evaluate

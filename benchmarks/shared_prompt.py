@@ -34,7 +34,7 @@ from offpolicy.learner.learner import Learner  # noqa: E402
 from offpolicy.models.loading import cache_root, load_tokenizer  # noqa: E402
 from offpolicy.models.sources import resolve_model_path  # noqa: E402
 from offpolicy.config.plan import RunPlan  # noqa: E402
-from offpolicy.core.machine import setup_process  # noqa: E402
+from offpolicy.core.process import setup_process  # noqa: E402
 from offpolicy.core.types import Batch, Trajectory  # noqa: E402
 from offpolicy.weights.sync import LocalSync  # noqa: E402
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from offpolicy.buffer.ledger import STORE_FATES
 from offpolicy.buffer.samplers import PRIORITIES, SAMPLERS, pass_rate
-from offpolicy.buffer.store import Group
+from offpolicy.buffer.store import Group, fresh_version
 
 
 @dataclass
@@ -36,14 +36,14 @@ class Entry:
 
     group: Group
     seq: int           # arrival number: age order, and tells a live heap item from a dead one
-    min_version: int   # oldest policy token (what staleness bounds)
+    min_version: int   # what staleness bounds (`store.fresh_version`)
     nbytes: int
     pass_rate: float
     uses: int = 0
 
     @classmethod
     def of(cls, group: Group, seq: int, uses: int = 0) -> "Entry":
-        return cls(group, seq, min(t.min_version() for t in group),
+        return cls(group, seq, fresh_version(group),
                    sum(t.nbytes for t in group), pass_rate(group), uses)
 
 
@@ -89,7 +89,8 @@ class BoundStore:
     # -- admission ------------------------------------------------------------------------------
 
     def admit(self, n_groups: int, version: int, next_version: int, published: int,
-              reserved: int, survival: float) -> tuple[int | None, int] | None:
+              reserved: int, survival: float,
+              pending_rows: int = 0) -> tuple[int | None, int] | None:
         """(None, n_groups) when a batch started now by an actor at `version` (it loads
         `published` first) would be fresh enough when consumed, else None (wait)."""
         ahead = self.unused + reserved
@@ -130,10 +131,13 @@ class BoundStore:
         self.nbytes += e.nbytes
         self.unused += 1
 
-    def fit_capacity(self) -> None:
+    def rows(self):
+        return (t for e in self.entries.values() for t in e.group)
+
+    def fit_capacity(self, reserve_bytes: int = 0) -> None:
         """Evict the oldest groups (counted) while over either capacity."""
         while self.entries and (self.size > self.capacity or (
-                self.capacity_bytes and self.nbytes > self.capacity_bytes)):
+                self.capacity_bytes and self.nbytes + reserve_bytes > self.capacity_bytes)):
             self._remove(next(iter(self.age)), "evicted_capacity")
 
     def _remove(self, slot: int, reason: str) -> Entry:

@@ -47,7 +47,7 @@ class LagStore:
     # -- admission ------------------------------------------------------------------------------
 
     def admit(self, n_groups: int, version: int, next_version: int, published: int,
-              reserved: int, survival: float) -> tuple[int, int] | None:
+              reserved: int, survival: float, pending_rows: int = 0) -> tuple[int, int] | None:
         """A work order (version, groups) for the oldest version still short, reserved; None
         while every version up to `published` has enough groups made or on order.
         `survival`: the share of new groups expected to survive filtering."""
@@ -89,7 +89,10 @@ class LagStore:
         self.size += len(g)
         self.nbytes += sum(t.nbytes for t in g)
 
-    def fit_capacity(self) -> None:
+    def rows(self):
+        return (t for q in self.by_version.values() for g in q for t in g)
+
+    def fit_capacity(self, reserve_bytes: int = 0) -> None:
         """Never evicts: every stored group feeds an update that will wait for it."""
 
     # -- the learner's side ---------------------------------------------------------------------

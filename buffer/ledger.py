@@ -1,37 +1,41 @@
 """The buffer's ledger: where every episode went, so that none goes missing silently.
 
-Reads: the buffer's events (admitted, added, dropped by an actor, lost with a dead actor) and,
-at `summary`, what became of the added trajectories (the buffer's `filtered`, the store's
-fates: retired, evicted). Writes: its own `counts` (in trajectories) and `summary()`, the check
-that admitted = added + env_errors + lost + in_flight and that added = filtered + retired +
-evicted + in the buffer.
+Reads: the buffer's events (admitted, arrived, dropped by an actor, lost with a dead actor, in
+flight when the run ended) and, at `summary`, what became of the arrived rows (the buffer's
+`filtered`, the store's fates: retired, evicted). Writes: its own `counts` and `summary()`:
+the check that admitted = arrived + env_errors + lost + unfinished + in flight, in episodes,
+and that added = filtered + retired + evicted + in the buffer, in rows (a row is an episode,
+or one segment of a long one).
 
 Each count has one owner: the ledger counts admission and delivery (`COUNTS`), the buffer what
-arrives (added, filtered), the store what leaves it (`STORE_FATES`).
+arrives (added rows, episodes, filtered), the store what leaves it (`STORE_FATES`).
 
-An actor has one batch at a time. Each actor incarnation (`Incarnation`: a restarted actor is a
-new one) owes the batch it was admitted for until it adds it; when a newer incarnation of the
-same actor shows up, the older one died and its batch is lost.
+An actor may have many groups in flight (the continuous actor refills each free slot). Each
+actor incarnation (`Incarnation`: a restarted actor is a new one) owes the groups it was
+admitted for until it adds them; when a newer incarnation of the same actor shows up, the older
+one died and its groups are lost.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from offpolicy.core.types import Incarnation
 
-COUNTS = ("admitted", "env_errors", "lost", "in_flight")
-"""In episodes: admitted batches end up added, dropped by the actor (env_errors), lost with a
-dead actor, or are still in flight."""
+COUNTS = ("admitted", "env_errors", "lost", "unfinished", "in_flight")
+"""In episodes: admitted groups end up arrived, dropped by the actor (env_errors), lost with a
+dead actor, unfinished when the run ended, or are still in flight."""
 STORE_FATES = ("retired", "evicted_staleness", "evicted_capacity", "evicted_surplus")
-"""What a store counts as trajectories leave it (bound.py, lag.py)."""
+"""What a store counts as rows leave it (bound.py, lag.py, rows.py)."""
 
 
 class Ledger:
     def __init__(self, group_size: int):
         self.group_size = group_size
         self.counts = dict.fromkeys(COUNTS, 0)
-        # the batch each incarnation was admitted for and has not added yet:
-        # (groups, lag-mode version or None)
-        self.outstanding: dict[Incarnation, tuple[int, int | None]] = {}
+        # the groups each incarnation was admitted for and has not added yet, by lag-mode
+        # work-order version (None in bound mode)
+        self.outstanding: dict[Incarnation, dict[int | None, int]] = {}
         self.reports: dict[Incarnation, dict] = {}  # each incarnation's last reported counts
 
     def order(self, n_groups: int, actor: Incarnation | None, version: int | None) -> None:
@@ -40,53 +44,63 @@ class Ledger:
         self.counts["admitted"] += episodes
         self.counts["in_flight"] += episodes
         if actor is not None:
-            self.outstanding[actor] = (n_groups, version)
+            owed = self.outstanding.setdefault(actor, defaultdict(int))
+            owed[version] += n_groups
 
     def dead_incarnations(self, actor: Incarnation) -> list[Incarnation]:
-        """Earlier incarnations of `actor`'s actor that still owe a batch: they died."""
+        """Earlier incarnations of `actor`'s actor that still owe groups: they died."""
         return [k for k in self.outstanding if k.actor == actor.actor and k != actor]
 
-    def lose(self, actor: Incarnation) -> tuple[int, int | None]:
-        """`actor` is dead: its batch will never arrive. Returns (groups, version) owed, whose
-        reservation the buffer releases."""
-        n_groups, version = self.outstanding.pop(actor)
-        self.counts["lost"] += n_groups * self.group_size
-        self.counts["in_flight"] -= n_groups * self.group_size
-        return n_groups, version
+    def lose(self, actor: Incarnation, fate: str = "lost") -> dict[int | None, int]:
+        """`actor` is dead (`lost`), or the run ended (`unfinished`): its groups will never
+        arrive. Returns the groups owed by version, whose reservations the buffer releases."""
+        owed = self.outstanding.pop(actor)
+        episodes = sum(owed.values()) * self.group_size
+        self.counts[fate] += episodes
+        self.counts["in_flight"] -= episodes
+        return owed
 
-    def arrived(self, reserved: int, n_groups: int, actor: Incarnation | None,
-                report: dict | None) -> None:
-        """An admitted batch of `reserved` groups arrived with `n_groups` of them (the actor
-        dropped the rest: an environment failed)."""
+    def arrived(self, reserved: int, episodes: int, actor: Incarnation | None,
+                version: int | None, report: dict | None) -> None:
+        """`reserved` admitted groups ended with `episodes` episodes arriving (the actor dropped
+        the rest: an environment failed)."""
         if reserved:
             self.counts["in_flight"] -= reserved * self.group_size
-            self.counts["env_errors"] += (reserved - n_groups) * self.group_size
+            self.counts["env_errors"] += reserved * self.group_size - episodes
         if actor is not None:
-            self.outstanding.pop(actor, None)
+            owed = self.outstanding.get(actor)
+            if owed is not None:
+                owed[version] -= reserved
+                if owed[version] <= 0:
+                    del owed[version]
+                if not owed:
+                    del self.outstanding[actor]
             if report is not None:
                 self.reports[actor] = report
 
     def forget_in_flight(self) -> None:
-        """After a restore: batches being generated at the snapshot belong to the processes
+        """After a restore: groups being generated at the snapshot belong to the processes
         that wrote it, and never arrive here."""
         self.outstanding.clear()
         self.counts["lost"] += self.counts["in_flight"]
         self.counts["in_flight"] = 0
 
-    def summary(self, added: int, filtered: int, store_fates: dict[str, int],
+    def summary(self, added: int, episodes: int, filtered: int, store_fates: dict[str, int],
                 in_buffer: int) -> dict:
-        """Where every episode went, in trajectories, given what arrived (`added`, of which
-        `filtered` were dropped on arrival) and the store's fates; `balanced` is the check
-        that nothing went missing."""
+        """Where every episode went, given what arrived (`episodes`, in `added` rows, of which
+        `filtered` were dropped on arrival) and the store's fates (rows); `balanced` is the
+        check that nothing went missing."""
         c = self.counts
         fates = {"filtered": filtered, **{k: store_fates[k] for k in STORE_FATES},
                  "in_buffer": in_buffer}
-        out = {"admitted": c["admitted"], "added": added, "env_errors": c["env_errors"],
-               "lost": c["lost"], "in_flight": c["in_flight"], **fates,
+        out = {"admitted": c["admitted"], "episodes": episodes, "added": added,
+               "env_errors": c["env_errors"], "lost": c["lost"], "unfinished": c["unfinished"],
+               "in_flight": c["in_flight"], **fates,
                "actors_reported": sum(r.get("trajectories", 0) for r in self.reports.values())}
         out["balanced"] = (
             added == sum(fates.values())
-            and c["admitted"] == added + c["env_errors"] + c["lost"] + c["in_flight"]
+            and c["admitted"] == episodes + c["env_errors"] + c["lost"] + c["unfinished"]
+            + c["in_flight"]
             # actors count what they sent; a group lost between actor and buffer shows here
             and (not self.reports or out["actors_reported"] == added))
         return out

@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from offpolicy.algorithms.advantages import grpo
-from offpolicy.buffer.store import Group
+from offpolicy.buffer.store import Group, episode_rewards
 from offpolicy.core.registry import Registry
 
 # -- priorities -----------------------------------------------------------------------------------
@@ -38,9 +38,10 @@ register_priority = PRIORITIES.register  # @register_priority("name") on fn(grou
 
 
 def pass_rate(group: Group) -> float:
-    """Share of the group that passed: rewards are read as pass probabilities, clipped to
-    [0, 1] (verifiable rewards are 1 for a correct answer and 0 otherwise)."""
-    return sum(min(max(t.reward, 0.0), 1.0) for t in group) / len(group)
+    """Share of the group's episodes that passed: rewards are read as pass probabilities,
+    clipped to [0, 1] (verifiable rewards are 1 for a correct answer and 0 otherwise)."""
+    rewards = episode_rewards(group)
+    return sum(min(max(r, 0.0), 1.0) for r in rewards) / len(rewards)
 
 
 def binary_entropy(p: float) -> float:
@@ -61,8 +62,8 @@ def pass_rate_priority(group: Group) -> float:
 @register_priority("advantage")
 def advantage_priority(group: Group) -> float:
     """Mean absolute GRPO advantage of the group (0 when every reward is equal)."""
-    rewards = np.array([t.reward for t in group], dtype=np.float64)
-    return float(np.abs(grpo(rewards, np.zeros(len(group), dtype=np.int64))).mean())
+    rewards = np.array(episode_rewards(group), dtype=np.float64)
+    return float(np.abs(grpo(rewards, np.zeros(len(rewards), dtype=np.int64))).mean())
 
 
 # -- samplers -------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""The Store protocol: what the replay buffer asks of its storage engine, in either mode.
+"""The Store protocol: what the replay buffer asks of its storage engine, in any mode, and
+what a stored group is made of.
 
 Reads: nothing. Writes: nothing. `ReplayBuffer` (replay.py) holds one store and calls only
 these members, under its lock. The implementations: `BoundStore` (bound.py, bounded
-staleness, a sampler, capacity, reuse) and `LagStore` (lag.py, work orders for the exact
-version t - k). A store counts what leaves it in its own `fates` (the ledger's
-`STORE_FATES`); what arrives is the buffer's count.
+staleness, a sampler, capacity, reuse), `LagStore` (lag.py, work orders for the exact
+version t - k) and `RowStore` (rows.py, batches sized in rows). A store counts what leaves it
+in its own `fates` (the ledger's `STORE_FATES`); what arrives is the buffer's count.
+
+A group is the rows of its episodes: one row per episode, or one per segment of an episode
+made of many calls. The functions below see it episode by episode.
 """
 
 from __future__ import annotations
@@ -16,6 +20,32 @@ import numpy as np
 from offpolicy.core.types import Trajectory
 
 Group = list[Trajectory]
+
+
+def episodes_of(group: Group) -> dict[str, list[Trajectory]]:
+    """The group's rows by episode, in order."""
+    out: dict[str, list[Trajectory]] = {}
+    for t in group:
+        out.setdefault(t.episode, []).append(t)
+    return out
+
+
+def episode_rewards(group: Group) -> list[float]:
+    """One reward per episode (an episode's rows all carry its reward)."""
+    if all(not t.episode_id for t in group):  # one row per episode
+        return [t.reward for t in group]
+    return [rows[0].reward for rows in episodes_of(group).values()]
+
+
+def fresh_version(group: Group) -> int:
+    """The version the staleness bound measures a group by: the oldest policy token of each
+    episode's last segment, the oldest over its episodes. For one-row episodes, their oldest
+    token; a long episode's earlier segments outlast the bound by nature and are not what it
+    measures (docs/long_episodes.md)."""
+    if all(not t.episode_id for t in group):
+        return min(t.min_version() for t in group)
+    return min(max(rows, key=lambda t: t.segment).min_version()
+               for rows in episodes_of(group).values())
 
 
 class Store(Protocol):
@@ -38,9 +68,11 @@ class Store(Protocol):
 
     # actors
     def admit(self, n_groups: int, version: int, next_version: int, published: int,
-              reserved: int, survival: float) -> tuple[int | None, int] | None:
+              reserved: int, survival: float,
+              pending_rows: int = 0) -> tuple[int | None, int] | None:
         """(work-order version or None, groups) for a batch an actor at `version` may start
-        now, or None: wait. `survival` is the recent share of groups kept by filtering."""
+        now, or None: wait. `survival` is the recent share of groups kept by filtering;
+        `pending_rows` the segments of episodes in flight already in the buffer."""
 
     def release(self, version: int | None, n_groups: int) -> None:
         """`n_groups` of an order for `version` arrived or died: no longer on order."""
@@ -54,8 +86,12 @@ class Store(Protocol):
     def add(self, group: Group) -> None:
         """Store one group (it passed the buffer's filter)."""
 
-    def fit_capacity(self) -> None:
-        """Evict, counted, until within capacity."""
+    def rows(self):
+        """Every stored row (an iterator)."""
+
+    def fit_capacity(self, reserve_bytes: int = 0) -> None:
+        """Evict, counted, until within capacity, `reserve_bytes` of it taken elsewhere (the
+        buffer's segments of episodes in flight)."""
 
     # the learner
     def available(self, version: int) -> int:

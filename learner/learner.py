@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from offpolicy.algorithms.advantages import ADVANTAGES
+from offpolicy.algorithms.advantages import ADVANTAGES, episode_advantages
 from offpolicy.algorithms.logprobs import first_target
 from offpolicy.algorithms.losses import (LOSSES, LossInputs, importance_diagnostics,
                                          kl_penalty, regularized)
@@ -73,7 +73,7 @@ class Learner:
             self.reference.to(self.device).eval().requires_grad_(False)
         self.version = 0  # optimizer steps taken; the base model is version 0
         self.published_version = 0  # actors start with the base model
-        self.samples = 0
+        self.samples = self.tokens = 0  # rows and policy tokens trained
         self.nonfinite_skipped = 0  # steps skipped for a NaN/inf loss or gradient
         self.started = time.perf_counter()
         leader = self.parallel.leader
@@ -102,6 +102,7 @@ class Learner:
             batch = self.parallel.share(self._sample() if self.parallel.leader else None)
         with spans("prepare"):
             d = batch.padded(self.tokenizer.pad_token_id).map(torch.from_numpy)   # (B, T) each
+            stale = self._stale_tokens(d, batch.version)
         parity = {}
         if self.parity is not None and self.parity.due(self.version):
             with spans("parity"):
@@ -110,8 +111,20 @@ class Learner:
         if self.version % self.plan.sync_every == 0 and self.parallel.publishes:
             with spans("publish"):
                 self.publish()
-        return self._metrics(batch, d, logprobs, {**tensors, "learner/loss": loss}, parity,
-                             spans)
+        return self._metrics(batch, d, logprobs, {**tensors, **stale, "learner/loss": loss},
+                             parity, spans)
+
+    def _stale_tokens(self, d: PaddedBatch, version: int) -> dict[str, torch.Tensor]:
+        """Policy tokens older than the staleness bound: a long episode outlasts it by nature
+        (its first segments were sampled many versions ago). They are trained with the loss's
+        correction (`buffer.stale_tokens: train`) or left out of the loss (`mask`); either way
+        counted. Returns the `staleness/beyond_bound*` metrics."""
+        beyond = d.loss_mask.bool() & (d.versions < version - self.plan.max_staleness)
+        out = {"staleness/beyond_bound_frac": beyond.sum() / d.loss_mask.sum().clamp(min=1)}
+        if self.plan.stale_tokens == "mask":
+            d.loss_mask = d.loss_mask * ~beyond
+            out["staleness/masked_tokens"] = beyond.sum()
+        return out
 
     def _sample(self) -> Batch:
         """The leader waits for this version's batch."""
@@ -173,18 +186,22 @@ class Learner:
         tensors["learner/grad_norm"] = grad_norm
 
     def _advantages(self, batch: Batch, d: PaddedBatch) -> torch.Tensor:
-        """(B,) advantages: the loss's own estimator when it has one (given each row's summed
-        log(pi_prox / mu), 0 without a proximal pass), else `learner.advantage`; times
-        prioritized replay's importance weights."""
-        rewards, groups = batch.rewards(), batch.group_index()
-        if self.loss.advantage is None:
-            adv = self.advantage_fn(rewards, groups)
-        else:
-            mask, prox = d.loss_mask, d.proximal_logprobs
-            log_w = (np.zeros(len(mask)) if prox is None else
-                     ((prox - d.behavior_logprobs) * mask).sum(-1).double().numpy())
-            adv = self.advantage_fn(rewards, groups, log_w, mask.sum(-1).numpy(),
-                                    **self.advantage_params)
+        """(B,) each row's advantage: the buffer's when it computed them (batches sized in
+        rows), else over the batch's episodes with the loss's own estimator when it has one
+        (given each episode's summed log(pi_prox / mu), 0 without a proximal pass) or
+        `learner.advantage`; times prioritized replay's importance weights."""
+        adv = batch.given_advantages()
+        if adv is None:
+            rows, rewards, groups = batch.episodes()
+            if self.loss.advantage is None:
+                adv = episode_advantages(self.advantage_fn, rows, rewards, groups)
+            else:
+                mask, prox = d.loss_mask, d.proximal_logprobs
+                log_w = (np.zeros(len(mask)) if prox is None else
+                         ((prox - d.behavior_logprobs) * mask).sum(-1).double().numpy())
+                adv = episode_advantages(self.advantage_fn, rows, rewards, groups, log_w,
+                                         mask.sum(-1).double().numpy(),
+                                         **self.advantage_params)
         adv = torch.from_numpy(adv)
         if batch.weights is not None:  # prioritized replay's importance weights, (B,)
             adv = adv * torch.from_numpy(batch.weights)
@@ -267,7 +284,7 @@ class Learner:
         prox = lp.detach() if c.proximal_logprobs is None else c.proximal_logprobs
         inputs = LossInputs(logprobs=lp, behavior_logprobs=c.behavior_logprobs,
                             advantages=adv.expand_as(lp), mask=c.loss_mask,
-                            proximal_logprobs=prox)
+                            proximal_logprobs=prox, row_weights=c.row_weights)
         loss, m = self.loss(inputs, **self.loss_params)
         loss, reg = regularized(loss, c.loss_mask, entropy, cfg.loss.entropy_coef, kl,
                                 cfg.loss.kl_coef)
@@ -278,8 +295,12 @@ class Learner:
         """The step's metrics, all in one place: tensors become numbers here, once."""
         self.samples += len(batch)
         mask = d.loss_mask                                                      # (B, T)
+        self.tokens += int(mask.sum())
         staleness = (batch.version - d.versions[mask.bool()]).float()
+        if not len(staleness):  # every token left out (masked as stale): nothing to describe
+            staleness = torch.zeros(1)
         tensors.update(importance_diagnostics(logprobs, d.behavior_logprobs, mask))
+        tensors.update(_staleness_by_position(batch, d))
         tensors.update({"learner/tokens": mask.sum(), "rollout/completion_len":
                         mask.sum(1).float().mean(),
                         # policy turns per episode: runs of loss_mask 1 (env tokens between)
@@ -290,13 +311,15 @@ class Learner:
                    "learner/nonfinite_skipped": self.nonfinite_skipped,
                    **self.parallel.metrics(),
                    "learner/batch_size": len(batch),
-                   "rollout/reward_mean": float(batch.rewards().mean()),
+                   "rollout/reward_mean": float(batch.episodes()[1].mean()),
                    "staleness/hist": {str(int(k)): int(n) for k, n in
                                       zip(*torch.unique(staleness, return_counts=True))},
                    **parity, **batch.stats, **spans.metrics(),
                    "memory/learner_peak_rss_mb": peak_rss_mb(),
                    "throughput/samples_per_s":
-                   self.samples / (time.perf_counter() - self.started)}
+                   self.samples / (time.perf_counter() - self.started),
+                   "throughput/tokens_per_s":
+                   self.tokens / (time.perf_counter() - self.started)}
         metrics["learner/tokens"] = int(metrics["learner/tokens"])
         return metrics
 
@@ -362,3 +385,18 @@ class Learner:
         if self.parallel.publishes:
             self.publish()
         return self.version
+
+
+def _staleness_by_position(batch: Batch, d: PaddedBatch) -> dict[str, torch.Tensor]:
+    """Mean staleness of the policy tokens of multi-segment episodes by where their segment
+    sits in its episode, in quarters (`staleness/segment_q1` first .. `q4` last); {} when the
+    batch has no such rows."""
+    seg = torch.tensor([t.segment for t in batch.trajectories])
+    n = torch.tensor([t.segments for t in batch.trajectories])
+    if not bool((n > 1).any()):
+        return {}
+    quarter = torch.where(n > 1, (4 * seg) // n, -1).clamp(max=3)                  # (B,)
+    stale = ((batch.version - d.versions) * d.loss_mask).sum(1).double()           # (B,)
+    tokens = d.loss_mask.sum(1).double()
+    return {f"staleness/segment_q{q + 1}": stale[quarter == q].sum()
+            / tokens[quarter == q].sum().clamp(min=1) for q in range(4)}

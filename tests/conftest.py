@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offpolicy.core.machine import setup_process
+from offpolicy.core.process import setup_process
 
 setup_process(threads=1)  # before transformers is imported
 

@@ -171,7 +171,7 @@ def test_reasoning_gym_adapter_wraps_any_dataset_by_name():
 
 
 def test_step_pool_reuses_threads_and_survives_a_hung_step():
-    from offpolicy.actors.rollout import _StepPool
+    from offpolicy.actors.episodes import StepPool as _StepPool
 
     pool = _StepPool()
     release = threading.Event()

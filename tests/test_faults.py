@@ -42,13 +42,15 @@ def test_ledger_counts_a_dead_actors_batch_as_lost_and_balances():
     assert buf.reserved == 1  # the dead batch's reservation is released
     assert len(buf.sample(0)) == 8  # a1 and a2 trained on
     ledger = buf.ledger()
-    expected = {"admitted": 32, "added": 16, "env_errors": 4, "lost": 8, "in_flight": 4,
-                "filtered": 4, "retired": 8, "evicted_staleness": 0, "evicted_capacity": 0,
-                "evicted_surplus": 0, "in_buffer": 4, "actors_reported": 16, "balanced": True}
-    assert ledger == expected
-    # at the end every actor has stopped: what is still owed died with its actor
+    expected = {"admitted": 32, "episodes": 16, "added": 16, "env_errors": 4, "lost": 8,
+                "unfinished": 0, "in_flight": 4, "filtered": 4, "retired": 8,
+                "evicted_staleness": 0, "evicted_capacity": 0, "evicted_surplus": 0,
+                "in_buffer": 4, "actors_reported": 16, "balanced": True}
+    assert {k: ledger[k] for k in expected} == expected
+    # at the end every actor has stopped: what is still owed was in flight when the run ended
     final = buf.ledger(final=True)
-    assert (final["lost"], final["in_flight"], final["balanced"]) == (12, 0, True)
+    assert (final["lost"], final["unfinished"], final["in_flight"], final["balanced"]) == (
+        8, 4, 0, True)
     buf.counts["added"] += 4  # a group counted on arrival but never stored: caught
     assert not buf.ledger()["balanced"]
 

@@ -35,12 +35,12 @@ def test_rollout_actor_tags_versions_and_loads_weights(model_dir):
     cfg = fast_config(model_dir)
     buf, sync = ReplayBuffer(4, max_staleness=8, capacity=1000), LocalSync()
     actor = RolloutActor(cfg, 0, str(model_dir), buf, sync)
-    actor.run(max_batches=1)
+    actor.run(max_steps=1)
     state = cpu_state(actor.engine.model)
     state = {k: v + 0.01 for k, v in state.items()}
     sync.publish(state, 3)
     buf.publish(3)
-    actor.run(max_batches=2)
+    actor.run(max_steps=2)
     batch = buf.sample(version=3, timeout=0)
     groups = {}
     for t in batch.trajectories:
@@ -447,7 +447,8 @@ def test_env_timeouts_and_errors_are_counted_and_latency_runs_concurrently(model
         assert actor.counts["env_timeouts"] == 8
         assert all(t.finish_reason == "timeout" and t.reward == 0.0 for g in groups for t in g)
         actor = actor_for(fail=True)
-        assert actor.rollout_batch() == [] and actor.counts["env_errors"] == 2  # both groups
+        # every episode raised (8 counted), and each one costs its group: both are dropped
+        assert actor.rollout_batch() == [] and actor.counts["env_errors"] == 8
         # through the buffer: the ledger counts the dropped episodes, and a cut one arrives
         assert actor.one_batch(timeout=0) is BatchResult.ADDED
         ledger = actor.buffer.ledger()

@@ -1,20 +1,40 @@
 """Advantage estimators over GRPO groups: pure numpy functions picked from `ADVANTAGES`.
 
-Reads: rewards (B,) and group index (B,). Writes: nothing. Returns (B,) float32 advantages,
-one per trajectory; the learner broadcasts them over the trajectory's policy tokens.
+Reads: rewards (E,) and group index (E,), one per episode. Writes: nothing. Returns (E,)
+float32 advantages, one per episode; `episode_advantages` gives them to the episode's rows (its
+segments), and the learner broadcasts a row's over its policy tokens. Group-relative
+estimators compare the episodes of a group, never their segments.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from offpolicy.core.registry import Registry
+from offpolicy.core.types import episode_index
 
 AdvantageFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 ADVANTAGES: Registry[AdvantageFn] = Registry("learner.advantage")
 register_advantage = ADVANTAGES.register  # @register_advantage("name") on fn(rewards, groups)
+
+
+def episode_advantages(fn: Callable, rows: np.ndarray, rewards: np.ndarray, groups: np.ndarray,
+                       row_log_w: np.ndarray | None = None,
+                       row_lengths: np.ndarray | None = None, **params) -> np.ndarray:
+    """(B,) each row's advantage: `fn` over the episodes (`rewards`, `groups`: (E,)), given to
+    every row of each (`rows`: (B,) the row's episode index). A loss's own estimator also takes
+    each episode's summed log-weight and policy-token count, from the rows' (`row_log_w`,
+    `row_lengths`)."""
+    if row_log_w is None:
+        adv = fn(rewards, groups, **params)
+    else:
+        n = len(rewards)
+        adv = fn(rewards, groups, np.bincount(rows, row_log_w, n),
+                 np.bincount(rows, row_lengths, n), **params)
+    return np.asarray(adv, dtype=np.float32)[rows]
 
 
 def _group_stats(rewards: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,3 +116,26 @@ def vcpo_advantage(rewards: np.ndarray, groups: np.ndarray, log_w: np.ndarray,
     baseline = (np.bincount(groups, weights=w2g * rewards) / np.bincount(groups, weights=w2g))
     _, std, _ = _group_stats(rewards, groups)
     return ((rewards - baseline[groups]) / (std + eps)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class GroupAdvantage:
+    """Each row's advantage from its group alone, for batches sized in rows (the buffer computes
+    them as a group arrives, before its rows are spread over learner steps): `fn` over the
+    group's episodes. A loss's own estimator (`own`) gets log-weights of 0 (the buffer makes no
+    proximal pass) and each episode's policy tokens, with the loss's `params`."""
+
+    fn: Callable
+    own: bool = False
+    params: dict = field(default_factory=dict)
+
+    def __call__(self, rows: list) -> np.ndarray:
+        index = episode_index(rows)
+        first = np.unique(index, return_index=True)[1]
+        rewards = np.array([rows[i].reward for i in first], dtype=np.float64)
+        groups = np.zeros(len(first), dtype=np.int64)
+        if not self.own:
+            return episode_advantages(self.fn, index, rewards, groups, **self.params)
+        tokens = np.array([t.policy_tokens() for t in rows], dtype=np.float64)
+        return episode_advantages(self.fn, index, rewards, groups, np.zeros(len(rows)), tokens,
+                                  **self.params)

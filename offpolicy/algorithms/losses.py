@@ -7,7 +7,10 @@ metrics are 0-dim tensors without gradient, which the learner turns into numbers
 (a `.item()` per metric would be one host sync each on a GPU).
 Shapes: B sequences x T target positions; `mask` is 1 on policy tokens and 0 on padding,
 prompt and environment tokens. Losses average over the batch's policy tokens (token mean,
-as in DAPO), so long and short completions weigh each token the same.
+as in DAPO), so long and short completions weigh each token the same, and an episode split into
+segments (one row each) weighs exactly what it would as one row. The sequence-level losses
+(gspo, oapl, vcpo) average over rows instead, each row weighted by `row_weights` (1 / its
+episode's segments), so there too an episode weighs the same however it is split.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from offpolicy.algorithms.advantages import asymre_advantage, oapl_advantage, vcpo_advantage
+from offpolicy.algorithms.advantages import (ADVANTAGES, GroupAdvantage, asymre_advantage,
+                                            oapl_advantage, vcpo_advantage)
 from offpolicy.core.errors import ConfigError
 from offpolicy.core.registry import Registry
 
@@ -36,6 +40,8 @@ class LossInputs:
     """(B, T) 1.0 on tokens that count, 0.0 elsewhere."""
     proximal_logprobs: torch.Tensor | None = None
     """(B, T) log-probs under the weights at the start of the step, for decoupled losses."""
+    row_weights: torch.Tensor | None = None
+    """(B,) each row's weight in losses that average over rows (None: 1 each)."""
 
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
@@ -99,6 +105,15 @@ def register_loss(name: str, advantage: Callable | None = None,
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def row_mean(x: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
+    """The mean of (B,) per-row values over rows with policy tokens, weighted by
+    `inputs.row_weights`."""
+    w = (inputs.mask.sum(-1) > 0).float()
+    if inputs.row_weights is not None:
+        w = w * inputs.row_weights
+    return (x * w).sum() / w.sum().clamp(min=1e-12)
 
 
 @register_loss("pg")
@@ -275,14 +290,12 @@ def gspo(inputs: LossInputs, eps_low: float = 3e-4, eps_high: float = 4e-4,
 
     Source: Zheng et al. 2025 (Qwen, GSPO, eps 3e-4 / 4e-4); Ye et al. 2020 (dual-clip).
     """
-    has = (inputs.mask.sum(-1) > 0).float()                                       # (B,)
     s = torch.exp(_seq_log_ratio(inputs, mean=True))                              # (B,)
     adv = (inputs.advantages * inputs.mask).sum(-1) / inputs.mask.sum(-1).clamp(min=1)
     clipped = s.clamp(1 - eps_low, 1 + eps_high) * adv
     obj = _dual_clip(torch.minimum(s * adv, clipped), adv, dual_clip)
-    n = has.sum().clamp(min=1)
-    frac = ((clipped < s * adv).float() * has).sum() / n
-    return (-obj * has).sum() / n, {"is/clip_frac": frac}
+    frac = row_mean((clipped < s * adv).float(), inputs)
+    return row_mean(-obj, inputs), {"is/clip_frac": frac}
 
 
 @register_loss("topr")
@@ -318,13 +331,11 @@ def oapl(inputs: LossInputs, beta: float = 0.1):
     `is/clip_frac` here is the share of sequences whose log-ratio already overshoots its target
     (beta * s beyond A, so the gradient pulls it back).
     """
-    has = (inputs.mask.sum(-1) > 0).float()                                       # (B,)
     s = _seq_log_ratio(inputs, mean=False)                                        # (B,)
     adv = _seq_advantage(inputs)
     err = beta * s - adv
-    n = has.sum().clamp(min=1)
     over = ((err * adv.sign() > 0) & (adv != 0)).float()
-    return (err ** 2 * has).sum() / n, {"is/clip_frac": (over * has).sum() / n}
+    return row_mean(err ** 2, inputs), {"is/clip_frac": row_mean(over, inputs)}
 
 
 @register_loss("asymre", advantage=asymre_advantage)
@@ -349,14 +360,12 @@ def vcpo(inputs: LossInputs, cap: float = 8.0):
     prox = inputs.proximal_logprobs
     if prox is None:
         prox = inputs.logprobs.detach()
-    has = (inputs.mask.sum(-1) > 0).float()
     log_w = ((prox - inputs.behavior_logprobs) * inputs.mask).sum(-1)             # (B,)
     w = torch.exp(log_w.clamp(max=math.log(cap)))
     r = torch.exp((inputs.logprobs - prox) * inputs.mask)
     token_mean = (r * inputs.mask).sum(-1) / inputs.mask.sum(-1).clamp(min=1)
-    n = has.sum().clamp(min=1)
-    loss = -(w * _seq_advantage(inputs) * token_mean * has).sum() / n
-    return loss, {"is/clip_frac": ((log_w > math.log(cap)).float() * has).sum() / n}
+    loss = row_mean(-w * _seq_advantage(inputs) * token_mean, inputs)
+    return loss, {"is/clip_frac": row_mean((log_w > math.log(cap)).float(), inputs)}
 
 
 def importance_diagnostics(logprobs: torch.Tensor, behavior_logprobs: torch.Tensor,
@@ -410,3 +419,12 @@ def regularized(loss: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
         if kl_coef:
             loss = loss + kl_coef * kl_mean
     return loss, metrics
+
+
+def group_advantage(loss: str, loss_params: dict, advantage: str) -> GroupAdvantage:
+    """What the buffer computes each row's advantage with when batches are sized in rows: the
+    loss's own estimator (with its parameters), or `learner.advantage`'s."""
+    spec = LOSSES.lookup(loss)
+    if spec.advantage is None:
+        return GroupAdvantage(ADVANTAGES.lookup(advantage))
+    return GroupAdvantage(spec.advantage, own=True, params=spec.split(loss_params)[1])

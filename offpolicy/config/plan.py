@@ -39,6 +39,9 @@ class RunPlan:
     weight_sync: str
     """How weights reach the actors, `auto` resolved: `filesystem` for vLLM (it reloads from
     files), `object_store` for the other engines, or the configured kind."""
+    stale_tokens: str
+    """Policy tokens older than `max_staleness` when trained (the early segments of a long
+    episode): `train` them with the loss's correction, or `mask` them (`buffer.stale_tokens`)."""
     learner_threads: int
     """torch threads of a learner process (`resources.learner_threads`, else `torch_threads`);
     in the serial layout, of the one process every role shares."""
@@ -58,7 +61,7 @@ class RunPlan:
                    parity_window=(bound + cfg.learner.sync_every
                                   if cfg.engine.logprob_check_every else 0),
                    checkpoint_every=cfg.checkpoint.every if lag is None else 0,
-                   weight_sync=sync,
+                   weight_sync=sync, stale_tokens=cfg.buffer.stale_tokens,
                    learner_threads=res.learner_threads or res.torch_threads,
                    actor_threads=res.torch_threads)
 

@@ -105,11 +105,13 @@ class EnvConfig:
     eval_size: int = 200
     """Held-out eval problems (fixed; never used for training)."""
     max_turns: int = 8
-    """Policy turns per episode at most: a multi-turn environment's episode is cut (finish
-    reason `max_turns`) after this many generations. Single-turn tasks end after one."""
+    """Policy calls per episode at most: an episode is cut (finish reason `max_turns`,
+    counted as the actor's `episodes_capped`) after this many generations. Single-turn tasks
+    end after one; a long task's config raises it to its length."""
     max_tokens: int = 0
-    """Tokens after the prompt (policy and environment) per episode at most; an episode past
-    it is cut (finish reason `length`). 0 = no limit beyond the turns."""
+    """Tokens per episode at most, after the prompt, policy and environment, summed over its
+    segments; an episode past it is cut (finish reason `length`, counted as `episodes_capped`).
+    0 = no limit beyond the calls."""
     latency: str = ""
     """Simulated environment time added to every step: `fixed:S`, `uniform:LO,HI` or
     `lognormal:MEDIAN,SIGMA` (heavy-tailed), in seconds; empty = none. Steps of one turn run
@@ -168,7 +170,21 @@ class RolloutConfig:
     group_size: int = 8
     """Completions per prompt (a GRPO group)."""
     prompts_per_batch: int = 32
-    """Prompts per engine call; an actor pushes this many groups at once."""
+    """Groups per engine call in `batch` mode, and what `concurrent_episodes` 0 means in
+    `continuous` mode (this many groups in flight)."""
+    mode: Literal["continuous", "batch"] = "continuous"
+    """`continuous`: the actor keeps `concurrent_episodes` episodes in flight; every engine call
+    advances each episode waiting for the policy, a finished group goes to the buffer at once
+    and its slots are refilled as admission allows, and weights load between engine calls, so a
+    long episode spans versions. `batch`: the older loop, one batch of `prompts_per_batch`
+    groups played to its slowest episode before the next (kept for comparisons)."""
+    concurrent_episodes: int = 0
+    """Episodes one actor keeps in flight (continuous mode); 0 = `prompts_per_batch` x
+    `group_size`. New groups start when `group_size` slots are free."""
+    failure_cost: Literal["group", "episode"] = "group"
+    """What an episode whose environment or reward function raised costs: its whole `group`
+    (the others' advantages need it), or only the `episode` itself (the group trains on the
+    rest when at least two episodes remain). Both are counted as `env_errors`."""
     max_restarts: int = 3
     """Times Ray restarts a rollout actor whose process died (killed, out of memory, a crashed
     engine); the batch it was generating is counted as lost (`ledger.lost` in summary.json).
@@ -213,6 +229,12 @@ class BufferConfig:
     beta: float = 0.4
     """Prioritized replay: importance-weight exponent that undoes the skew (1 = fully); the
     weights (N P(i)) ** -beta / max multiply the advantages."""
+    stale_tokens: Literal["train", "mask"] = "train"
+    """Policy tokens older than `max_staleness` when trained (a long episode's first segments,
+    sampled many versions before it ends): `train` them with the loss's off-policy correction,
+    or `mask` them out of the loss. Counted either way (`staleness/beyond_bound_frac`). The
+    bound itself applies to each episode's last segment, so long episodes are never dropped
+    for their length (docs/long_episodes.md)."""
     max_reuse: int = 1
     """Times a group can be trained on before it is retired (1 = every sample once; more is
     true replay). Reuse counts are logged as `buffer/reuse_hist`."""
@@ -223,7 +245,13 @@ class LearnerConfig:
     steps: int = 300
     """Optimizer steps in the run (the final policy version)."""
     batch_groups: int = 32
-    """Groups per learner step (batch size = batch_groups * rollout.group_size)."""
+    """Groups per learner step (batch size = batch_groups * rollout.group_size), when batches
+    are sized in groups (`batch_rows` 0)."""
+    batch_rows: int = 0
+    """Rows per learner step (a row is one segment of an episode): batches sized in rows, so a
+    step does not grow with episode length. The buffer computes each episode's advantage when
+    its group arrives and hands out rows oldest first; a group's rows may span several steps.
+    0 = batches of `batch_groups` whole groups."""
     lr: float = 2e-4
     """AdamW learning rate."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"

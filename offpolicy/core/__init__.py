@@ -2,5 +2,6 @@
 
 `types.py` (Trajectory, Batch, PaddedBatch, Incarnation: numpy only, cheap to pickle),
 `errors.py` (ConfigError), `registry.py` (the name -> object registries a config chooses
-from) and `machine.py` (the process's settings and what it runs on). Imports no other layer.
+from), `process.py` (the settings each process makes once) and `machine.py` (what it runs on).
+Imports no other layer.
 """

@@ -1,46 +1,14 @@
-"""The process and the machine: settings each process makes once, and what it runs on.
+"""What this process runs on: the CPU's model and the process's peak memory.
 
-Reads: the environment, /proc. Writes: environment defaults and the torch thread count of the
-calling process (`setup_process`), nothing else.
-
-Nothing here runs on import. Every process that hosts a role calls `setup_process` once, first:
-the command line for the driver (and, in the serial layout, for every role, which share its
-process), the Ray layout for each role's process (`runtime/ray_roles.py`), a test or benchmark
-for itself.
+Reads: /proc. Writes: nothing. Imports nothing beyond the standard library (the buffer uses it).
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import resource
 import sys
 from pathlib import Path
-
-OFFLINE_ENV = {
-    # Nothing is downloaded from a model hub at run time; models are built locally or loaded
-    # from a path. Quiet the per-file progress bars and the warnings of transformers as well.
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-}
-
-
-def process_env() -> dict[str, str]:
-    """The environment defaults every offpolicy process runs with (`OFFLINE_ENV`), where the
-    user has not set them: what `setup_process` sets and the Ray layout hands its workers."""
-    return {k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}
-
-
-def setup_process(threads: int | None = None) -> None:
-    """This process's settings, once, before it imports a model library: the environment
-    defaults and, when given, the torch thread count (several role processes share the
-    machine's cores)."""
-    os.environ.update(process_env())
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def peak_rss_mb() -> float:
@@ -58,15 +26,3 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def environment_info() -> dict:
-    """The library versions and CPU that a result was measured with."""
-    import numpy as np
-    import tokenizers
-    import torch
-    import transformers
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__, "numpy": np.__version__}

@@ -1,5 +1,6 @@
-"""The data every role shares: Trajectory (one episode), Batch (one update), PaddedBatch (its
-rows as arrays), Incarnation (one process of a rollout actor).
+"""The data every role shares: Trajectory (one learner row: an episode, or one segment of a long
+one), Batch (one update), PaddedBatch (its rows as arrays), Incarnation (one process of a
+rollout actor).
 
 Reads: nothing. Writes: nothing. Plain dataclasses of numpy arrays, cheap to pickle through Ray.
 Everything here is framework-neutral (no torch) so the buffer never imports torch.
@@ -17,7 +18,9 @@ import numpy as np
 
 @dataclass
 class Trajectory:
-    """One episode. Arrays over completion tokens all have length T = len(completion_ids)."""
+    """One learner row: a whole episode, or one segment of an episode made of several policy
+    calls (each call with a context of its own; docs/long_episodes.md). Arrays over completion
+    tokens all have length T = len(completion_ids)."""
 
     id: str
     group_id: str
@@ -39,6 +42,20 @@ class Trajectory:
     timings: dict = field(default_factory=dict)
     """Seconds spent: `generate`, `env`."""
     info: dict = field(default_factory=dict)
+    episode_id: str = ""
+    """The episode this row is a segment of; empty when the row is a whole episode (`id`)."""
+    segment: int = 0
+    """This row's index among its episode's segments."""
+    segments: int = 1
+    """Segments in the whole episode (known when it ends)."""
+    advantage: float | None = None
+    """The episode's advantage when the buffer computed it as the group arrived (batches sized
+    in rows, `learner.batch_rows`); None: the learner computes it from the batch."""
+
+    @property
+    def episode(self) -> str:
+        """The id of the episode this row belongs to."""
+        return self.episode_id or self.id
 
     @property
     def num_tokens(self) -> int:
@@ -50,7 +67,8 @@ class Trajectory:
         (what `buffer.capacity_bytes` counts; dict fields are counted by their text only)."""
         arrays = (self.prompt_ids, self.completion_ids, self.loss_mask, self.behavior_logprobs,
                   self.versions)
-        text = len(self.id) + len(self.group_id) + len(self.env) + len(self.finish_reason)
+        text = (len(self.id) + len(self.group_id) + len(self.env) + len(self.finish_reason)
+                + len(self.episode_id))
         return sum(a.nbytes for a in arrays) + text + len(repr(self.info)) + 600
 
     def min_version(self) -> int:
@@ -58,8 +76,18 @@ class Trajectory:
         policy = self.versions[self.loss_mask.astype(bool)]
         return int(policy.min()) if len(policy) else int(self.versions.max(initial=0))
 
+    def policy_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def episode_index(trajectories: list[Trajectory]) -> np.ndarray:
+    """(B,) int64 index of each row's episode, numbered from 0 in order of appearance."""
+    ids: dict[str, int] = {}
+    return np.array([ids.setdefault(t.episode, len(ids)) for t in trajectories], dtype=np.int64)
+
 
 _ARRAYS = ("prompt_ids", "completion_ids", "loss_mask", "behavior_logprobs", "versions")
+_EPISODE_FIELDS = ("episode_id", "segment", "segments", "advantage")
 
 
 def pack(trajectories: list[Trajectory]) -> tuple:
@@ -72,8 +100,8 @@ def pack(trajectories: list[Trajectory]) -> tuple:
               else np.zeros(0, np.int32) for name in _ARRAYS}
     lengths = np.array([(len(t.prompt_ids), len(t.completion_ids)) for t in trajectories],
                        dtype=np.int64).reshape(-1, 2)
-    small = [(t.id, t.group_id, t.reward, t.env, t.finish_reason, t.timings, t.info)
-             for t in trajectories]
+    small = [(t.id, t.group_id, t.reward, t.env, t.finish_reason, t.timings, t.info,
+              t.episode_id, t.segment, t.segments, t.advantage) for t in trajectories]
     return arrays, lengths, small
 
 
@@ -83,14 +111,15 @@ def unpack(packed: tuple) -> list[Trajectory]:
     ends = {"prompt_ids": np.cumsum(lengths[:, 0]), **{
         name: np.cumsum(lengths[:, 1]) for name in _ARRAYS[1:]}}
     out = []
-    for i, (id, group_id, reward, env, finish, timings, info) in enumerate(small):
+    for i, (id, group_id, reward, env, finish, timings, info, *episode) in enumerate(small):
         parts = {}
         for name in _ARRAYS:
             end = int(ends[name][i])
             n = int(lengths[i, 0] if name == "prompt_ids" else lengths[i, 1])
             parts[name] = arrays[name][end - n:end].copy()
         out.append(Trajectory(id=id, group_id=group_id, reward=reward, env=env,
-                              finish_reason=finish, timings=timings, info=info, **parts))
+                              finish_reason=finish, timings=timings, info=info, **parts,
+                              **dict(zip(_EPISODE_FIELDS, episode))))
     return out
 
 
@@ -113,7 +142,8 @@ def _groups_from_packed(packed: tuple, sizes: list[int]) -> list[list[Trajectory
 
 @dataclass
 class Batch:
-    """The trajectories of one learner update, whole groups only, plus buffer statistics."""
+    """The rows of one learner update, plus buffer statistics: whole groups (batches sized in
+    groups), or rows whose advantages the buffer computed (`learner.batch_rows`)."""
 
     trajectories: list[Trajectory]
     version: int
@@ -139,6 +169,24 @@ class Batch:
         ids: dict[str, int] = {}
         return np.array([ids.setdefault(t.group_id, len(ids)) for t in self.trajectories])
 
+    def episodes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(each row's episode index (B,), each episode's reward (E,), each episode's group
+        index (E,)): group-relative advantages compare episodes, never segments."""
+        rows = episode_index(self.trajectories)
+        first = np.unique(rows, return_index=True)[1]         # each episode's first row
+        return (rows, self.rewards()[first], self.group_index()[first])
+
+    def given_advantages(self) -> np.ndarray | None:
+        """(B,) float32 the advantages the buffer computed, or None if any row has none."""
+        if any(t.advantage is None for t in self.trajectories):
+            return None
+        return np.array([t.advantage for t in self.trajectories], dtype=np.float32)
+
+    def row_weights(self) -> np.ndarray:
+        """(B,) float32 each row's weight in losses that average over rows: 1 / its episode's
+        segments, so an episode weighs the same however many segments it was split into."""
+        return np.array([1.0 / t.segments for t in self.trajectories], dtype=np.float32)
+
     def padded(self, pad_id: int) -> "PaddedBatch":
         """The batch as right-padded (B, L) arrays of prompt + completion, with per-target
         arrays (B, L-1) (see `PaddedBatch`)."""
@@ -161,7 +209,8 @@ class Batch:
         return PaddedBatch(input_ids=input_ids, attention_mask=attention,
                            prompt_lens=np.array([len(t.prompt_ids) for t in self.trajectories]),
                            targets=input_ids[:, 1:].copy(), loss_mask=mask,
-                           behavior_logprobs=behavior, versions=versions)
+                           behavior_logprobs=behavior, versions=versions,
+                           row_weights=self.row_weights())
 
 
 @dataclass
@@ -185,6 +234,8 @@ class PaddedBatch:
     """(B, L-1) float32 the engine's log-prob of each target (0 elsewhere)."""
     versions: Any
     """(B, L-1) int64 the policy version of each target (-1 elsewhere)."""
+    row_weights: Any = None
+    """(B,) each row's weight in losses that average over rows (`Batch.row_weights`)."""
     proximal_logprobs: Any = None
     """(B, L-1) log-probs under the weights at the start of the update, when the update scores
     them first (the learner's proximal pass); None otherwise."""

@@ -1,9 +1,20 @@
 """Environment API, registry and the single-turn task helper.
 
-Reads: nothing. Writes: nothing. An environment is `reset(seed) -> prompt text` then
-`step(text) -> (observation or None, reward, done, info)`; a single-turn task is one step.
-A task is a data source (seed -> prompt and answer) plus a plain reward function; wrap the two
-in `SingleTurnEnv` and call `register_env`. Built-in tasks register themselves on import.
+Reads: nothing. Writes: nothing. An environment is `reset(seed) -> prompt` (text, or a list of
+chat messages) then `step(text) -> (observation or None, reward, done, info)`, one step per
+policy call; the episode's reward is the sum of its steps'. Three ways to write one
+(docs/environments.md):
+- a single-turn task: a data source (seed -> prompt and answer) and a plain reward function,
+  wrapped in `SingleTurnEnv`;
+- a multi-turn conversation: each observation is appended to the conversation, which the next
+  call continues (one growing row; `guess`);
+- an episode of many calls (`segmented = True`): each observation is the whole context of the
+  next call, built by the environment (a window, a carried state, a summary), and each call is a
+  segment of its own (`long_addition`); or a plain Python function that calls
+  `policy(prompt) -> text` as often as it likes (`function.register_episode`).
+Optional members: `segmented`, `snapshot()` / `restore(state) -> next context` (episodes in
+flight survive a resume), `close()` (the actor ended the episode early). Built-in tasks
+register themselves on import.
 """
 
 from __future__ import annotations
@@ -17,9 +28,11 @@ from offpolicy.core.registry import Registry
 
 
 class Env(Protocol):
-    def reset(self, seed: int) -> str: ...
+    def reset(self, seed: int) -> str | list[dict]:
+        """The task `seed` picks; returns the first call's prompt."""
 
-    def step(self, text: str) -> tuple[str | None, float, bool, dict]: ...
+    def step(self, text: str) -> tuple[str | dict | None, float, bool, dict]:
+        """The policy's text for the current call -> (observation, reward, done, info)."""
 
 
 EnvFactory = Callable[..., Env]
@@ -146,4 +159,5 @@ def _eval_problems(name: str, problems: Callable, size: int) -> tuple[list[dict]
 
 
 # The built-in tasks register themselves.
-from offpolicy.envs import addition, gsm8k, guess, mathverify, multiplication, rgym  # noqa: E402,F401
+from offpolicy.envs import (addition, gsm8k, guess, long_addition, mathverify,  # noqa: E402,F401
+                            multiplication, rgym)

@@ -17,16 +17,16 @@ import hashlib
 import json
 import string
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from offpolicy.config.schema import Config
+from offpolicy.config.schema import Config, EnvConfig
 from offpolicy.core.errors import ConfigError
-from offpolicy.core.machine import environment_info
+from offpolicy.core.process import environment_info
 from offpolicy.envs import env_from_config
 from offpolicy.models.loading import left_pad
 
@@ -66,10 +66,17 @@ def tiny_llama(vocab_size: int, cfg: Config, tokenizer) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
+def base_env(cfg: Config) -> EnvConfig:
+    """`cfg.env` as the tiny base model is built for it: with the task's `base_model_kwargs`
+    when it has them (a long task is built at length 1 and the model serves every length)."""
+    over = getattr(env_from_config(cfg.env), "base_model_kwargs", None)
+    return cfg.env if not over else replace(cfg.env, kwargs={**cfg.env.kwargs, **over})
+
+
 def recipe_key(cfg: Config) -> str:
     tiny = asdict(cfg.model.tiny)
     recipe = {"version": RECIPE_VERSION, "tiny": tiny, "env": cfg.env.name,
-              "env_kwargs": cfg.env.kwargs, "eval_size": cfg.env.eval_size,
+              "env_kwargs": base_env(cfg).kwargs, "eval_size": cfg.env.eval_size,
               "seed": tiny.pop("seed"),
               "torch": torch.__version__.split("+")[0]}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -94,7 +101,8 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
     tokenizer = char_tokenizer()
     model = tiny_llama(len(tokenizer), cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    env = env_from_config(cfg.env)
+    env_cfg = base_env(cfg)
+    env = env_from_config(env_cfg)
     try:
         env.reset(0)
         env.demonstration()
@@ -108,7 +116,7 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
     log(f"building tiny base model ({n_params / 1e6:.2f}M params) for env '{cfg.env.name}' "
         f"({goal}) -> {out}")
     start = time.time()
-    step, acc = _supervise(cfg, model, tokenizer, env, flawed, log)
+    step, acc = _supervise(cfg, env_cfg, model, tokenizer, env, flawed, log)
     info = {"recipe": recipe_key(cfg), "sft_steps": step, "probe_accuracy": acc,
             "build_s": round(time.time() - start, 1), "params": n_params,
             "flawed_share": t.flawed_share if flawed else 0.0, **environment_info()}
@@ -127,7 +135,8 @@ def build_tiny_model(cfg: Config, out: Path, log=print) -> dict:
     return info
 
 
-def _supervise(cfg: Config, model, tokenizer, env, flawed: bool, log) -> tuple[int, float]:
+def _supervise(cfg: Config, env_cfg: EnvConfig, model, tokenizer, env, flawed: bool,
+               log) -> tuple[int, float]:
     """The warm-up loop of `build_tiny_model`: AdamW with linear warm-up, a probe check every
     `sft_check_every` steps, until the stop rule holds or `sft_max_steps`. Returns (steps taken,
     the last probe accuracy)."""
@@ -150,7 +159,7 @@ def _supervise(cfg: Config, model, tokenizer, env, flawed: bool, log) -> tuple[i
         warmup.step()
         if step % t.sft_check_every:
             continue
-        acc = evaluate(model, tokenizer, cfg.env, probe, cfg.engine.max_new_tokens, split="train")
+        acc = evaluate(model, tokenizer, env_cfg, probe, cfg.engine.max_new_tokens, split="train")
         settled = settled + 1 if lo <= acc <= hi else 0
         if step % (4 * t.sft_check_every) == 0 or (flawed and settled):
             log(f"  sft step {step}: loss {loss.item():.3f}, probe greedy accuracy {acc:.2f}"
@@ -217,7 +226,8 @@ def evaluate(model, tokenizer, env_cfg, seeds: list[int], max_new_tokens: int,
 
     Played as the rollout actor plays them: every turn one batched generation over the running
     episodes, the completion (end-of-sequence included) and the environment's observation
-    appended to the context, until done or `env_cfg.max_turns`. An environment that raises
+    appended to the context (or, for a segmented environment, the observation as the next
+    call's whole context), until done or `env_cfg.max_turns`. An environment that raises
     ends its episode with the reward so far.
     """
     was_training = model.training
@@ -239,8 +249,11 @@ def evaluate(model, tokenizer, env_cfg, seeds: list[int], max_new_tokens: int,
                     continue
                 rewards[k] += float(reward)
                 if not done and obs is not None:
-                    obs_ids = tokenizer(obs, add_special_tokens=False)["input_ids"]
-                    contexts[k] = contexts[k] + ids + obs_ids
+                    if getattr(envs[k], "segmented", False):
+                        contexts[k] = tokenizer(obs)["input_ids"]
+                    else:
+                        obs_ids = tokenizer(obs, add_special_tokens=False)["input_ids"]
+                        contexts[k] = contexts[k] + ids + obs_ids
                     running.append(k)
             if not (active := running):
                 break

@@ -21,7 +21,7 @@ from pathlib import Path
 from offpolicy.config.plan import RunPlan
 from offpolicy.config.schema import Config
 from offpolicy.core.errors import ConfigError, one_line
-from offpolicy.core.machine import environment_info, setup_process
+from offpolicy.core.process import environment_info, setup_process
 from offpolicy.models.sources import ensure_base_model
 from offpolicy.models.tiny import build_info
 from offpolicy.runtime.checkpoint import checkpoints, commit, staging
@@ -172,12 +172,21 @@ def _train_loop(cfg: Config, plan: RunPlan, session: Layout, writer: MetricsWrit
 
 
 def describe_ledger(ledger: dict) -> str:
-    """One line: where the run's episodes went, and whether every one is accounted for."""
-    fates = ", ".join(f"{k} {ledger[k]}" for k in (
+    """One line: where the run's episodes went, and whether every one is accounted for.
+    Episodes of several segments arrive as several rows; the rows' fates are then given
+    apart from the episodes'."""
+    rows = ", ".join(f"{k} {ledger[k]}" for k in (
         "retired", "filtered", "evicted_staleness", "evicted_capacity", "evicted_surplus",
-        "in_buffer", "env_errors", "lost") if ledger[k])
+        "in_buffer") if ledger[k])
+    lost = ", ".join(f"{k} {ledger[k]}" for k in ("env_errors", "lost", "unfinished")
+                     if ledger[k])
     if ledger["balanced"]:
-        return f"ledger: {ledger['admitted']} episodes: {fates}; all accounted for"
+        if ledger["added"] == ledger["episodes"]:
+            fates = ", ".join(x for x in (rows, lost) if x)
+            return f"ledger: {ledger['admitted']} episodes: {fates}; all accounted for"
+        return (f"ledger: {ledger['admitted']} episodes ({ledger['episodes']} arrived"
+                f"{', ' + lost if lost else ''}) in {ledger['added']} rows: {rows}; "
+                "all accounted for")
     return (f"error: ledger does not balance: {ledger}; some trajectories went uncounted "
             "(please report this)")
 

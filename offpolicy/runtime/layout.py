@@ -1,4 +1,5 @@
-"""The `Layout` protocol: where a run's roles live, as the driver sees them.
+"""The `Layout` protocol: where a run's roles live, as the driver sees them; and what both
+layouts build their roles from.
 
 Reads: nothing. Writes: nothing. `launch.train` drives a run through these members only. The
 implementations: `SerialRoles` (serial_roles.py, `resources.serial`: every role in the driver's
@@ -10,6 +11,21 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Protocol
+
+from offpolicy.algorithms.losses import group_advantage
+from offpolicy.buffer.replay import ReplayBuffer
+from offpolicy.config.plan import RunPlan
+from offpolicy.config.schema import Config
+
+
+def buffer_arguments(cfg: Config, plan: RunPlan) -> dict:
+    """The replay buffer's constructor arguments: the config's, and for batches sized in rows
+    the advantage the buffer computes as each group arrives."""
+    args = ReplayBuffer.arguments(cfg, plan)
+    if cfg.learner.batch_rows:
+        args["advantage"] = group_advantage(cfg.loss.name, cfg.loss.params,
+                                            cfg.learner.advantage)
+    return args
 
 
 class Layout(Protocol):

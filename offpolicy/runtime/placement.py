@@ -31,7 +31,7 @@ import time
 
 from offpolicy.config.schema import Config
 from offpolicy.core.errors import ConfigError
-from offpolicy.core.machine import process_env
+from offpolicy.core.process import process_env
 
 
 # ---------------------------------------------------------------------------------------------

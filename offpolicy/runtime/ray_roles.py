@@ -28,10 +28,11 @@ from offpolicy.buffer.replay import ReplayBuffer
 from offpolicy.config.plan import RunPlan
 from offpolicy.config.schema import Config
 from offpolicy.core.errors import one_line
-from offpolicy.core.machine import setup_process
+from offpolicy.core.process import setup_process
 from offpolicy.learner.learner import Learner
 from offpolicy.learner.workers import LearnerWorker
 from offpolicy.runtime.eval_desk import EvalDesk
+from offpolicy.runtime.layout import buffer_arguments
 from offpolicy.runtime.placement import nodes_of, pin_roles, renice, reserve, start_ray
 from offpolicy.runtime.remote import ActorRef, Remote
 from offpolicy.runtime.run_dir import weights_dir
@@ -221,7 +222,7 @@ def start_roles(cfg: Config, plan: RunPlan, model_path: str, log=print, stream: 
     names = {role: f"offpolicy-{role}-{uuid.uuid4().hex[:8]}"
              for role in ("buffer", "store", "desk")}
     buffer = ray.remote(ReplayBuffer).options(max_concurrency=2 * n + 8, name=names["buffer"],
-                                              **local).remote(**ReplayBuffer.arguments(cfg, plan))
+                                              **local).remote(**buffer_arguments(cfg, plan))
     store = ray.remote(WeightStore).options(name=names["store"], **local).remote(
         plan.store_versions)
     desk = ray.remote(EvalDesk).options(name=names["desk"], **local).remote()

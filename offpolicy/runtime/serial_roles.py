@@ -15,15 +15,17 @@ from offpolicy.buffer.replay import ReplayBuffer
 from offpolicy.config.plan import RunPlan
 from offpolicy.config.schema import Config
 from offpolicy.learner.learner import Learner
+from offpolicy.runtime.layout import buffer_arguments
 from offpolicy.weights.sync import LocalSync
 
 
 class SerialRoles:
     """`resources.serial`: the same role classes in this process, taking turns. Before each
-    update the actors (round robin) generate until the buffer holds that update's batch."""
+    update the actors (round robin, one engine call or batch each) generate until the buffer
+    holds that update's batch."""
 
     def __init__(self, cfg: Config, plan: RunPlan, model_path: str, stream: int = 0):
-        self.buffer = ReplayBuffer(**ReplayBuffer.arguments(cfg, plan))
+        self.buffer = ReplayBuffer(**buffer_arguments(cfg, plan))
         sync = LocalSync(keep=plan.store_versions)
         self.actors = [RolloutActor(cfg, i, model_path, self.buffer, sync, stream)
                        for i in range(cfg.rollout.num_actors)]
@@ -39,7 +41,7 @@ class SerialRoles:
         while not self.buffer.ready(self.learner.version):
             actor = self.actors[self.turn % len(self.actors)]
             self.turn += 1
-            result = actor.one_batch(timeout=0)
+            result = actor.turn(timeout=0)
             refused = refused + 1 if result is BatchResult.REFUSED else 0
             if refused >= len(self.actors):  # nobody may generate and no batch is ready
                 raise RuntimeError("serial layout: the buffer admits no work and holds no batch "

@@ -54,9 +54,9 @@ def validate(cfg: Config) -> None:
                "on a GPU with resources.learner_gpus > 0); it needs engine.weight_sync=auto "
                "and engine.inflight_updates=false")
     _check(len(cfg.learner.betas) == 2, "learner.betas: expected a list of two floats")
-    _check(cfg.buffer.capacity >= cfg.learner.batch_groups * cfg.rollout.group_size,
-           "buffer.capacity: must hold at least one learner batch "
-           f"({cfg.learner.batch_groups * cfg.rollout.group_size} trajectories)")
+    batch = cfg.learner.batch_rows or cfg.learner.batch_groups * cfg.rollout.group_size
+    _check(cfg.buffer.capacity >= batch,
+           f"buffer.capacity: must hold at least one learner batch ({batch} rows)")
     try:
         latency_sampler(cfg.env.latency)
     except ValueError as e:
@@ -104,11 +104,13 @@ def _validate_ranges(cfg: Config) -> None:
         _check(value > 0, f"{key}: must be > 0, got {value}")
     _check(cfg.resources.learner_threads >= 0,
            f"resources.learner_threads: must be >= 0, got {cfg.resources.learner_threads}")
-    rows = cfg.learner.batch_groups * cfg.rollout.group_size
+    rows = cfg.learner.batch_rows or cfg.learner.batch_groups * cfg.rollout.group_size
     _check(cfg.learner.minibatches * cfg.resources.learner_workers <= rows,
            f"learner.minibatches: {cfg.learner.minibatches} minibatches x "
            f"{cfg.resources.learner_workers} worker(s) need at least that many rows per batch, "
-           f"and a batch has {rows} (learner.batch_groups x rollout.group_size)")
+           f"and a batch has {rows} (learner.batch_rows, or batch_groups x "
+           "rollout.group_size)")
+    _validate_episodes(cfg)
     _check(cfg.learner.lr > 0, f"learner.lr: must be > 0, got {cfg.learner.lr}")
     _check(cfg.learner.warmup_steps >= 0 and 0 <= cfg.learner.min_lr_ratio <= 1,
            "learner.warmup_steps/min_lr_ratio: need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
@@ -170,6 +172,25 @@ def _validate_engine(cfg: Config) -> None:
                "resources.actor_gpus > 0 (use filesystem on CPU)")
     _check(not cfg.engine.inflight_updates or cfg.engine.name == "vllm",
            "engine.inflight_updates: needs engine.name=vllm (HF generate runs a batch in one call)")
+
+
+def _validate_episodes(cfg: Config) -> None:
+    """The continuous actor's slots and batches sized in rows."""
+    r, lc = cfg.rollout, cfg.learner
+    _check(r.concurrent_episodes == 0 or r.concurrent_episodes >= r.group_size,
+           f"rollout.concurrent_episodes: {r.concurrent_episodes} slots cannot hold one group "
+           f"of rollout.group_size={r.group_size} (0 = prompts_per_batch x group_size)")
+    _check(lc.batch_rows >= 0, f"learner.batch_rows: must be >= 0, got {lc.batch_rows}")
+    if not lc.batch_rows:
+        return
+    _check(cfg.staleness.mode == "bound", "learner.batch_rows: lag mode trains whole groups of "
+           "version t - k; use learner.batch_groups there")
+    _check(cfg.buffer.sampler == "fifo" and cfg.buffer.max_reuse == 1,
+           "learner.batch_rows: rows go oldest first, each once; use buffer.sampler=fifo and "
+           "buffer.max_reuse=1")
+    _check(not LOSSES.lookup(cfg.loss.name).proximal,
+           f"learner.batch_rows: loss '{cfg.loss.name}' computes its advantages with the "
+           "learner's proximal pass, and rows get theirs in the buffer; use learner.batch_groups")
 
 
 def _validate_buffer(cfg: Config) -> None:

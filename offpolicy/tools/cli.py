@@ -13,7 +13,7 @@ import sys
 
 from offpolicy.config.io import reference_rows
 from offpolicy.core.errors import ConfigError
-from offpolicy.core.machine import setup_process
+from offpolicy.core.process import setup_process
 
 
 def main(argv: list[str] | None = None) -> int:
