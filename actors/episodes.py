@@ -40,16 +40,21 @@ class Episode:
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.closed: list[Trajectory] = []  # segments closed and not yet sent on
         self.segment = 0                   # the current segment's index
-        self.rewards: list[float] = []     # one per call
+        self.calls = 0
+        self.reward = 0.0                  # the sum of the calls' rewards
+        self.rewards: list[float] = []     # one per call, for a conversation (not a long episode)
         self.info: dict = {}
         self.timings = {"generate": 0.0, "env": 0.0}
         self.finish: str | None = None
         self.length = 0                    # tokens after the first prompt, every segment's
         self.started = time.perf_counter()
 
-    @property
-    def calls(self) -> int:
-        return len(self.rewards)
+    def rewarded(self, reward: float) -> None:
+        """The environment's reward for the latest call."""
+        self.calls += 1
+        self.reward += reward
+        if not self.segmented:
+            self.rewards.append(reward)
 
     def add(self, ids, logprobs, versions, policy: bool) -> None:
         n = len(ids)
@@ -93,7 +98,7 @@ class Episode:
     def final_rows(self) -> list[Trajectory]:
         """The rows not sent on yet (closed segments and the last one), carrying the episode's
         reward, finish reason and segment count; the last also its timings and info."""
-        reward = float(sum(self.rewards))
+        reward = float(self.reward)
         rows = self.closed + [self._row()]
         self.closed = []
         for t in rows:
@@ -106,6 +111,32 @@ class Episode:
             last.info = ({**self.info, "turns": self.calls, "turn_rewards": self.rewards}
                          if self.calls > 1 else self.info)
         return rows
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of this episode: everything but its environment, whose own
+        `snapshot` goes in `env_state` (None for an environment without one: the episode
+        cannot go on, and restarts with its group)."""
+        out = {k: v for k, v in vars(self).items() if k not in ("env", "started")}
+        snap = getattr(self.env, "snapshot", None)
+        out["env_state"] = snap() if snap is not None and self.finish is None else None
+        out["age_s"] = time.perf_counter() - self.started
+        return out
+
+    @staticmethod
+    def can_resume(state: dict) -> bool:
+        return state["finish"] is not None or state["env_state"] is not None
+
+    @classmethod
+    def resumed(cls, state: dict, env) -> "Episode":
+        """The episode of `state`, its environment (`env`, fresh) restored to where it was."""
+        ep = cls.__new__(cls)
+        vars(ep).update({k: v for k, v in state.items() if k not in ("env_state", "age_s")})
+        ep.env, ep.started = env, time.perf_counter() - state["age_s"]
+        if ep.finish is None:
+            env.restore(state["env_state"])
+        return ep
 
     def close(self) -> None:
         """Let the environment end what it runs for this episode (a function's thread)."""

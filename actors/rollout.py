@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import json
+import pickle
 import random
 import sys
 import time
@@ -38,7 +39,7 @@ from offpolicy.actors.engine import SamplingParams, make_engine
 from offpolicy.actors.episodes import Episode, StepPool, start_step
 from offpolicy.config.schema import Config
 from offpolicy.core.machine import peak_rss_mb
-from offpolicy.core.types import Groups, Incarnation, Trajectory
+from offpolicy.core.types import Groups, Incarnation, Segments, Trajectory
 from offpolicy.envs import import_env_module, latency_sampler, make_env
 from offpolicy.models.chat import between_turns, messages_of, prompt_ids
 from offpolicy.models.loading import load_tokenizer
@@ -98,8 +99,9 @@ class RolloutActor:
                                      **cfg.env.kwargs)
         self.counts = {"batches": 0, "trajectories": 0, "episodes": 0, "env_errors": 0,
                        "env_timeouts": 0, "episodes_capped": 0, "context_cuts": 0,
-                       "episodes_restarted": 0, "weight_loads": 0, "inflight_loads": 0,
-                       "engine_calls": 0, "calls": 0, "segments_sent": 0, "occupancy": 0.0}
+                       "episodes_resumed": 0, "episodes_restarted": 0, "weight_loads": 0,
+                       "inflight_loads": 0, "engine_calls": 0, "calls": 0, "segments_sent": 0,
+                       "occupancy": 0.0}
         self.slots = (cfg.rollout.concurrent_episodes
                       or cfg.rollout.prompts_per_batch * cfg.rollout.group_size)
         self.groups: dict[str, _Group] = {}     # in flight (continuous mode)
@@ -187,10 +189,11 @@ class RolloutActor:
         elif published > self.engine.version:
             self.sync_weights()
 
-    def _start_group(self, seed: int, version: int | None) -> _Group:
+    def _start_group(self, seed: int, version: int | None, register: bool = True) -> _Group:
         """`group_size` episodes of the task `seed` picks, in flight from now on."""
         group = _Group(f"{self.actor_id}-{uuid.uuid4().hex[:12]}", seed, version=version)
-        self.groups[group.id] = group
+        if register:
+            self.groups[group.id] = group
         try:
             group.episodes = self._episodes(self.make_env, group.id, seed,
                                             self.cfg.rollout.group_size)
@@ -263,7 +266,7 @@ class RolloutActor:
         is the next call's context (a segmented environment: a new segment) or is appended to
         the conversation (in a chat, as a message rendered by the template)."""
         ep.timings["env"] += env_s
-        ep.rewards.append(float(reward))
+        ep.rewarded(float(reward))
         ep.info.update(info or {})
         if done or obs is None:
             ep.finish = c.finish_reason
@@ -337,7 +340,11 @@ class RolloutActor:
         if force or now - self._last_flush >= FLUSH_S or \
                 sum(t.nbytes for t in self.outbox) >= FLUSH_BYTES:
             self.counts["segments_sent"] += len(self.outbox)
-            self.buffer.add_segments(Groups([self.outbox]), actor=self.incarnation)
+            by_episode: dict[str, list[Trajectory]] = {}
+            for t in self.outbox:
+                by_episode.setdefault(t.episode_id, []).append(t)
+            self.buffer.add_segments([Segments.of(rows) for rows in by_episode.values()],
+                                     actor=self.incarnation)
             self.outbox, self._last_flush = [], now
 
     # -- weights and the desk ---------------------------------------------------------------------
@@ -382,18 +389,73 @@ class RolloutActor:
         return self.sync_weights()
 
     def _serve_desk(self, force: bool = False) -> None:
-        """The driver's requests, at most every 0.2 s unless `force`: actor 0 runs a requested
-        eval with the newest weights (lag mode reloads its order's version after)."""
+        """The driver's requests, at most every 0.2 s unless `force`: a checkpoint's hold (write
+        this actor's snapshot, then wait for the release), and for actor 0 a requested eval with
+        the newest weights (lag mode reloads its order's version after)."""
         now = time.perf_counter()
         if self.desk is None or (not force and now < self._next_desk):
             return
         self._next_desk = now + 0.2
+        folder = self.desk.holding(self.incarnation)
+        if folder is not None:
+            self.snapshot_to(Path(folder) / f"actor{self.actor_id}.pkl")
+            self.desk.held_by(self.actor_id)
+            while self.desk.is_holding():
+                time.sleep(0.05)
         if self.desk.take(self.incarnation):
             order = next((g.version for g in self.groups.values()), None)
             self.sync_weights()
             self.desk.report(self.evaluate())
             if order is not None and order != self.engine.version:
                 self.sync_weights(want=order)
+
+    # -- resume -----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """The groups in flight, for a checkpoint, once every closed segment is in the buffer:
+        each episode's state with its environment's `snapshot`. An episode whose environment
+        has none restarts with its group on resume."""
+        self._flush(force=True)
+        settle = getattr(self.buffer, "settle", None)  # a Ray buffer: the last send arrived
+        if settle is not None:
+            settle()
+        return {"groups": [{"id": g.id, "seed": g.seed, "version": g.version,
+                            "failed": g.failed, "episodes": [ep.state() for ep in g.episodes]}
+                           for g in self.groups.values()]}
+
+    def snapshot_to(self, path: Path) -> None:
+        """`snapshot()` written to `path` (atomically)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(pickle.dumps(self.snapshot(), protocol=5))
+        tmp.replace(path)
+
+    def restore(self, path: str) -> None:
+        """Go on with a checkpoint's episodes in flight (its `snapshot_to` file, if any): a
+        group whose episodes can all resume goes on from their last segments; any other
+        starts its task again, counted (`episodes_restarted`). The buffer then counts these
+        groups as this incarnation's, with the segments it holds of the resumed episodes."""
+        if not Path(path).is_file():
+            return
+        owed: dict[int | None, int] = {}
+        resumed: list[str] = []
+        for g in pickle.loads(Path(path).read_bytes())["groups"]:
+            group = self._resume_group(g)
+            self.groups[group.id] = group
+            owed[group.version] = owed.get(group.version, 0) + 1
+            if group.id == g["id"]:
+                resumed += [ep.id for ep in group.episodes if ep.segmented]
+        self.buffer.adopt(owed, self.incarnation, resumed)
+
+    def _resume_group(self, g: dict) -> _Group:
+        if g["failed"] or all(Episode.can_resume(s) for s in g["episodes"]):
+            group = _Group(g["id"], g["seed"], version=g["version"], failed=g["failed"])
+            group.episodes = [Episode.resumed(s, self.make_env() if s["finish"] is None
+                                              else None) for s in g["episodes"]]
+            self.counts["episodes_resumed"] += sum(s["finish"] is None for s in g["episodes"])
+            return group
+        self.counts["episodes_restarted"] += len(g["episodes"])
+        return self._start_group(g["seed"], g["version"], register=False)
 
     # -- batch mode and evals ---------------------------------------------------------------------
 
@@ -431,7 +493,7 @@ class RolloutActor:
                                 stop=tuple(self.cfg.engine.stop))
         groups = self._play(self.make_eval_env, range(self.cfg.env.eval_size), 1, greedy, None,
                             count=False)
-        rewards = [sum(ep.rewards) for g in groups for ep in g.episodes]
+        rewards = [ep.reward for g in groups for ep in g.episodes]
         return {"eval/reward": float(np.mean(rewards)), "eval/version": self.engine.version,
                 "eval/seconds": time.perf_counter() - t0}
 

@@ -131,8 +131,8 @@ class BoundStore:
         self.nbytes += e.nbytes
         self.unused += 1
 
-    def rows(self):
-        return (t for e in self.entries.values() for t in e.group)
+    def episodes(self) -> set[str]:
+        return {t.episode for e in self.entries.values() for t in e.group}
 
     def fit_capacity(self, reserve_bytes: int = 0) -> None:
         """Evict the oldest groups (counted) while over either capacity."""

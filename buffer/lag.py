@@ -89,8 +89,8 @@ class LagStore:
         self.size += len(g)
         self.nbytes += sum(t.nbytes for t in g)
 
-    def rows(self):
-        return (t for q in self.by_version.values() for g in q for t in g)
+    def episodes(self) -> set[str]:
+        return {t.episode for q in self.by_version.values() for g in q for t in g}
 
     def fit_capacity(self, reserve_bytes: int = 0) -> None:
         """Never evicts: every stored group feeds an update that will wait for it."""

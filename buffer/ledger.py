@@ -37,6 +37,7 @@ class Ledger:
         # work-order version (None in bound mode)
         self.outstanding: dict[Incarnation, dict[int | None, int]] = {}
         self.reports: dict[Incarnation, dict] = {}  # each incarnation's last reported counts
+        self.orphaned = 0  # episodes in flight at a restored snapshot no actor took on yet
 
     def order(self, n_groups: int, actor: Incarnation | None, version: int | None) -> None:
         """`actor` starts n_groups groups (for lag-mode work order `version`)."""
@@ -78,12 +79,25 @@ class Ledger:
             if report is not None:
                 self.reports[actor] = report
 
-    def forget_in_flight(self) -> None:
-        """After a restore: groups being generated at the snapshot belong to the processes
-        that wrote it, and never arrive here."""
+    def orphan_in_flight(self) -> None:
+        """After a restore: the groups in flight at the snapshot belonged to processes that
+        are gone; they wait for an actor to take them on (`adopt`), `settle` counts the rest
+        lost."""
         self.outstanding.clear()
-        self.counts["lost"] += self.counts["in_flight"]
-        self.counts["in_flight"] = 0
+        self.orphaned = self.counts["in_flight"]
+
+    def adopt(self, owed: dict[int | None, int], actor: Incarnation) -> None:
+        """`actor` goes on with groups in flight at the snapshot (`owed`, by version)."""
+        mine = self.outstanding.setdefault(actor, defaultdict(int))
+        for version, n in owed.items():
+            mine[version] += n
+            self.orphaned -= n * self.group_size
+
+    def settle(self) -> None:
+        """Every actor has restored: the groups none took on are lost."""
+        orphaned, self.orphaned = getattr(self, "orphaned", 0), 0
+        self.counts["lost"] += orphaned
+        self.counts["in_flight"] -= orphaned
 
     def summary(self, added: int, episodes: int, filtered: int, store_fates: dict[str, int],
                 in_buffer: int) -> dict:

@@ -41,11 +41,12 @@ from offpolicy.buffer.lag import LagStore
 from offpolicy.buffer.ledger import Ledger
 from offpolicy.buffer.rows import RowStore
 from offpolicy.buffer.samplers import binary_entropy
-from offpolicy.buffer.store import Group, Store, episodes_of
+from offpolicy.buffer.store import (Group, Store, episode_rewards, episode_summary, episodes_of,
+                                    rows_in)
 from offpolicy.config.plan import RunPlan
 from offpolicy.config.schema import Config
 from offpolicy.core.machine import peak_rss_mb
-from offpolicy.core.types import Batch, Incarnation
+from offpolicy.core.types import Batch, Incarnation, Segments, Trajectory
 
 TRACKED_EPISODES = 20_000
 """Episodes whose generated and trained tokens the buffer keeps (the newest)."""
@@ -177,24 +178,27 @@ class ReplayBuffer:
         self._drop_pending(self.pending_of.pop(actor, set()))
         self._cond.notify_all()
 
+    def _pop_pending(self, episode: str) -> list[Segments]:
+        chunks = self.pending.pop(episode, [])
+        self.pending_bytes -= sum(c.nbytes for c in chunks)
+        self.pending_rows -= sum(len(c) for c in chunks)
+        return chunks
+
     def _drop_pending(self, episodes) -> None:
         for ep in episodes:
-            rows = self.pending.pop(ep, [])
-            self.pending_bytes -= sum(t.nbytes for t in rows)
-            self.pending_rows -= len(rows)
-            self.counts["pending_dropped"] += len(rows)
+            self.counts["pending_dropped"] += sum(len(c) for c in self._pop_pending(ep))
 
-    def add_segments(self, segments: list[Group], actor: Incarnation | None = None) -> None:
-        """Closed segments of episodes still being generated (`segments`: one list of rows):
-        held until their episode arrives with its group (`add`), counted in the byte
-        capacity."""
+    def add_segments(self, chunks: list[Segments], actor: Incarnation | None = None) -> None:
+        """Closed segments of episodes still being generated, packed (one `Segments` per
+        episode): held until their episode arrives with its group (`add`), counted in the
+        byte capacity and, for admission in row mode, in the backlog."""
         with self._cond:
             mine = self.pending_of.setdefault(actor, set()) if actor is not None else set()
-            for t in (t for rows in segments for t in rows):
-                self.pending.setdefault(t.episode, []).append(t)
-                self.pending_bytes += t.nbytes
-                self.pending_rows += 1
-                mine.add(t.episode)
+            for c in chunks:
+                self.pending.setdefault(c.episode_id, []).append(c)
+                self.pending_bytes += c.nbytes
+                self.pending_rows += len(c)
+                mine.add(c.episode_id)
 
     def _wait(self, ready, timeout: float) -> bool:
         """wait_for, counting the calls that had to wait (held off) and the time they waited."""
@@ -224,16 +228,17 @@ class ReplayBuffer:
             self.store.check_fit(groups)
             kept, filter_off = 0, self._filter_off()
             for g, n in zip(groups, episodes):
-                self.counts["added"] += len(g)
+                rows, rewards = rows_in(g), episode_rewards(g)
+                self.counts["added"] += rows
                 self.counts["episodes"] += n
                 self._note_episodes(g)
                 self.pass_window[0] += 1  # pass@k counts every arriving group, kept or not
-                self.pass_window[1] += any(t.reward >= 1.0 for t in g)
-                if self.drop_uniform_groups and len({t.reward for t in g}) == 1:
+                self.pass_window[1] += any(r >= 1.0 for r in rewards)
+                if self.drop_uniform_groups and len(set(rewards)) == 1:
                     if not filter_off:
-                        self.counts["filtered"] += len(g)  # every advantage would be zero
+                        self.counts["filtered"] += rows  # every advantage would be zero
                         continue
-                    self.counts["kept_uniform"] += len(g)
+                    self.counts["kept_uniform"] += rows
                 else:
                     kept += 1
                 self.store.add(g)
@@ -243,38 +248,36 @@ class ReplayBuffer:
             self._cond.notify_all()
             return self.next_version
 
-    def _join_pending(self, group: Group, actor: Incarnation | None) -> Group:
-        """The group with its episodes' earlier segments in front, each given the episode's
-        reward, finish reason and number of segments (known only now)."""
-        if all(not t.episode_id for t in group):
+    def _join_pending(self, group: list[Trajectory], actor: Incarnation | None) -> Group:
+        """The group as the store keeps it: its episodes' earlier segments in front of their
+        last rows, each given the episode's reward, finish reason and number of segments
+        (known only now). In row mode every episode is packed (`Segments`), so a long one
+        costs its tokens' bytes; otherwise the segments become rows."""
+        packed = isinstance(self.store, RowStore)
+        if not packed and all(not t.episode_id for t in group):
             return group
-        out = []
+        out: Group = []
         for episode, rows in episodes_of(group).items():
-            earlier = self.pending.pop(episode, [])
+            earlier = self._pop_pending(episode)
             if actor is not None and actor in self.pending_of:
                 self.pending_of[actor].discard(episode)
-            self.pending_bytes -= sum(t.nbytes for t in earlier)
-            self.pending_rows -= len(earlier)
             last = rows[-1]
-            for t in earlier:
-                t.reward, t.finish_reason, t.segments = last.reward, last.finish_reason, \
+            for c in earlier:
+                c.reward, c.finish_reason, c.segments = last.reward, last.finish_reason, \
                     last.segments
-            out += earlier + rows
+            out += (earlier + [Segments.of(rows)] if packed
+                    else [t for c in earlier for t in c.rows()] + rows)
         return out
 
     def _note_episodes(self, group: Group) -> None:
         """Each arriving episode's tokens, policy tokens, segments, versions spanned and wall
         time, for the next batch's `episode/` metrics."""
-        for episode, rows in episodes_of(group).items():
-            self.episode_tokens[episode] = [sum(t.policy_tokens() for t in rows), 0]
+        for episode, items in episodes_of(group).items():
+            summary = episode_summary(items)
+            self.episode_tokens[episode] = [summary[1], 0]
             if len(self.episode_tokens) > TRACKED_EPISODES:
                 self.episode_tokens.popitem(last=False)
-            versions = [v for t in rows for v in (t.min_version(), int(t.versions.max(initial=-1)))
-                        if v >= 0]
-            self.episode_window.append((
-                sum(t.num_tokens for t in rows), sum(t.policy_tokens() for t in rows),
-                len(rows), max(versions) - min(versions) if versions else 0,
-                rows[-1].timings.get("wall", 0.0)))
+            self.episode_window.append(summary)
 
     def _fit_capacity(self) -> None:
         """Within capacity: the store evicts stored rows (counted) while they and the segments
@@ -390,22 +393,39 @@ class ReplayBuffer:
 
     def restore(self, state: dict) -> None:
         """Load a `snapshot` into this (empty, same mode) buffer; the sampler keeps this run's
-        settings and recomputes the stored groups' priorities."""
+        settings and recomputes the stored groups' priorities. The groups in flight at the
+        snapshot are then taken on by the resumed actors (`adopt`) before `settle_restore`."""
         with self._cond:
             state = pickle.loads(pickle.dumps(state))  # never share objects with the source
             vars(self).update(state["buffer"])
             vars(self.store).update(state["store"])
             self.store.restore_sampler(state["sampler"])
             vars(self.book).update(state["ledger"])
-            # groups being generated at the snapshot belong to the processes that wrote it:
-            # they never arrive here, nor do the episodes their segments belong to
-            self.book.forget_in_flight()
-            self._drop_pending(list(self.pending))
+            # groups being generated at the snapshot belonged to processes that are gone: they
+            # wait for the new actors to take them on (`adopt`), then `settle_restore`
+            self.book.orphan_in_flight()
             self.pending_of.clear()
             self.reserved = 0
             self.store.release_all()
             self.closed = False
             self._cond.notify_all()
+
+    def adopt(self, owed: dict[int | None, int], actor: Incarnation,
+              episodes: list[str] = ()) -> None:
+        """After a restore: `actor` goes on with groups in flight at the snapshot (`owed`, by
+        lag-mode version) and keeps the segments here of the `episodes` it resumed."""
+        with self._cond:
+            self.book.adopt(owed, actor)
+            self.reserved += sum(owed.values())
+            self.pending_of.setdefault(actor, set()).update(episodes)
+
+    def settle_restore(self) -> None:
+        """After every actor has restored: the groups in flight none took on are lost, and the
+        segments of episodes none resumed are dropped, counted."""
+        with self._cond:
+            self.book.settle()
+            kept = set().union(*self.pending_of.values())
+            self._drop_pending([ep for ep in self.pending if ep not in kept])
 
     def save(self, path: str | Path) -> int:
         """Write `snapshot()` to `path` (atomic rename); returns the bytes written."""
@@ -436,7 +456,7 @@ class ReplayBuffer:
         """The share of generated policy tokens that were trained, for each quarter of the
         tracked episodes by length (shortest first), leaving out episodes with rows still in
         the buffer: long episodes must not be the ones dropped."""
-        stored = {t.episode for t in self.store.rows()}
+        stored = self.store.episodes()
         done = sorted(v for k, v in self.episode_tokens.items() if k not in stored)
         if len(done) < 4:
             return {}

@@ -9,9 +9,9 @@ A group of long episodes can hold thousands of rows (one per segment), more than
 step should take. So each row's advantage is computed as its group arrives, from the group's
 episodes (`advantage`, an `algorithms.advantages.GroupAdvantage`), and rows are handed out
 oldest first, `batch_rows` at a time: a group's rows may be spread over several steps. Every
-row is trained once. The staleness bound paces admission: actors are held off while the rows
-generated and not yet trained (stored, and the segments of episodes in flight) would be
-consumed more than `max_staleness` versions later. Nothing is evicted for
+row is trained once. The staleness bound paces admission: a group starts only while the rows
+ahead of it (stored, and expected from the groups in flight) would be consumed within
+`max_staleness` versions. Nothing is evicted for
 staleness: a group of long episodes arrives after many versions by nature, and a burst of
 arrivals can overshoot the pacing; their rows are trained with the loss's correction (or masked,
 `buffer.stale_tokens`), counted either way (`staleness/beyond_bound_frac`), so no episode is
@@ -24,18 +24,21 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from offpolicy.buffer.bound import Entry
 from offpolicy.buffer.ledger import STORE_FATES
 from offpolicy.buffer.samplers import pass_rate
-from offpolicy.buffer.store import Group, fresh_version
+from offpolicy.buffer.store import Group, episodes_of, fresh_version, rows_in
 
 
 @dataclass
 class _Stored:
-    rows: deque            # the group's rows not taken yet, in order
+    chunks: deque          # the group's episodes' packed rows (`Segments`) not taken yet
     fresh: int             # `fresh_version` of the group
     pass_rate: float
     seq: int
+    taken: int = 0         # rows of the first chunk already handed out
 
 
 class RowStore:
@@ -48,6 +51,7 @@ class RowStore:
         self.fates = dict.fromkeys(STORE_FATES, 0)
         self.queue: deque[_Stored] = deque()
         self.seq = 0
+        self.rows_per_group = 0.0  # recent rows per arriving group (EMA): what one in flight brings
         self.size = 0     # rows stored
         self.nbytes = 0
         self.reuse_hist: dict[int, int] = defaultdict(int)
@@ -66,14 +70,18 @@ class RowStore:
 
     def admit(self, n_groups: int, version: int, next_version: int, published: int,
               reserved: int, survival: float, pending_rows: int = 0) -> tuple[None, int] | None:
-        """(None, n_groups) while the rows generated and not trained (stored, and the
-        segments episodes in flight have sent, `pending_rows`) would be consumed within the
-        staleness bound of an actor at `version` (it loads `published` first), else None
-        (wait): the backlog stays near what the learner takes in `max_staleness` steps."""
-        consumed_at = next_version + (self.size + pending_rows) // self.batch_rows
-        if consumed_at - max(version, published) <= self.max_staleness:
-            return None, n_groups
-        return None
+        """(None, groups) for as many of `n_groups` as fit: the rows ahead of them (stored, and
+        those the `reserved` groups in flight will bring, at the recent rows per group, or the
+        segments they already sent, `pending_rows`, if more) must be consumed within the
+        staleness bound of an actor at `version` (it loads `published` first). At least one
+        when nothing is ahead; None: wait."""
+        ahead = self.size + max(reserved * self.rows_per_group, pending_rows)
+        last = max(version, published) + self.max_staleness  # the last update that may take it
+        room = (last - next_version + 1) * self.batch_rows - ahead
+        if room <= 0:
+            return (None, 1) if not ahead else None
+        fit = int(room // self.rows_per_group) if self.rows_per_group else n_groups
+        return None, max(1, min(n_groups, fit))
 
     def release(self, version: int | None, n_groups: int) -> None:
         """Reservations are the buffer's count alone."""
@@ -86,10 +94,10 @@ class RowStore:
     def check_fit(self, groups: list[Group]) -> None:
         """A byte capacity below one learner batch of rows would evict every row before the
         learner could take it: fail with the size it needs."""
-        rows = [t for g in groups for t in g]
+        rows = sum(rows_in(g) for g in groups)
         if not self.capacity_bytes or not rows:
             return
-        per_row = sum(t.nbytes for t in rows) / len(rows)
+        per_row = sum(c.nbytes for g in groups for c in g) / rows
         if per_row * self.batch_rows > self.capacity_bytes:
             raise ValueError(
                 f"buffer.capacity_bytes: {self.capacity_bytes} bytes cannot hold one learner "
@@ -97,26 +105,33 @@ class RowStore:
                 f"{per_row * self.batch_rows:.0f}")
 
     def add(self, g: Group) -> None:
-        for t, a in zip(g, self.advantage(g)):
-            t.advantage = float(a)
+        """Store a group of packed episodes (`Segments`), each given its advantage."""
+        episodes = episodes_of(g)
+        rewards = np.array([c[0].reward for c in episodes.values()], dtype=np.float64)
+        tokens = np.array([sum(x.policy_tokens() for x in c) for c in episodes.values()],
+                          dtype=np.float64)
+        for chunks, a in zip(episodes.values(), self.advantage(rewards, tokens)):
+            for c in chunks:
+                c.advantage = float(a)
         self.queue.append(_Stored(deque(g), fresh_version(g), pass_rate(g), self.seq))
         self.seq += 1
-        self.size += len(g)
-        self.nbytes += sum(t.nbytes for t in g)
+        rows = rows_in(g)
+        self.rows_per_group += (rows - self.rows_per_group) * (1.0 if self.seq == 1 else 0.2)
+        self.size += rows
+        self.nbytes += sum(c.nbytes for c in g)
 
-    def rows(self):
-        return (t for s in self.queue for t in s.rows)
+    def episodes(self) -> set[str]:
+        return {c.episode_id for s in self.queue for c in s.chunks}
 
     def fit_capacity(self, reserve_bytes: int = 0) -> None:
-        """Drop the oldest rows (counted) while over either capacity."""
+        """Drop the oldest groups (counted) while over either capacity."""
         while self.queue and (self.size > self.capacity or (
                 self.capacity_bytes and self.nbytes + reserve_bytes > self.capacity_bytes)):
-            self._drop(self.queue.popleft(), "evicted_capacity")
-
-    def _drop(self, stored: _Stored, reason: str) -> None:
-        self.size -= len(stored.rows)
-        self.nbytes -= sum(t.nbytes for t in stored.rows)
-        self.fates[reason] += len(stored.rows)
+            stored = self.queue.popleft()
+            left = rows_in(stored.chunks) - stored.taken
+            self.size -= left
+            self.nbytes -= sum(c.nbytes for c in stored.chunks)
+            self.fates["evicted_capacity"] += left
 
     # -- the learner's side ---------------------------------------------------------------------
 
@@ -125,18 +140,27 @@ class RowStore:
         return self.size
 
     def take(self, version: int, n: int) -> tuple[list[Entry], None]:
-        """The n oldest rows, as one entry per group they come from; each is used once."""
+        """The n oldest rows, as one entry per group they come from; each is used once. A
+        chunk's bytes leave the store when its last row does."""
         entries, left = [], n
         while left:
             stored = self.queue[0]
-            rows = [stored.rows.popleft() for _ in range(min(left, len(stored.rows)))]
-            left -= len(rows)
+            rows = []
+            while left and stored.chunks:
+                chunk = stored.chunks[0]
+                k = min(left, len(chunk) - stored.taken)
+                rows += chunk.rows(stored.taken, stored.taken + k)
+                stored.taken += k
+                left -= k
+                if stored.taken == len(chunk):
+                    stored.chunks.popleft()
+                    stored.taken = 0
+                    self.nbytes -= chunk.nbytes
             entries.append(Entry(rows, stored.seq, stored.fresh, sum(t.nbytes for t in rows),
                                  stored.pass_rate, 1))
-            if not stored.rows:
+            if not stored.chunks:
                 self.queue.popleft()
         self.size -= n
-        self.nbytes -= sum(e.nbytes for e in entries)
         self.fates["retired"] += n
         self.reuse_hist[1] += len(entries)
         return entries, None

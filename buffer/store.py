@@ -17,24 +17,39 @@ from typing import Protocol
 
 import numpy as np
 
-from offpolicy.core.types import Trajectory
+from offpolicy.core.types import Segments, Trajectory
 
-Group = list[Trajectory]
+Group = list
+"""A group as stored: its rows as Trajectories (batches of whole groups), or its episodes'
+rows packed as `Segments` (batches sized in rows: long episodes)."""
 
 
-def episodes_of(group: Group) -> dict[str, list[Trajectory]]:
-    """The group's rows by episode, in order."""
-    out: dict[str, list[Trajectory]] = {}
-    for t in group:
-        out.setdefault(t.episode, []).append(t)
+def rows_of(item: Trajectory | Segments) -> int:
+    return len(item) if isinstance(item, Segments) else 1
+
+
+def rows_in(group: Group) -> int:
+    return sum(rows_of(x) for x in group)
+
+
+def episodes_of(group: Group) -> dict[str, list]:
+    """The group's items (rows, or packed segments) by episode, in order."""
+    out: dict[str, list] = {}
+    for x in group:
+        out.setdefault(x.episode, []).append(x)
     return out
+
+
+def _single_rows(group: Group) -> bool:
+    """Every item a Trajectory that is a whole episode (the common case, kept fast)."""
+    return all(isinstance(x, Trajectory) and not x.episode_id for x in group)
 
 
 def episode_rewards(group: Group) -> list[float]:
     """One reward per episode (an episode's rows all carry its reward)."""
-    if all(not t.episode_id for t in group):  # one row per episode
+    if _single_rows(group):
         return [t.reward for t in group]
-    return [rows[0].reward for rows in episodes_of(group).values()]
+    return [items[0].reward for items in episodes_of(group).values()]
 
 
 def fresh_version(group: Group) -> int:
@@ -42,10 +57,34 @@ def fresh_version(group: Group) -> int:
     episode's last segment, the oldest over its episodes. For one-row episodes, their oldest
     token; a long episode's earlier segments outlast the bound by nature and are not what it
     measures (docs/long_episodes.md)."""
-    if all(not t.episode_id for t in group):
+    if _single_rows(group):
         return min(t.min_version() for t in group)
-    return min(max(rows, key=lambda t: t.segment).min_version()
-               for rows in episodes_of(group).values())
+    out = []
+    for items in episodes_of(group).values():
+        last = max(items, key=lambda x: x.first + len(x) if isinstance(x, Segments)
+                   else x.segment)
+        out.append(last.last_min_version() if isinstance(last, Segments)
+                   else last.min_version())
+    return min(out)
+
+
+def episode_summary(items: list) -> tuple[int, int, int, int, float]:
+    """(tokens, policy tokens, rows, versions spanned, wall seconds) of one episode's items."""
+    tokens = policy = rows = 0
+    lo, hi = None, None
+    for x in items:
+        if isinstance(x, Segments):
+            tokens, policy, rows = tokens + x.tokens(), policy + x.policy_tokens(), rows + len(x)
+            span = x.version_range()
+        else:
+            tokens, policy, rows = tokens + x.num_tokens, policy + x.policy_tokens(), rows + 1
+            v = x.versions[x.loss_mask.astype(bool)]
+            span = (int(v.min()), int(v.max())) if len(v) else None
+        if span is not None:
+            lo = span[0] if lo is None else min(lo, span[0])
+            hi = span[1] if hi is None else max(hi, span[1])
+    return tokens, policy, rows, (hi - lo) if lo is not None else 0, \
+        float(items[-1].timings.get("wall", 0.0))
 
 
 class Store(Protocol):
@@ -86,8 +125,8 @@ class Store(Protocol):
     def add(self, group: Group) -> None:
         """Store one group (it passed the buffer's filter)."""
 
-    def rows(self):
-        """Every stored row (an iterator)."""
+    def episodes(self) -> set[str]:
+        """The ids of the episodes with rows stored."""
 
     def fit_capacity(self, reserve_bytes: int = 0) -> None:
         """Evict, counted, until within capacity, `reserve_bytes` of it taken elsewhere (the

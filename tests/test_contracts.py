@@ -293,9 +293,9 @@ def test_the_stores_and_the_layouts_have_every_member_of_their_protocols():
 
 def test_the_eval_desk_hands_a_request_to_actor_0_once_and_again_after_its_death():
     from offpolicy.core.types import Incarnation
-    from offpolicy.runtime.eval_desk import EvalDesk
+    from offpolicy.runtime.desk import Desk
 
-    desk, first, other = EvalDesk(), Incarnation(0, "a"), Incarnation(1, "a")
+    desk, first, other = Desk(), Incarnation(0, "a"), Incarnation(1, "a")
     assert not desk.take(first)  # nothing asked yet
     desk.request()
     assert not desk.take(other) and desk.take(first) and not desk.take(first)  # once, actor 0

@@ -53,7 +53,7 @@ def test_architecture_names_every_module_and_each_contracts_file():
                            ("Ledger", "buffer/ledger.py"), ("Parallel", "learner/parallel.py"),
                            ("ParityCheck", "learner/parity.py"),
                            ("Layout", "offpolicy/runtime/layout.py"),
-                           ("EvalDesk", "offpolicy/runtime/eval_desk.py"),
+                           ("Desk", "offpolicy/runtime/desk.py"),
                            ("RunPlan", "offpolicy/config/plan.py")]:
         assert contract in text and path in text, contract
         assert (ROOT / path).exists(), path

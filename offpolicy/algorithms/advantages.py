@@ -14,7 +14,6 @@ from typing import Callable
 import numpy as np
 
 from offpolicy.core.registry import Registry
-from offpolicy.core.types import episode_index
 
 AdvantageFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 ADVANTAGES: Registry[AdvantageFn] = Registry("learner.advantage")
@@ -120,22 +119,19 @@ def vcpo_advantage(rewards: np.ndarray, groups: np.ndarray, log_w: np.ndarray,
 
 @dataclass(frozen=True)
 class GroupAdvantage:
-    """Each row's advantage from its group alone, for batches sized in rows (the buffer computes
+    """The advantages of one group's episodes, for batches sized in rows (the buffer computes
     them as a group arrives, before its rows are spread over learner steps): `fn` over the
-    group's episodes. A loss's own estimator (`own`) gets log-weights of 0 (the buffer makes no
+    episodes' rewards. A loss's own estimator (`own`) gets log-weights of 0 (the buffer makes no
     proximal pass) and each episode's policy tokens, with the loss's `params`."""
 
     fn: Callable
     own: bool = False
     params: dict = field(default_factory=dict)
 
-    def __call__(self, rows: list) -> np.ndarray:
-        index = episode_index(rows)
-        first = np.unique(index, return_index=True)[1]
-        rewards = np.array([rows[i].reward for i in first], dtype=np.float64)
-        groups = np.zeros(len(first), dtype=np.int64)
+    def __call__(self, rewards: np.ndarray, policy_tokens: np.ndarray) -> np.ndarray:
+        """(E,) advantages of the group's E episodes."""
+        groups = np.zeros(len(rewards), dtype=np.int64)
         if not self.own:
-            return episode_advantages(self.fn, index, rewards, groups, **self.params)
-        tokens = np.array([t.policy_tokens() for t in rows], dtype=np.float64)
-        return episode_advantages(self.fn, index, rewards, groups, np.zeros(len(rows)), tokens,
-                                  **self.params)
+            return np.asarray(self.fn(rewards, groups, **self.params), dtype=np.float32)
+        return np.asarray(self.fn(rewards, groups, np.zeros(len(rewards)), policy_tokens,
+                                  **self.params), dtype=np.float32)

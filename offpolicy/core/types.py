@@ -123,6 +123,89 @@ def unpack(packed: tuple) -> list[Trajectory]:
     return out
 
 
+@dataclass
+class Segments:
+    """Consecutive segments (rows) of one episode, packed: every row's arrays concatenated and
+    one record for the episode. About 13 bytes a token where a Trajectory object costs some
+    2 KB a row, so an episode of a million tokens fits in the buffer (docs/long_episodes.md).
+    Segments travel from the actor to the buffer, and wait there, in this form."""
+
+    episode_id: str
+    group_id: str
+    env: str
+    first: int
+    """The segment index of the first row."""
+    arrays: dict[str, np.ndarray]
+    """The five per-token arrays of `Trajectory`, the rows' concatenated."""
+    lengths: np.ndarray
+    """(n, 2) int64 each row's prompt and completion length."""
+    reward: float = 0.0
+    finish_reason: str = ""
+    segments: int = 0
+    """The whole episode's segments (known when it ends)."""
+    advantage: float | None = None
+    timings: dict = field(default_factory=dict)
+    """The last row's (the episode's, when this holds its last segment)."""
+    info: dict = field(default_factory=dict)
+    """The last row's."""
+
+    @classmethod
+    def of(cls, rows: list[Trajectory]) -> "Segments":
+        """Rows of one episode, consecutive segments, packed."""
+        arrays, lengths, _ = pack(rows)
+        last = rows[-1]
+        return cls(last.episode, last.group_id, last.env, rows[0].segment, arrays, lengths,
+                   last.reward, last.finish_reason, last.segments, last.advantage,
+                   dict(last.timings), dict(last.info))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def episode(self) -> str:
+        return self.episode_id
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(a.nbytes for a in self.arrays.values()) + self.lengths.nbytes
+                + len(repr(self.info)) + 600)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> list[Trajectory]:
+        """Rows `start` to `stop` as Trajectories, with the episode's fields."""
+        stop = len(self) if stop is None else stop
+        ends = np.cumsum(self.lengths, axis=0)
+        out = []
+        for i in range(start, stop):
+            (p0, c0), (p, c) = ends[i] - self.lengths[i], self.lengths[i]
+            parts = {name: self.arrays[name][p0:p0 + p].copy() if name == "prompt_ids"
+                     else self.arrays[name][c0:c0 + c].copy() for name in _ARRAYS}
+            last = i == len(self) - 1
+            seg = self.first + i
+            out.append(Trajectory(
+                id=f"{self.episode_id}/{seg}", group_id=self.group_id, reward=self.reward,
+                env=self.env, finish_reason=self.finish_reason,
+                timings=dict(self.timings) if last else {}, info=dict(self.info) if last else {},
+                episode_id=self.episode_id, segment=seg, segments=self.segments,
+                advantage=self.advantage, **parts))
+        return out
+
+    def policy_tokens(self) -> int:
+        return int(self.arrays["loss_mask"].sum())
+
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def version_range(self) -> tuple[int, int] | None:
+        """(oldest, newest) version of the policy tokens; None without any."""
+        v = self.arrays["versions"][self.arrays["loss_mask"].astype(bool)]
+        return (int(v.min()), int(v.max())) if len(v) else None
+
+    def last_min_version(self) -> int:
+        """The oldest policy token of the last row (what the staleness bound measures)."""
+        c = int(self.lengths[-1, 1])
+        return self.rows(len(self) - 1)[0].min_version() if c else 0
+
+
 class Groups(list):
     """A list of GRPO groups (lists of Trajectories) that pickles packed (see `pack`); it
     arrives as a plain list of lists."""

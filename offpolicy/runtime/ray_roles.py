@@ -2,7 +2,7 @@
 
 Reads: a validated Config and its run plan, the base model's path. Writes: nothing itself; the
 roles write. Processes: the replay buffer (threaded: actors block in `admit` while the learner
-blocks in `sample`), a weight store, the eval desk, the learner (or `resources.learner_workers`
+blocks in `sample`), a weight store, the desk, the learner (or `resources.learner_workers`
 data-parallel workers), and `rollout.num_actors` rollout actors, which generate continuously.
 Roles reach the buffer, the weight store and the desk by name (`remote.ActorRef`) through
 `remote.Remote`, so the same classes run without Ray in the serial layout and in tests. The
@@ -31,7 +31,7 @@ from offpolicy.core.errors import one_line
 from offpolicy.core.process import setup_process
 from offpolicy.learner.learner import Learner
 from offpolicy.learner.workers import LearnerWorker
-from offpolicy.runtime.eval_desk import EvalDesk
+from offpolicy.runtime.desk import Desk
 from offpolicy.runtime.layout import buffer_arguments
 from offpolicy.runtime.placement import nodes_of, pin_roles, renice, reserve, start_ray
 from offpolicy.runtime.remote import ActorRef, Remote
@@ -180,17 +180,44 @@ class RayRoles:
 
     def save_state(self, folder: Path, with_buffer: bool) -> None:
         """The policy and optimizer (rank 0 writes them; sharded, each worker its shard of the
-        optimizer), and the buffer's snapshot, into `folder`."""
-        refs = [w.save_state.remote(str(folder)) for w in self.learners]
+        optimizer), and the buffer's snapshot, into `folder`; with the buffer, the actors'
+        episodes in flight too: the desk holds every actor, each writes its snapshot into
+        `folder/actors` and waits, so that actors, buffer and learner agree on every episode."""
         if with_buffer:
-            refs.append(self.buffer.save.remote(str(folder / "buffer.pkl")))
-        self.ray.get(refs)
+            self._hold_actors(folder / "actors")
+        try:
+            refs = [w.save_state.remote(str(folder)) for w in self.learners]
+            if with_buffer:
+                refs.append(self.buffer.save.remote(str(folder / "buffer.pkl")))
+            self.ray.get(refs)
+        finally:
+            self.ray.get(self.desk.release.remote())
+
+    def _hold_actors(self, folder: Path, timeout_s: float = 120.0) -> None:
+        """Ask every actor for its snapshot and wait until all wrote theirs (an actor that does
+        not answer in time, dead or restarting, is left out: its episodes restart)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.ray.get(self.desk.hold.remote(str(folder)))
+        deadline = time.monotonic() + timeout_s
+        while self.ray.get(self.desk.held_count.remote()) < len(self.actors):
+            if time.monotonic() > deadline:
+                self.log(f"checkpoint: only {self.ray.get(self.desk.held_count.remote())} of "
+                         f"{len(self.actors)} rollout actors wrote their episodes in flight; "
+                         "the others' episodes will restart on resume")
+                return
+            time.sleep(0.05)
 
     def load_state(self, folder: Path) -> int:
-        """Every learner worker continues from `folder` (after the buffer's snapshot)."""
+        """Every learner worker continues from `folder` (after the buffer's snapshot), and
+        each actor from its snapshot of the episodes in flight; what no actor takes on is
+        counted lost."""
         if (folder / "buffer.pkl").is_file():
             self.ray.get(self.buffer.load.remote(str(folder / "buffer.pkl")))
-        return self.ray.get([w.load_state.remote(str(folder)) for w in self.learners])[0]
+        version = self.ray.get([w.load_state.remote(str(folder)) for w in self.learners])[0]
+        self.ray.get([a.restore.remote(str(folder / "actors" / f"actor{i}.pkl"))
+                      for i, a in enumerate(self.actors)])
+        self.ray.get(self.buffer.settle_restore.remote())
+        return version
 
     def finish(self, checkpoint: Path) -> tuple[dict, list[dict], dict]:
         """Save the policy, stop the actors; returns (buffer stats, each actor's counts, the
@@ -225,7 +252,7 @@ def start_roles(cfg: Config, plan: RunPlan, model_path: str, log=print, stream: 
                                               **local).remote(**buffer_arguments(cfg, plan))
     store = ray.remote(WeightStore).options(name=names["store"], **local).remote(
         plan.store_versions)
-    desk = ray.remote(EvalDesk).options(name=names["desk"], **local).remote()
+    desk = ray.remote(Desk).options(name=names["desk"], **local).remote()
     sync_class = WEIGHT_SYNCS.lookup(plan.weight_sync)
     sync = sync_class.build(cfg, plan, Remote(ActorRef(names["store"])), weights_dir(cfg))
     # A sync that pushes weights into running actors (NCCL): a second thread takes those calls.
@@ -233,8 +260,9 @@ def start_roles(cfg: Config, plan: RunPlan, model_path: str, log=print, stream: 
     actors = [actor_class.options(
         max_concurrency=2 if sync.pushes else 1, max_restarts=cfg.rollout.max_restarts,
         max_task_retries=0, **where["actor"][i]).remote(
-        cfg, i, model_path, Remote(ActorRef(names["buffer"]), fire_and_forget=("add",)), sync,
-        stream, desk=Remote(ActorRef(names["desk"])) if i == EvalDesk.EVALUATOR else None)
+        cfg, i, model_path, Remote(ActorRef(names["buffer"]),
+                                   fire_and_forget=("add", "add_segments")), sync,
+        stream, desk=Remote(ActorRef(names["desk"])))
         for i in range(n)]
     if sync.pushes:
         sync.attach(actors)  # the learner's copy pushes into them

@@ -19,6 +19,14 @@ class Remote:
     def __init__(self, handle, fire_and_forget: tuple[str, ...] = ()):
         self._handle, self._ff, self._pending = handle, fire_and_forget, None
 
+    def settle(self) -> None:
+        """Wait for the fire-and-forget call in flight, if any (it may raise here)."""
+        if self._pending is not None:
+            import ray
+
+            pending, self._pending = self._pending, None
+            ray.get(pending)
+
     def __getattr__(self, name: str):
         import ray
 

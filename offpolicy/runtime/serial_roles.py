@@ -65,14 +65,21 @@ class SerialRoles:
         return done
 
     def save_state(self, folder: Path, with_buffer: bool) -> None:
+        """The learner's part, and with the buffer the actors' episodes in flight too."""
         self.learner.save_state(str(folder))
         if with_buffer:
+            for i, actor in enumerate(self.actors):
+                actor.snapshot_to(folder / "actors" / f"actor{i}.pkl")
             self.buffer.save(folder / "buffer.pkl")
 
     def load_state(self, folder: Path) -> int:
         if (folder / "buffer.pkl").is_file():
             self.buffer.load(folder / "buffer.pkl")
-        return self.learner.load_state(str(folder))
+        version = self.learner.load_state(str(folder))
+        for i, actor in enumerate(self.actors):
+            actor.restore(str(folder / "actors" / f"actor{i}.pkl"))
+        self.buffer.settle_restore()
+        return version
 
     def finish(self, checkpoint: Path) -> tuple[dict, list[dict], dict]:
         self.learner.save(str(checkpoint))
