@@ -8,9 +8,16 @@ guess (then end-of-sequence) and the environment answers "<" (the number is smal
 
 Reward: 1 when found (sparse, at the end), minus `step_cost` for every wrong guess (a per-turn
 reward). A group is one hidden number. The eval split plays every number once.
-The warm-up demonstrations guess uniformly among the numbers still possible: that finds one of
-8 numbers in 3 guesses 61% of the time (one of 16 in 4: 58%), while halving the interval finds
-88% (94%). So the tiny base model succeeds sometimes, and RL has a better strategy to discover.
+The tiny base model warms up on a mixture of two strategies that both respect the feedback
+(`flawed_share` of the demonstrations, 70% by default, show the worse one):
+- right: halve the interval still possible (guess its middle): finds one of 8 numbers in 3
+  guesses 7 times in 8 (one of 16 in 4: 15 in 16);
+- flawed: guess the smallest number still possible (a linear scan): 3 in 8 (4 in 16).
+Greedy decoding follows the majority, the scan, so the base model succeeds sometimes (3 of the
+8 numbers) and RL has the better strategy to bring forward. Both strategies are deterministic,
+so the base model's greedy choice has a clear margin and does not hang on float noise (the
+older warm-up, uniform guesses among the numbers still possible, made near-equal logits that
+each CPU broke its own way).
 """
 
 from __future__ import annotations
@@ -27,13 +34,11 @@ class GuessEnv:
             raise ValueError(f"guess: need n >= 2 and guesses >= 1, got n={n}, guesses={guesses}")
         self.split, self.n, self.guesses, self.step_cost = split, n, guesses, step_cost
         self.secret, self.turn = 0, 0
-        self.rng = random.Random(0)
 
     def reset(self, seed: int) -> str:
         eval_split = self.split == "eval"
         self.secret = seed % self.n if eval_split else random.Random(seed).randrange(self.n)
         self.turn = 0
-        self.rng = random.Random(seed + 1)
         return f"?0-{self.n - 1}:"
 
     def step(self, text: str) -> tuple[str | None, float, bool, dict]:
@@ -48,15 +53,12 @@ class GuessEnv:
             return None, -self.step_cost, True, {}
         return ("<" if self.secret < guess else ">"), -self.step_cost, False, {}
 
-    def demonstration(self) -> list[tuple[str, bool]]:
+    def demonstration(self, flawed: bool = False) -> list[tuple[str, bool]]:
         """A warm-up episode from the current reset: (text, written by the policy) pieces.
-
-        Guesses uniformly among the numbers still consistent with the feedback. Plays a copy
-        of the state, so the environment itself is left as reset() left it.
-        """
+        Halving the interval still possible, or with `flawed` scanning it from the bottom."""
         lo, hi, pieces = 0, self.n - 1, []
         for _ in range(self.guesses):
-            guess = self.rng.randint(lo, hi)
+            guess = lo if flawed else (lo + hi) // 2
             pieces.append((str(guess), True))
             if guess == self.secret:
                 break
