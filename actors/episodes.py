@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -143,6 +144,21 @@ class Episode:
         close = getattr(self.env, "close", None)
         if close is not None:
             close()
+
+
+@dataclass
+class EpisodeGroup:
+    """The episodes of one task (a GRPO group), in flight together."""
+
+    id: str
+    seed: int
+    episodes: list[Episode] = field(default_factory=list)
+    version: int | None = None  # lag mode: the work order's version
+    failed: bool = False        # its environments did not start
+
+    @property
+    def done(self) -> bool:
+        return self.failed or all(ep.finish is not None for ep in self.episodes)
 
 
 def start_step(env, text: str, delay: float, pool: "StepPool | None") -> Future:

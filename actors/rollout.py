@@ -13,30 +13,29 @@ finished group to the buffer at once, and the closed segments of long episodes e
 megabyte. So an episode is never held up by a slower one, and a long episode spans as many
 weight versions as it lasts. In lag mode a work order's groups drain before the next order's
 version is loaded (a trajectory must come from one version). `rollout.mode: batch` plays one
-batch of groups to its slowest episode before the next (for comparisons).
+batch of groups to its slowest episode before the next (for comparisons; batch.py, with evals).
+Episodes and their groups are in episodes.py, environment failures in failures.py.
 With `engine.inflight_updates` (vLLM) the engine also polls for new weights between its steps.
 A plain class: `offpolicy/runtime/ray_roles.py` wraps it as a Ray actor; tests drive it directly.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import pickle
 import random
-import sys
 import time
-import traceback
 import uuid
 from concurrent.futures import TimeoutError
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from offpolicy.actors.engine import SamplingParams, make_engine
-from offpolicy.actors.episodes import Episode, StepPool, start_step
+from offpolicy.actors.batch import BatchLoop, BatchResult
+from offpolicy.actors.episodes import Episode, EpisodeGroup, StepPool, start_step
+from offpolicy.actors.failures import FailureLog
 from offpolicy.config.schema import Config
 from offpolicy.core.machine import peak_rss_mb
 from offpolicy.core.types import Groups, Incarnation, Segments, Trajectory
@@ -48,34 +47,7 @@ FLUSH_BYTES, FLUSH_S = 1 << 20, 1.0
 """Closed segments go to the buffer once a megabyte of them waits, or a second has passed."""
 
 
-class BatchResult(enum.Enum):
-    """What one `RolloutActor.advance` (or `one_batch`) did."""
-
-    ADDED = "added"
-    """Groups finished and went to the buffer."""
-    ADVANCED = "advanced"
-    """An engine call advanced the episodes in flight; no group finished."""
-    REFUSED = "refused"
-    """Nothing in flight, and the buffer did not admit a group in time (the staleness bound
-    held the actor off)."""
-    STOP = "stop"
-    """The run is over."""
-
-
-@dataclass
-class _Group:
-    id: str
-    seed: int
-    episodes: list[Episode] = field(default_factory=list)
-    version: int | None = None  # lag mode: the work order's version
-    failed: bool = False        # its environments did not start
-
-    @property
-    def done(self) -> bool:
-        return self.failed or all(ep.finish is not None for ep in self.episodes)
-
-
-class RolloutActor:
+class RolloutActor(BatchLoop):
     def __init__(self, cfg: Config, actor_id: int, model_path: str, buffer, weights,
                  stream: int = 0, desk=None):
         self.cfg, self.actor_id = cfg, actor_id
@@ -104,9 +76,9 @@ class RolloutActor:
                        "occupancy": 0.0}
         self.slots = (cfg.rollout.concurrent_episodes
                       or cfg.rollout.prompts_per_batch * cfg.rollout.group_size)
-        self.groups: dict[str, _Group] = {}     # in flight (continuous mode)
+        self.groups: dict[str, EpisodeGroup] = {}     # in flight (continuous mode)
         self.outbox: list[Trajectory] = []      # closed segments not yet sent
-        self._next_poll = self._next_desk = self._last_flush = 0.0
+        self._next_poll = self._next_desk = self._last_flush = self._next_close_check = 0.0
         self.max_context = context_limit(cfg, model_path)
         self.failures = FailureLog(actor_id, cfg.run.dir)
         # With simulated latency or a timeout, the environment steps of one call run at once on
@@ -164,6 +136,8 @@ class RolloutActor:
         lag_busy = busy and any(g.version is not None for g in self.groups.values())
         n = (self.slots - len(self.live)) // self.cfg.rollout.group_size
         if n <= 0 or lag_busy:  # no room, or a lag-mode order still draining
+            if self._run_over():
+                return False
             self._serve_desk()
             if lag_busy:  # the order's version, whatever an eval loaded meanwhile
                 self._load(next(g.version for g in self.groups.values()), 0)
@@ -182,6 +156,16 @@ class RolloutActor:
                 self._start_group(int(seed), admission.version)
         return True
 
+    def _run_over(self) -> bool:
+        """Whether the buffer has closed, asked at most every 0.2 s while no slot is free
+        (admission, which says so otherwise, is not asked then): a run's end must not wait for
+        its longest episode in flight."""
+        now = time.perf_counter()
+        if now < self._next_close_check:
+            return False
+        self._next_close_check = now + 0.2
+        return self.buffer.is_closed()
+
     def _load(self, order: int | None, published: int) -> None:
         if order is not None:  # lag mode: a work order for exactly this version
             if order != self.engine.version:
@@ -189,9 +173,9 @@ class RolloutActor:
         elif published > self.engine.version:
             self.sync_weights()
 
-    def _start_group(self, seed: int, version: int | None, register: bool = True) -> _Group:
+    def _start_group(self, seed: int, version: int | None, register: bool = True) -> EpisodeGroup:
         """`group_size` episodes of the task `seed` picks, in flight from now on."""
-        group = _Group(f"{self.actor_id}-{uuid.uuid4().hex[:12]}", seed, version=version)
+        group = EpisodeGroup(f"{self.actor_id}-{uuid.uuid4().hex[:12]}", seed, version=version)
         if register:
             self.groups[group.id] = group
         try:
@@ -304,7 +288,7 @@ class RolloutActor:
         self._send(groups, len(done), done[0].version, dropped)
         return len(done)
 
-    def _group_rows(self, group: _Group) -> tuple[list[Trajectory], list[str]]:
+    def _group_rows(self, group: EpisodeGroup) -> tuple[list[Trajectory], list[str]]:
         """(the rows a finished group trains on, the ids of its episodes dropped): an episode
         whose environment raised costs its group (`rollout.failure_cost: group`, or when fewer
         than two episodes would remain) or itself alone (`episode`)."""
@@ -376,16 +360,16 @@ class RolloutActor:
 
     def _inflight_sync(self) -> None:
         """Between engine steps: load newer weights if the learner published any."""
-        if self._poll_weights():
+        if self._poll_weights(0.01):
             self.counts["inflight_loads"] += 1
 
-    def _poll_weights(self) -> bool:
-        """Newer weights, if any were published: polls the weight store at most every 10 ms
-        (one small call) so fast steps are not slowed."""
+    def _poll_weights(self, every_s: float = 0.05) -> bool:
+        """Newer weights, if any were published: polls the weight store at most every
+        `every_s` (one small call) so fast engine calls are not slowed."""
         now = time.perf_counter()
         if now < self._next_poll:
             return False
-        self._next_poll = now + 0.01
+        self._next_poll = now + every_s
         return self.sync_weights()
 
     def _serve_desk(self, force: bool = False) -> None:
@@ -447,76 +431,15 @@ class RolloutActor:
                 resumed += [ep.id for ep in group.episodes if ep.segmented]
         self.buffer.adopt(owed, self.incarnation, resumed)
 
-    def _resume_group(self, g: dict) -> _Group:
+    def _resume_group(self, g: dict) -> EpisodeGroup:
         if g["failed"] or all(Episode.can_resume(s) for s in g["episodes"]):
-            group = _Group(g["id"], g["seed"], version=g["version"], failed=g["failed"])
+            group = EpisodeGroup(g["id"], g["seed"], version=g["version"], failed=g["failed"])
             group.episodes = [Episode.resumed(s, self.make_env() if s["finish"] is None
                                               else None) for s in g["episodes"]]
             self.counts["episodes_resumed"] += sum(s["finish"] is None for s in g["episodes"])
             return group
         self.counts["episodes_restarted"] += len(g["episodes"])
         return self._start_group(g["seed"], g["version"], register=False)
-
-    # -- batch mode and evals ---------------------------------------------------------------------
-
-    def one_batch(self, timeout: float = 1.0) -> BatchResult:
-        """`rollout.mode: batch`: ask for admission (waiting up to `timeout`), serve the desk,
-        load weights, play one batch of groups to its slowest episode and add it."""
-        n = self.cfg.rollout.prompts_per_batch
-        admission = self.buffer.admit(self.engine.version, n, timeout, actor=self.incarnation)
-        if admission.stop:
-            return BatchResult.STOP
-        self._serve_desk(force=True)
-        self._load(admission.version, admission.published)
-        if not admission.admitted:
-            return BatchResult.REFUSED
-        seeds = self.rng.integers(0, 2**31, size=admission.n_groups)
-        groups = self._play(self.make_env, seeds, self.cfg.rollout.group_size, self.sampling,
-                            self._inflight_sync if self.cfg.engine.inflight_updates else None)
-        rows = [self._group_rows(g)[0] for g in groups]
-        self._send([r for r in rows if r], admission.n_groups, admission.version, [])
-        return BatchResult.ADDED
-
-    def rollout_batch(self, n_prompts: int | None = None) -> list[list[Trajectory]]:
-        """n_prompts (default prompts_per_batch) x group_size episodes played to the end;
-        returns whole groups (a group with a failed episode is dropped)."""
-        seeds = self.rng.integers(0, 2**31, size=n_prompts or self.cfg.rollout.prompts_per_batch)
-        groups = self._play(self.make_env, seeds, self.cfg.rollout.group_size, self.sampling,
-                            self._inflight_sync if self.cfg.engine.inflight_updates else None)
-        return [rows for rows, _ in map(self._group_rows, groups) if rows]
-
-    def evaluate(self) -> dict:
-        """Greedy reward on the fixed held-out eval set with the weights loaded now, played as
-        training episodes are (multi-turn and many-call included), on this actor's engine."""
-        t0 = time.perf_counter()
-        greedy = SamplingParams(max_new_tokens=self.cfg.engine.max_new_tokens, greedy=True,
-                                stop=tuple(self.cfg.engine.stop))
-        groups = self._play(self.make_eval_env, range(self.cfg.env.eval_size), 1, greedy, None,
-                            count=False)
-        rewards = [ep.reward for g in groups for ep in g.episodes]
-        return {"eval/reward": float(np.mean(rewards)), "eval/version": self.engine.version,
-                "eval/seconds": time.perf_counter() - t0}
-
-    def _play(self, make, seeds, n: int, sampling: SamplingParams, between_steps,
-              count: bool = True) -> list[_Group]:
-        """n episodes per seed played to the end, every call one engine call over the episodes
-        still running."""
-        groups = []
-        for seed in seeds:
-            group = _Group(f"{self.actor_id}-{uuid.uuid4().hex[:12]}", int(seed))
-            try:
-                group.episodes = self._episodes(make, group.id, int(seed), n)
-            except Exception as e:
-                group.failed = True
-                self.failures.record(group.id, 0, e, self.counts)
-            groups.append(group)
-        saved = self.counts
-        if not count:  # evals are not training work
-            self.counts = dict(saved)
-        while live := [ep for g in groups for ep in g.episodes if ep.finish is None]:
-            self._call(live, sampling, between_steps)
-        self.counts = saved
-        return groups
 
 
 def context_limit(cfg: Config, model_path: str) -> int:
@@ -529,35 +452,3 @@ def context_limit(cfg: Config, model_path: str) -> int:
                    .get("max_position_embeddings") or 0)
     except (OSError, ValueError):
         return 0
-
-
-class FailureLog:
-    """Environment failures, so that none passes unseen: the first one's traceback on stderr,
-    then the count and rate every 30 s; the tracebacks (the first 100) in the run folder's
-    `env_errors.log` when the folder is on this node."""
-
-    KEEP = 100
-
-    def __init__(self, actor_id: int, run_dir: str):
-        self.actor_id, self.n, self.last_said = actor_id, 0, 0.0
-        self.path = Path(run_dir) / "env_errors.log" if run_dir and Path(run_dir).is_dir() \
-            else None
-
-    def record(self, episode: str, call: int, error: BaseException, counts: dict) -> None:
-        self.n += 1
-        text = "".join(traceback.format_exception(error)).rstrip()
-        if self.path is not None and self.n <= self.KEEP:
-            with open(self.path, "a") as f:
-                f.write(f"actor {self.actor_id}, episode {episode}, call {call}:\n{text}\n\n")
-        now = time.monotonic()
-        if self.n == 1:
-            where = f"; tracebacks in {self.path}" if self.path else ""
-            print(f"rollout actor {self.actor_id}: an environment step raised (episode "
-                  f"{episode}, call {call}); its episode is dropped and counted as env_errors"
-                  f"{where}:\n{text}", file=sys.stderr, flush=True)
-            self.last_said = now
-        elif now - self.last_said >= 30:
-            started = max(counts.get("episodes", 0) + self.n, 1)
-            print(f"rollout actor {self.actor_id}: {self.n} environment failures so far "
-                  f"(about {self.n / started:.0%} of its episodes)", file=sys.stderr, flush=True)
-            self.last_said = now

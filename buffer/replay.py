@@ -16,8 +16,8 @@ behind this one surface:
   advantage computed as its group arrives, a group's rows possibly spread over several steps.
 Groups whose rewards are all equal are dropped on arrival (`drop_uniform_groups`) unless fewer
 than `filter_floor` of recent groups carry signal. The closed segments of episodes still being
-generated wait here (`add_segments`, counted in the byte capacity) until their episode ends;
-then they join its group. The ledger (`ledger.py`) counts where every admitted episode went.
+generated wait here (`add_segments`, `pending.py`, counted in the byte capacity) until their
+episode ends; then they join its group. The ledger (`ledger.py`) counts where every admitted episode went.
 The buffer counts what arrives (`COUNTS`), the store what leaves it, the ledger admission and
 delivery: each count has one owner.
 
@@ -30,26 +30,24 @@ from __future__ import annotations
 import pickle
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from offpolicy.buffer.bound import BoundStore, Entry
+from offpolicy.buffer.episode_stats import EpisodeStats
 from offpolicy.buffer.lag import LagStore
 from offpolicy.buffer.ledger import Ledger
+from offpolicy.buffer.pending import PendingSegments
 from offpolicy.buffer.rows import RowStore
 from offpolicy.buffer.samplers import binary_entropy
-from offpolicy.buffer.store import (Group, Store, episode_rewards, episode_summary, episodes_of,
-                                    rows_in)
+from offpolicy.buffer.store import Group, Store, episode_rewards, episodes_of, rows_in
 from offpolicy.config.plan import RunPlan
 from offpolicy.config.schema import Config
 from offpolicy.core.machine import peak_rss_mb
 from offpolicy.core.types import Batch, Incarnation, Segments, Trajectory
 
-TRACKED_EPISODES = 20_000
-"""Episodes whose generated and trained tokens the buffer keeps (the newest)."""
 COUNTS = ("added", "episodes", "filtered", "kept_uniform", "sampled", "pending_dropped",
           "admission_waits", "held_off")
 """The buffer's own counts: rows that arrived (added; `episodes` of them), were dropped as
@@ -103,13 +101,8 @@ class ReplayBuffer:
                                     sampler, priority, alpha, beta, max_reuse, seed)
         else:
             self.store = LagStore(batch_groups, lag)
-        # closed segments of episodes not yet ended, by episode; and whose they are
-        self.pending: dict[str, list] = {}
-        self.pending_bytes = self.pending_rows = 0
-        self.pending_of: dict[Incarnation, set[str]] = {}
-        self.episode_window: list[tuple] = []  # episodes arrived since the last batch (stats)
-        # the newest episodes' policy tokens: [generated, trained] (the length-bias check)
-        self.episode_tokens: OrderedDict[str, list[int]] = OrderedDict()
+        self.pending = PendingSegments()  # closed segments of episodes not yet ended
+        self.episodes = EpisodeStats()   # the episode/ metrics, the trained share by length
         self.next_version = 0          # learner version of the next update to sample
         self.published = 0             # newest weights actors can load
         self.reserved = 0              # groups admitted but not yet added
@@ -152,10 +145,10 @@ class ReplayBuffer:
                 nonlocal order
                 if self.closed:
                     return True
-                if self.capacity_bytes and self.pending_bytes > self.capacity_bytes:
+                if self.capacity_bytes and self.pending.nbytes > self.capacity_bytes:
                     return False  # segments of episodes in flight fill the buffer: pace
                 order = self.store.admit(n_groups, version, self.next_version, self.published,
-                                         self.reserved, self._survival(), self.pending_rows)
+                                         self.reserved, self._survival(), self.pending.rows)
                 return order is not None
 
             self._wait(ready, timeout)
@@ -175,30 +168,15 @@ class ReplayBuffer:
         for version, n_groups in self.book.lose(actor, fate).items():
             self.reserved = max(0, self.reserved - n_groups)
             self.store.release(version, n_groups)
-        self._drop_pending(self.pending_of.pop(actor, set()))
+        self.counts["pending_dropped"] += self.pending.drop_actor(actor)
         self._cond.notify_all()
-
-    def _pop_pending(self, episode: str) -> list[Segments]:
-        chunks = self.pending.pop(episode, [])
-        self.pending_bytes -= sum(c.nbytes for c in chunks)
-        self.pending_rows -= sum(len(c) for c in chunks)
-        return chunks
-
-    def _drop_pending(self, episodes) -> None:
-        for ep in episodes:
-            self.counts["pending_dropped"] += sum(len(c) for c in self._pop_pending(ep))
 
     def add_segments(self, chunks: list[Segments], actor: Incarnation | None = None) -> None:
         """Closed segments of episodes still being generated, packed (one `Segments` per
         episode): held until their episode arrives with its group (`add`), counted in the
         byte capacity and, for admission in row mode, in the backlog."""
         with self._cond:
-            mine = self.pending_of.setdefault(actor, set()) if actor is not None else set()
-            for c in chunks:
-                self.pending.setdefault(c.episode_id, []).append(c)
-                self.pending_bytes += c.nbytes
-                self.pending_rows += len(c)
-                mine.add(c.episode_id)
+            self.pending.add(chunks, actor)
 
     def _wait(self, ready, timeout: float) -> bool:
         """wait_for, counting the calls that had to wait (held off) and the time they waited."""
@@ -220,7 +198,7 @@ class ReplayBuffer:
         Returns the learner version (the next update's)."""
         with self._cond:
             groups = [self._join_pending(g, actor) for g in groups]
-            self._drop_pending(dropped)
+            self.counts["pending_dropped"] += self.pending.drop(dropped)
             self.reserved = max(0, self.reserved - reserved)
             episodes = [len(episodes_of(g)) for g in groups]
             self.book.arrived(reserved, sum(episodes), actor, version, report)
@@ -231,7 +209,7 @@ class ReplayBuffer:
                 rows, rewards = rows_in(g), episode_rewards(g)
                 self.counts["added"] += rows
                 self.counts["episodes"] += n
-                self._note_episodes(g)
+                self.episodes.arrived(g)
                 self.pass_window[0] += 1  # pass@k counts every arriving group, kept or not
                 self.pass_window[1] += any(r >= 1.0 for r in rewards)
                 if self.drop_uniform_groups and len(set(rewards)) == 1:
@@ -258,9 +236,7 @@ class ReplayBuffer:
             return group
         out: Group = []
         for episode, rows in episodes_of(group).items():
-            earlier = self._pop_pending(episode)
-            if actor is not None and actor in self.pending_of:
-                self.pending_of[actor].discard(episode)
+            earlier = self.pending.pop(episode, actor)
             last = rows[-1]
             for c in earlier:
                 c.reward, c.finish_reason, c.segments = last.reward, last.finish_reason, \
@@ -269,20 +245,10 @@ class ReplayBuffer:
                     else [t for c in earlier for t in c.rows()] + rows)
         return out
 
-    def _note_episodes(self, group: Group) -> None:
-        """Each arriving episode's tokens, policy tokens, segments, versions spanned and wall
-        time, for the next batch's `episode/` metrics."""
-        for episode, items in episodes_of(group).items():
-            summary = episode_summary(items)
-            self.episode_tokens[episode] = [summary[1], 0]
-            if len(self.episode_tokens) > TRACKED_EPISODES:
-                self.episode_tokens.popitem(last=False)
-            self.episode_window.append(summary)
-
     def _fit_capacity(self) -> None:
         """Within capacity: the store evicts stored rows (counted) while they and the segments
         of episodes in flight exceed `capacity_bytes`."""
-        self.store.fit_capacity(self.pending_bytes)
+        self.store.fit_capacity(self.pending.nbytes)
 
     def _filter_off(self) -> bool:
         """Filtering pauses while fewer than `filter_floor` of recent groups carry signal: a
@@ -325,9 +291,7 @@ class ReplayBuffer:
         groups = [e.group for e in entries]
         trajs = [t for g in groups for t in g]
         self.counts["sampled"] += len(trajs)
-        for t in trajs:
-            if (tokens := self.episode_tokens.get(t.episode)) is not None:
-                tokens[1] += t.policy_tokens()
+        self.episodes.trained(trajs)
         self.next_version = version + 1
         self._cond.notify_all()
         stats = self._stats()
@@ -336,7 +300,7 @@ class ReplayBuffer:
                                               for e in entries) / len(entries)
         stats["buffer/sampled_staleness"] = sum(version - e.min_version
                                                 for e in entries) / len(entries)
-        stats.update(self._episode_stats())
+        stats.update(self.episodes.metrics())
         arrived, passed = self.pass_window
         if arrived:  # a group passes when one of its k answers gets full marks (reward >= 1)
             stats["rollout/pass_at_k"] = passed / arrived
@@ -346,19 +310,6 @@ class ReplayBuffer:
             weights = np.repeat(group_weights, [len(g) for g in groups]).astype(np.float32)
             stats["buffer/is_weight_mean"] = float(weights.mean())
         return Batch(trajs, version, stats, weights)
-
-    def _episode_stats(self) -> dict:
-        """`episode/` metrics of the episodes arrived since the last batch (and clears them)."""
-        window, self.episode_window = self.episode_window, []
-        if not window:
-            return {}
-        tokens, policy, segments, spanned, wall = (np.array(x, dtype=np.float64)
-                                                   for x in zip(*window))
-        return {"episode/count": len(window), "episode/tokens_mean": tokens.mean(),
-                "episode/tokens_max": tokens.max(), "episode/policy_tokens_mean": policy.mean(),
-                "episode/segments_mean": segments.mean(), "episode/segments_max": segments.max(),
-                "episode/versions_spanned_mean": spanned.mean(),
-                "episode/versions_spanned_max": spanned.max(), "episode/wall_s_mean": wall.mean()}
 
     def publish(self, version: int) -> None:
         """The learner published weights `version`: waiting actors may now be admitted."""
@@ -404,7 +355,7 @@ class ReplayBuffer:
             # groups being generated at the snapshot belonged to processes that are gone: they
             # wait for the new actors to take them on (`adopt`), then `settle_restore`
             self.book.orphan_in_flight()
-            self.pending_of.clear()
+            self.pending.forget_senders()
             self.reserved = 0
             self.store.release_all()
             self.closed = False
@@ -417,15 +368,14 @@ class ReplayBuffer:
         with self._cond:
             self.book.adopt(owed, actor)
             self.reserved += sum(owed.values())
-            self.pending_of.setdefault(actor, set()).update(episodes)
+            self.pending.claim(actor, episodes)
 
     def settle_restore(self) -> None:
         """After every actor has restored: the groups in flight none took on are lost, and the
         segments of episodes none resumed are dropped, counted."""
         with self._cond:
             self.book.settle()
-            kept = set().union(*self.pending_of.values())
-            self._drop_pending([ep for ep in self.pending if ep not in kept])
+            self.counts["pending_dropped"] += self.pending.keep_claimed()
 
     def save(self, path: str | Path) -> int:
         """Write `snapshot()` to `path` (atomic rename); returns the bytes written."""
@@ -449,21 +399,8 @@ class ReplayBuffer:
                     self._lose(actor, "unfinished")
             out = self.book.summary(self.counts["added"], self.counts["episodes"],
                                     self.counts["filtered"], self.store.fates, self.store.size)
-            out.update(self.trained_share())
+            out.update(self.episodes.trained_share(self.store.episodes()))
             return out
-
-    def trained_share(self) -> dict:
-        """The share of generated policy tokens that were trained, for each quarter of the
-        tracked episodes by length (shortest first), leaving out episodes with rows still in
-        the buffer: long episodes must not be the ones dropped."""
-        stored = self.store.episodes()
-        done = sorted(v for k, v in self.episode_tokens.items() if k not in stored)
-        if len(done) < 4:
-            return {}
-        quarters = np.array_split(np.array(done, dtype=np.float64), 4)
-        return {"trained_share_by_length": [round(q[:, 1].sum() / max(q[:, 0].sum(), 1), 4)
-                                            for q in quarters],
-                "length_quartile_tokens": [int(q[-1, 0]) for q in quarters]}
 
     def stats(self) -> dict:
         with self._cond:
@@ -481,8 +418,8 @@ class ReplayBuffer:
                 "buffer/evicted_capacity": c["evicted_capacity"],
                 "buffer/evicted_surplus": c["evicted_surplus"],
                 "buffer/admission_waits": c["admission_waits"],
-                "buffer/pending_rows": self.pending_rows,
-                "buffer/pending_bytes": self.pending_bytes,
+                "buffer/pending_rows": self.pending.rows,
+                "buffer/pending_bytes": self.pending.nbytes,
                 "buffer/pending_dropped": c["pending_dropped"],
                 "buffer/peak_rss_mb": peak_rss_mb(),
                 "buffer/reuse_hist": {str(k): v for k, v in sorted(store.reuse_hist.items())}}

@@ -15,8 +15,8 @@ ahead of it (stored, and expected from the groups in flight) would be consumed w
 staleness: a group of long episodes arrives after many versions by nature, and a burst of
 arrivals can overshoot the pacing; their rows are trained with the loss's correction (or masked,
 `buffer.stale_tokens`), counted either way (`staleness/beyond_bound_frac`), so no episode is
-dropped for its length. Capacity is in rows and in bytes; beyond either the oldest rows go,
-counted.
+dropped for its length. Capacity is in rows and in bytes; beyond either the oldest groups go,
+counted, but never the newest (a group bigger than the capacity is held alone).
 """
 
 from __future__ import annotations
@@ -124,8 +124,10 @@ class RowStore:
         return {c.episode_id for s in self.queue for c in s.chunks}
 
     def fit_capacity(self, reserve_bytes: int = 0) -> None:
-        """Drop the oldest groups (counted) while over either capacity."""
-        while self.queue and (self.size > self.capacity or (
+        """Drop the oldest groups (counted) while over either capacity, never the newest: a
+        group of long episodes bigger than the whole capacity is held alone and trained, not
+        lost on arrival (the capacity bounds the backlog, not one group)."""
+        while len(self.queue) > 1 and (self.size > self.capacity or (
                 self.capacity_bytes and self.nbytes + reserve_bytes > self.capacity_bytes)):
             stored = self.queue.popleft()
             left = rows_in(stored.chunks) - stored.taken

@@ -207,7 +207,9 @@ class BufferConfig:
     max_staleness: int = 4
     """Largest allowed (learner version - token version); enforced by admission, then eviction."""
     capacity: int = 100_000
-    """Trajectories kept; the oldest groups are evicted (counted) beyond it."""
+    """Trajectories (rows, with `learner.batch_rows`) kept; the oldest groups are evicted
+    (counted) beyond it. With batches sized in rows the newest group is never evicted, so a
+    group of long episodes bigger than the capacity is held alone and trained."""
     capacity_bytes: int = 0
     """Bytes of trajectories kept (`Trajectory.nbytes`); the oldest groups are evicted beyond
     it. 0 = no byte limit."""

@@ -158,6 +158,17 @@ class Segments:
                    last.reward, last.finish_reason, last.segments, last.advantage,
                    dict(last.timings), dict(last.info))
 
+    @classmethod
+    def joined(cls, chunks: list["Segments"]) -> "Segments":
+        """Consecutive chunks of one episode as one: a few large arrays instead of many small
+        ones (large arrays are mapped and unmapped whole, so the memory of an episode held for
+        a long time does not fragment)."""
+        last = chunks[-1]
+        arrays = {name: np.concatenate([c.arrays[name] for c in chunks]) for name in _ARRAYS}
+        return cls(last.episode_id, last.group_id, last.env, chunks[0].first, arrays,
+                   np.concatenate([c.lengths for c in chunks]), last.reward, last.finish_reason,
+                   last.segments, last.advantage, dict(last.timings), dict(last.info))
+
     def __len__(self) -> int:
         return len(self.lengths)
 

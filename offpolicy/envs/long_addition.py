@@ -5,8 +5,8 @@ Reads/writes nothing. A task is two numbers of `calls` chunks of `digits` digits
 incoming carry. Call i (least significant chunk first) sees a fresh context, built by the
 environment from the chunk and the carry the model itself wrote on the previous call:
 
-    call 1:  "1+47+85="  ->  "331"     (1 + 47 + 85 = 133, written reversed: 3, 3, carry 1)
-    call 2:  "1+02+60="  ->  "360"     (the carry 1 comes from the model's "331")
+    call 1:  "47+85+1="  ->  "331"     (47 + 85 + 1 = 133, written reversed: 3, 3, carry 1)
+    call 2:  "02+60+1="  ->  "360"     (the carry 1 comes from the model's "331")
 
 Each call is one segment (its own learner row). The answer is the (digits + 1)-digit sum written
 least-significant digit first, its last digit the carry out; a malformed answer counts as wrong
@@ -55,7 +55,7 @@ class LongAdditionEnv:
 
     def _context(self) -> str:
         a, b = self._chunk(self.i)
-        return f"{self.carry}+{a:0{self.digits}d}+{b:0{self.digits}d}="
+        return f"{a:0{self.digits}d}+{b:0{self.digits}d}+{self.carry}="
 
     def answer(self) -> str:
         """The right completion of the current call."""

@@ -1,7 +1,9 @@
 """`offpolicy report RUN_DIR`: plots and a markdown summary of one run.
 
 Reads: `RUN_DIR/metrics.jsonl`, `summary.json`. Writes: `RUN_DIR/report.png` (reward and eval,
-staleness, importance-sampling diagnostics, throughput, over steps) and `RUN_DIR/report.md`.
+staleness, importance-sampling diagnostics, throughput, over steps), for a run with episodes of
+several segments `RUN_DIR/episodes.png` (staleness by segment position, the distribution of
+episode lengths), and `RUN_DIR/report.md`.
 """
 
 from __future__ import annotations
@@ -108,6 +110,38 @@ def _plot(metrics: list[dict], path: Path, base_eval: float | None = None) -> No
     plt.close(fig)
 
 
+def _plot_episodes(metrics: list[dict], path: Path) -> bool:
+    """Staleness by where a segment sits in its episode, and the episodes' lengths; False (no
+    figure) when no episode had more than one segment."""
+    quarters = [mean_of(metrics, f"staleness/segment_q{q}") for q in (1, 2, 3, 4)]
+    if all(q is None for q in quarters):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist: dict[int, int] = {}
+    for m in metrics:
+        for b, n in (m.get("episode/segments_hist") or {}).items():
+            hist[int(b)] = hist.get(int(b), 0) + n
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].bar(["first quarter", "second", "third", "last quarter"],
+                [q or 0.0 for q in quarters])
+    axes[0].set_title("mean staleness by segment position in its episode")
+    axes[0].set_ylabel("learner version - token version")
+    bins = sorted(hist)
+    axes[1].bar([str(b) for b in bins], [hist[b] for b in bins])
+    axes[1].set_title("episodes by length (segments, from each power of 2)")
+    axes[1].set_ylabel("episodes")
+    for a in axes:
+        a.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
@@ -134,5 +168,7 @@ def report(run_dir: str | Path) -> Path:
             value = f"{value:.4g}"
         lines.append(f"| {name} | {'-' if value is None else value} |")
     lines += ["", "![report](report.png)", ""]
+    if _plot_episodes(metrics, run_dir / "episodes.png"):
+        lines += ["![episodes](episodes.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     return run_dir / "report.md"
