@@ -21,7 +21,6 @@ A plain class: `offpolicy/runtime/ray_roles.py` wraps it as a Ray actor; tests d
 
 from __future__ import annotations
 
-import json
 import pickle
 import random
 import time
@@ -41,7 +40,7 @@ from offpolicy.core.machine import peak_rss_mb
 from offpolicy.core.types import Groups, Incarnation, Segments, Trajectory
 from offpolicy.envs import import_env_module, latency_sampler, make_env
 from offpolicy.models.chat import between_turns, messages_of, prompt_ids
-from offpolicy.models.loading import load_tokenizer
+from offpolicy.models.loading import context_limit, load_tokenizer
 
 FLUSH_BYTES, FLUSH_S = 1 << 20, 1.0
 """Closed segments go to the buffer once a megabyte of them waits, or a second has passed."""
@@ -440,15 +439,3 @@ class RolloutActor(BatchLoop):
             return group
         self.counts["episodes_restarted"] += len(g["episodes"])
         return self._start_group(g["seed"], g["version"], register=False)
-
-
-def context_limit(cfg: Config, model_path: str) -> int:
-    """The longest context the engine takes (`engine.max_model_len`, else the model's
-    `max_position_embeddings`); 0 when unknown."""
-    if cfg.engine.max_model_len:
-        return cfg.engine.max_model_len
-    try:
-        return int(json.loads((Path(model_path) / "config.json").read_text())
-                   .get("max_position_embeddings") or 0)
-    except (OSError, ValueError):
-        return 0

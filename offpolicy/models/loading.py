@@ -7,6 +7,7 @@ rename. Every loader turns a folder that will not load into a one-line ConfigErr
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -48,6 +49,18 @@ def load_tokenizer(path: str | Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def context_limit(cfg: Config, model_path: str | Path) -> int:
+    """The longest context the engine takes (`engine.max_model_len`, else the model's
+    `max_position_embeddings`); 0 when unknown."""
+    if cfg.engine.max_model_len:
+        return cfg.engine.max_model_len
+    try:
+        return int(json.loads((Path(model_path) / "config.json").read_text())
+                   .get("max_position_embeddings") or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def load_policy(path: str | Path, dtype: torch.dtype = torch.float32):

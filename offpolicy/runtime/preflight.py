@@ -9,7 +9,6 @@ too big for the memory this machine has free, a weights folder without room.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ from offpolicy.core.errors import ConfigError
 from offpolicy.envs import env_from_config
 from offpolicy.learner.sharding import check_shardable
 from offpolicy.models.chat import messages_of, prompt_ids
-from offpolicy.models.loading import load_tokenizer
+from offpolicy.models.loading import context_limit, load_tokenizer
 from offpolicy.runtime.run_dir import weights_dir
 from offpolicy.weights.sync import WEIGHT_SYNCS
 
@@ -34,8 +33,7 @@ def preflight(cfg: Config, model_path: str | Path, plan: RunPlan | None = None) 
     plan = plan or RunPlan.of(cfg)
     longest = _longest_prompt(cfg, model_path)
     out = {"longest_prompt_tokens": longest}
-    model_cfg = json.loads((Path(model_path) / "config.json").read_text())
-    limit = cfg.engine.max_model_len or model_cfg.get("max_position_embeddings")
+    limit = context_limit(cfg, model_path)
     if limit and longest + cfg.engine.max_new_tokens > limit:
         key = "engine.max_model_len" if cfg.engine.max_model_len else "engine.max_new_tokens"
         raise ConfigError(f"{key}: the longest prompt has {longest} tokens, and with "
