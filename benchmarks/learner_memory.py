@@ -110,7 +110,7 @@ def worker(rank: int, world: int, layout: dict, args, folder: str, out: str) -> 
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else 0.0,
                   "step_s": statistics.median(times), "tokens": tokens,
-                  "gather_peak_mb": learner.gather_peak_bytes / 2 ** 20,
+                  "gather_peak_mb": getattr(learner.parallel, "gather_peak_bytes", 0) / 2 ** 20,
                   "loss": metrics["learner/loss"]}
         Path(f"{out}/{layout['name']}-rank{rank}.json").write_text(json.dumps(result))
     finally:
