@@ -44,16 +44,20 @@ class Episode:
         self.calls = 0
         self.reward = 0.0                  # the sum of the calls' rewards
         self.rewards: list[float] = []     # one per call, for a conversation (not a long episode)
+        self.step_reward = self.proxy = 0.0  # the current segment's call: reward, proxy score
         self.info: dict = {}
         self.timings = {"generate": 0.0, "env": 0.0}
         self.finish: str | None = None
         self.length = 0                    # tokens after the first prompt, every segment's
         self.started = time.perf_counter()
 
-    def rewarded(self, reward: float) -> None:
-        """The environment's reward for the latest call."""
+    def rewarded(self, reward: float, info: dict | None = None) -> None:
+        """The environment's reward for the latest call (and its proxy score, `info["proxy"]`,
+        for `learner.credit: dense`)."""
         self.calls += 1
         self.reward += reward
+        self.step_reward += reward
+        self.proxy = float((info or {}).get("proxy", 0.0))
         if not self.segmented:
             self.rewards.append(reward)
 
@@ -77,6 +81,7 @@ class Episode:
         new context); the context's tokens count towards the episode's length."""
         self.closed.append(self._row())
         self.segment += 1
+        self.step_reward = self.proxy = 0.0
         self.prompt_ids, self.parts = prompt_ids, []
         self.history = None if messages is None else list(messages)
         self.length += len(prompt_ids)
@@ -94,7 +99,8 @@ class Episode:
                           completion_ids=ids, loss_mask=mask, behavior_logprobs=lp,
                           versions=versions, reward=0.0, env=self.env_name, finish_reason="",
                           timings={"generate": 0.0, "env": 0.0},
-                          episode_id=self.id if self.segmented else "", segment=self.segment)
+                          episode_id=self.id if self.segmented else "", segment=self.segment,
+                          step_reward=self.step_reward, proxy=self.proxy)
 
     def final_rows(self) -> list[Trajectory]:
         """The rows not sent on yet (closed segments and the last one), carrying the episode's
@@ -155,6 +161,7 @@ class EpisodeGroup:
     episodes: list[Episode] = field(default_factory=list)
     version: int | None = None  # lag mode: the work order's version
     failed: bool = False        # its environments did not start
+    level: int | None = None    # `env.curriculum`: the knob's value its tasks started at
 
     @property
     def done(self) -> bool:

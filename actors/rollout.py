@@ -38,7 +38,8 @@ from offpolicy.actors.failures import FailureLog
 from offpolicy.config.schema import Config
 from offpolicy.core.machine import peak_rss_mb
 from offpolicy.core.types import Groups, Incarnation, Segments, Trajectory
-from offpolicy.envs import import_env_module, latency_sampler, make_env
+from offpolicy.envs import env_kwargs, import_env_module, latency_sampler, make_env
+from offpolicy.envs.curriculum import Curriculum
 from offpolicy.models.chat import between_turns, messages_of, prompt_ids
 from offpolicy.models.loading import context_limit, load_tokenizer
 
@@ -60,14 +61,14 @@ class RolloutActor(BatchLoop):
         self.tokenizer = load_tokenizer(model_path)
         self.sampling = SamplingParams(cfg.engine.temperature, cfg.engine.top_p,
                                        cfg.engine.max_new_tokens, stop=tuple(cfg.engine.stop))
-        # Prompt draws; a resumed run (stream = its first step) draws prompts afresh instead
-        # of replaying the interrupted run's from the start.
+        # Prompt draws; a resumed run (stream = its first step) does not replay the first run's
         self.rng = np.random.default_rng([cfg.run.seed, actor_id, stream] if stream
                                          else [cfg.run.seed, actor_id])
         self.make_env = partial(make_env, cfg.env.name, "train", eval_size=cfg.env.eval_size,
-                                **cfg.env.kwargs)
+                                **env_kwargs(cfg.env, "train"))
         self.make_eval_env = partial(make_env, cfg.env.name, "eval", eval_size=cfg.env.eval_size,
-                                     **cfg.env.kwargs)
+                                     **env_kwargs(cfg.env, "eval"))
+        self.curriculum = Curriculum.of(cfg.env)  # None, or moves the training tasks' length
         self.counts = {"batches": 0, "trajectories": 0, "episodes": 0, "env_errors": 0,
                        "env_timeouts": 0, "episodes_capped": 0, "context_cuts": 0,
                        "episodes_resumed": 0, "episodes_restarted": 0, "weight_loads": 0,
@@ -177,9 +178,10 @@ class RolloutActor(BatchLoop):
         group = EpisodeGroup(f"{self.actor_id}-{uuid.uuid4().hex[:12]}", seed, version=version)
         if register:
             self.groups[group.id] = group
+        make = self.make_env if self.curriculum is None else self.curriculum.start(group,
+                                                                                  self.make_env)
         try:
-            group.episodes = self._episodes(self.make_env, group.id, seed,
-                                            self.cfg.rollout.group_size)
+            group.episodes = self._episodes(make, group.id, seed, self.cfg.rollout.group_size)
         except Exception as e:  # a task that cannot start costs its group, counted
             group.failed = True
             self.failures.record(group.id, 0, e, self.counts)
@@ -249,7 +251,7 @@ class RolloutActor(BatchLoop):
         is the next call's context (a segmented environment: a new segment) or is appended to
         the conversation (in a chat, as a message rendered by the template)."""
         ep.timings["env"] += env_s
-        ep.rewarded(float(reward))
+        ep.rewarded(float(reward), info)
         ep.info.update(info or {})
         if done or obs is None:
             ep.finish = c.finish_reason
@@ -299,6 +301,8 @@ class RolloutActor(BatchLoop):
             keep = []
         self.counts["episodes"] += len(keep)
         self.counts["trajectories"] += sum(ep.segment + 1 for ep in keep)  # streamed ones too
+        if self.curriculum is not None and group.level is not None and keep:
+            self.curriculum.record(group.level, [ep.reward for ep in keep], self.counts)
         rows = [t for ep in keep for t in ep.final_rows()]
         return rows, [ep.id for ep in group.episodes if ep not in keep and ep.segmented]
 
@@ -402,9 +406,10 @@ class RolloutActor(BatchLoop):
         settle = getattr(self.buffer, "settle", None)  # a Ray buffer: the last send arrived
         if settle is not None:
             settle()
-        return {"groups": [{"id": g.id, "seed": g.seed, "version": g.version,
+        return {"groups": [{"id": g.id, "seed": g.seed, "version": g.version, "level": g.level,
                             "failed": g.failed, "episodes": [ep.state() for ep in g.episodes]}
-                           for g in self.groups.values()]}
+                           for g in self.groups.values()],
+                "curriculum": self.curriculum.state() if self.curriculum else None}
 
     def snapshot_to(self, path: Path) -> None:
         """`snapshot()` written to `path` (atomically)."""
@@ -422,7 +427,10 @@ class RolloutActor(BatchLoop):
             return
         owed: dict[int | None, int] = {}
         resumed: list[str] = []
-        for g in pickle.loads(Path(path).read_bytes())["groups"]:
+        saved = pickle.loads(Path(path).read_bytes())
+        if self.curriculum is not None:
+            self.curriculum.restore(saved.get("curriculum") or {})
+        for g in saved["groups"]:
             group = self._resume_group(g)
             self.groups[group.id] = group
             owed[group.version] = owed.get(group.version, 0) + 1
@@ -432,7 +440,8 @@ class RolloutActor(BatchLoop):
 
     def _resume_group(self, g: dict) -> EpisodeGroup:
         if g["failed"] or all(Episode.can_resume(s) for s in g["episodes"]):
-            group = EpisodeGroup(g["id"], g["seed"], version=g["version"], failed=g["failed"])
+            group = EpisodeGroup(g["id"], g["seed"], version=g["version"], failed=g["failed"],
+                                 level=g.get("level"))
             group.episodes = [Episode.resumed(s, self.make_env() if s["finish"] is None
                                               else None) for s in g["episodes"]]
             self.counts["episodes_resumed"] += sum(s["finish"] is None for s in g["episodes"])

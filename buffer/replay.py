@@ -27,6 +27,7 @@ block at once: actors in `admit`, the learner in `sample`), in tests it is used 
 
 from __future__ import annotations
 
+import math
 import pickle
 import threading
 import time
@@ -301,6 +302,7 @@ class ReplayBuffer:
         stats["buffer/sampled_staleness"] = sum(version - e.min_version
                                                 for e in entries) / len(entries)
         stats.update(self.episodes.metrics())
+        stats.update(_curriculum(self.book.reports.values()))
         arrived, passed = self.pass_window
         if arrived:  # a group passes when one of its k answers gets full marks (reward >= 1)
             stats["rollout/pass_at_k"] = passed / arrived
@@ -423,6 +425,18 @@ class ReplayBuffer:
                 "buffer/pending_dropped": c["pending_dropped"],
                 "buffer/peak_rss_mb": peak_rss_mb(),
                 "buffer/reuse_hist": {str(k): v for k, v in sorted(store.reuse_hist.items())}}
+
+
+def _curriculum(reports) -> dict:
+    """`curriculum/value` and `curriculum/pass_rate`, the mean over the actors' last reports
+    (`env.curriculum`); {} without one."""
+    values = [r["curriculum_value"] for r in reports if "curriculum_value" in r]
+    rates = [r["curriculum_pass_rate"] for r in reports
+             if not math.isnan(r.get("curriculum_pass_rate", math.nan))]
+    out = {"curriculum/value": sum(values) / len(values)} if values else {}
+    if rates:
+        out["curriculum/pass_rate"] = sum(rates) / len(rates)
+    return out
 
 
 def _state(obj, settings: tuple[str, ...]) -> dict:

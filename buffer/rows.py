@@ -106,13 +106,17 @@ class RowStore:
 
     def add(self, g: Group) -> None:
         """Store a group of packed episodes (`Segments`), each given its advantage."""
-        episodes = episodes_of(g)
-        rewards = np.array([c[0].reward for c in episodes.values()], dtype=np.float64)
-        tokens = np.array([sum(x.policy_tokens() for x in c) for c in episodes.values()],
+        episodes = list(episodes_of(g).values())
+        rewards = np.array([c[0].reward for c in episodes], dtype=np.float64)
+        tokens = np.array([sum(x.policy_tokens() for x in c) for c in episodes],
                           dtype=np.float64)
-        for chunks, a in zip(episodes.values(), self.advantage(rewards, tokens)):
+        scores = [np.concatenate([x.row_scores() for x in c]) for c in episodes]
+        contexts = ([[k for x in c for k in x.contexts()] for c in episodes]
+                    if self.advantage.credit.name == "gigpo" else None)
+        for chunks, adv in zip(episodes, self.advantage.rows(rewards, tokens, scores, contexts)):
+            start = 0
             for c in chunks:
-                c.advantage = float(a)
+                c.advantages, start = adv[start:start + len(c)], start + len(c)
         self.queue.append(_Stored(deque(g), fresh_version(g), pass_rate(g), self.seq))
         self.seq += 1
         rows = rows_in(g)

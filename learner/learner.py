@@ -33,7 +33,8 @@ from offpolicy.weights.sync import cpu_state
 from offpolicy.learner.parallel import make_parallel
 from offpolicy.learner.parity import ParityCheck
 from offpolicy.learner.shared_prompt import sequence_logprobs
-from offpolicy.learner.step_metrics import Spans, to_numbers
+from offpolicy.learner.step_metrics import (Spans, importance_by_position, staleness_by_position,
+                                            to_numbers)
 
 
 def lr_at(lc, version: int) -> float:
@@ -161,6 +162,8 @@ class Learner:
             loss = loss + part_loss / n
             for k, v in part.items():
                 tensors[k] = tensors.get(k, 0.0) + v.double() / n
+        tensors.update(importance_by_position(batch, d, logprobs, adv, self.loss,
+                                              self.loss_params))
         self.version += 1
         return loss, logprobs, tensors
 
@@ -300,7 +303,7 @@ class Learner:
         if not len(staleness):  # every token left out (masked as stale): nothing to describe
             staleness = torch.zeros(1)
         tensors.update(importance_diagnostics(logprobs, d.behavior_logprobs, mask))
-        tensors.update(_staleness_by_position(batch, d))
+        tensors.update(staleness_by_position(batch, d))
         tensors.update({"learner/tokens": mask.sum(), "rollout/completion_len":
                         mask.sum(1).float().mean(),
                         # policy turns per episode: runs of loss_mask 1 (env tokens between)
@@ -385,18 +388,3 @@ class Learner:
         if self.parallel.publishes:
             self.publish()
         return self.version
-
-
-def _staleness_by_position(batch: Batch, d: PaddedBatch) -> dict[str, torch.Tensor]:
-    """Mean staleness of the policy tokens of multi-segment episodes by where their segment
-    sits in its episode, in quarters (`staleness/segment_q1` first .. `q4` last); {} when the
-    batch has no such rows."""
-    seg = torch.tensor([t.segment for t in batch.trajectories])
-    n = torch.tensor([t.segments for t in batch.trajectories])
-    if not bool((n > 1).any()):
-        return {}
-    quarter = torch.where(n > 1, (4 * seg) // n, -1).clamp(max=3)                  # (B,)
-    stale = ((batch.version - d.versions) * d.loss_mask).sum(1).double()           # (B,)
-    tokens = d.loss_mask.sum(1).double()
-    return {f"staleness/segment_q{q + 1}": stale[quarter == q].sum()
-            / tokens[quarter == q].sum().clamp(min=1) for q in range(4)}

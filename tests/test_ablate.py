@@ -243,3 +243,42 @@ def test_a_stopped_forked_cell_exits_and_leaves_no_process(model_dir, tmp_path):
     assert cell.poll() is not None
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
+
+
+def test_named_grids_and_tables_with_several_row_keys(tmp_path):
+    """`ablate.grids` holds several named grids; a grid of three keys besides the seed gets
+    rows for each pair of the first two (an empty value shown as `none`) and columns for the
+    last; files per grid."""
+    from offpolicy.tools.ablate_results import collect, write_results
+
+    (tmp_path / "g.yaml").write_text(
+        "ablate:\n  grids:\n    credit: {learner.credit: [broadcast, gigpo], "
+        "env.curriculum.knob: ['', calls], env.kwargs.calls: [4], run.seed: [0, 1]}\n"
+        "    other: {loss.name: [pg]}\n")
+    _, spec = load_ablation(str(tmp_path / "g.yaml"))
+    grid = spec["grids"]["credit"]
+    assert set(spec["grids"]) == {"credit", "other"}
+    cells = [dict(zip(grid, v)) for v in __import__("itertools").product(*grid.values())]
+    assert cell_name(cells[0]) == "creditbroadcast_knobnone_calls4_seed0"
+    for cell in cells:
+        d = tmp_path / cell_name(cell)
+        d.mkdir()
+        final = 0.9 if cell["env.curriculum.knob"] else 0.1
+        (d / "summary.json").write_text(json.dumps({
+            "final_eval_reward": final, "base_eval_reward": 0.0, "samples": 200,
+            "wall_s": 1.0, "staleness_mean": 1.0, "interrupted": False}))
+        (d / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "learner/batch_size": 100, "eval/reward": r,
+                        "is/ess_frac_q1": 0.9, "is/ess_frac_q4": 0.99,
+                        "episode/versions_spanned_max": 7}) + "\n"
+            for i, r in enumerate([0.0, final])))
+    text = write_results(tmp_path, grid, collect(tmp_path, cells, 0.5), 0.5, "credit")
+    assert text.startswith("## Grid `credit`")
+    assert "| learner.credit, env.curriculum.knob | 4 |" in text
+    assert "| gigpo, calls | 0.900 [0.900, 0.900] (n=2) ^ |" in text
+    assert "| broadcast, none | not reached (0/2) |" in text
+    assert "| gigpo, none | 0.900 -> 0.990; - -> -; - -> -; 7 |" in text
+    assert (tmp_path / "results_credit.md").exists() and (tmp_path / "results_credit.csv").exists()
+    (tmp_path / "g.yaml").write_text("ablate: {grids: {a: {loss.name: pg}}}\n")
+    with pytest.raises(ConfigError, match="ablate.grids.a.loss.name: expected a non-empty list"):
+        load_ablation(str(tmp_path / "g.yaml"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from offpolicy.actors.rollout import BatchResult, RolloutActor
-from offpolicy.algorithms.advantages import ADVANTAGES, episode_advantages
+from offpolicy.algorithms.advantages import ADVANTAGES, GroupAdvantage, episode_advantages
 from offpolicy.algorithms.losses import LOSSES, LossInputs
 from offpolicy.buffer.replay import ReplayBuffer
 from offpolicy.config.plan import RunPlan
@@ -146,7 +146,7 @@ def test_a_group_bigger_than_the_capacity_is_held_alone_not_lost():
     from offpolicy.buffer.rows import RowStore
 
     store = RowStore(batch_rows=4, max_staleness=4, capacity=10,
-                     advantage=lambda rewards, tokens: rewards - rewards.mean())
+                     advantage=GroupAdvantage(ADVANTAGES["dr_grpo"]))
 
     def group(name: str, segments: int) -> list[Segments]:
         return [Segments.of([_row(f"{name}{k}", name, i, segments, float(k)) for i in
@@ -172,10 +172,10 @@ def test_long_addition_terminal_and_dense_rewards_and_its_own_carry():
     for _ in range(3):
         answers.append(env.answer())
         obs, reward, done, info = env.step(answers[-1])
-    assert done and reward == 1.0 and info == {"calls_right": 3, "calls": 3}
+    assert done and reward == 1.0 and info == {"calls_right": 3, "calls": 3, "proxy": 1.0}
     env.reset(7)
-    _, r, _, _ = env.step("999")  # wrong, and its carry 9 is not 0/1: the next call gets 0
-    assert r == 0.0 and env.carry == 0
+    _, r, _, info = env.step("999")  # wrong, and its carry 9 is not 0/1: the next call gets 0
+    assert r == 0.0 and env.carry == 0 and info == {"proxy": 0.0}
     dense = make_env("long_addition", calls=4, reward="dense")
     dense.reset(1)
     total = sum(dense.step(dense.answer() if i % 2 else "x")[1] for i in range(4))

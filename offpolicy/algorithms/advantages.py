@@ -3,7 +3,8 @@
 Reads: rewards (E,) and group index (E,), one per episode. Writes: nothing. Returns (E,)
 float32 advantages, one per episode; `episode_advantages` gives them to the episode's rows (its
 segments), and the learner broadcasts a row's over its policy tokens. Group-relative
-estimators compare the episodes of a group, never their segments.
+estimators compare the episodes of a group; `GroupAdvantage.rows` then lets `learner.credit`
+(credit.py) vary the advantage along an episode's segments.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from offpolicy.algorithms.credit import Credit
 from offpolicy.core.registry import Registry
 
 AdvantageFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -127,6 +129,8 @@ class GroupAdvantage:
     fn: Callable
     own: bool = False
     params: dict = field(default_factory=dict)
+    credit: Credit = field(default_factory=Credit)
+    """How each episode's advantage is spread over its segments (`learner.credit`)."""
 
     def __call__(self, rewards: np.ndarray, policy_tokens: np.ndarray) -> np.ndarray:
         """(E,) advantages of the group's E episodes."""
@@ -135,3 +139,9 @@ class GroupAdvantage:
             return np.asarray(self.fn(rewards, groups, **self.params), dtype=np.float32)
         return np.asarray(self.fn(rewards, groups, np.zeros(len(rewards)), policy_tokens,
                                   **self.params), dtype=np.float32)
+
+    def rows(self, rewards: np.ndarray, policy_tokens: np.ndarray, scores: list[np.ndarray],
+             contexts: list[list[bytes]] | None = None) -> list[np.ndarray]:
+        """One (T_i,) array per episode: its segments' advantages (`credit`), from the
+        episodes' advantages and each segment's (step reward, proxy) `scores` (T_i, 2)."""
+        return self.credit(self(rewards, policy_tokens), scores, contexts)

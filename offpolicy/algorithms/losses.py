@@ -24,6 +24,7 @@ import torch
 
 from offpolicy.algorithms.advantages import (ADVANTAGES, GroupAdvantage, asymre_advantage,
                                             oapl_advantage, vcpo_advantage)
+from offpolicy.algorithms.credit import Credit
 from offpolicy.core.errors import ConfigError
 from offpolicy.core.registry import Registry
 
@@ -421,10 +422,13 @@ def regularized(loss: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
     return loss, metrics
 
 
-def group_advantage(loss: str, loss_params: dict, advantage: str) -> GroupAdvantage:
+def group_advantage(loss: str, loss_params: dict, advantage: str,
+                    credit: Credit = Credit()) -> GroupAdvantage:
     """What the buffer computes each row's advantage with when batches are sized in rows: the
-    loss's own estimator (with its parameters), or `learner.advantage`'s."""
+    loss's own estimator (with its parameters), or `learner.advantage`'s, spread over each
+    episode's segments by `credit`."""
     spec = LOSSES.lookup(loss)
     if spec.advantage is None:
-        return GroupAdvantage(ADVANTAGES.lookup(advantage))
-    return GroupAdvantage(spec.advantage, own=True, params=spec.split(loss_params)[1])
+        return GroupAdvantage(ADVANTAGES.lookup(advantage), credit=credit)
+    return GroupAdvantage(spec.advantage, own=True, params=spec.split(loss_params)[1],
+                          credit=credit)

@@ -88,11 +88,39 @@ class ModelConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    knob: str = ""
+    """The integer `env.kwargs` key the curriculum moves (e.g. `calls`, an episode's length);
+    empty = off. It starts at `start` and is multiplied or divided by `factor` to keep the
+    recent pass rate of the training episodes near `target` (docs/long_episodes.md)."""
+    target: float = 0.5
+    """The pass rate to hold: where a group's answers disagree most often (information per
+    sample peaks near 50%)."""
+    band: float = 0.2
+    """Move when the window's pass rate leaves [target - band, target + band]: longer above,
+    shorter below. With `factor` 2, a pass rate s at length L is about s^2 at 2L, so 0.7
+    becomes 0.49: the band and the factor should agree."""
+    factor: float = 2.0
+    """Multiplier of each move (values rounded, at least 1 apart)."""
+    start: int = 1
+    """The knob's first value."""
+    max: int = 0
+    """The knob's largest value; 0 = `env.kwargs`'s value of the knob."""
+    window: int = 64
+    """Training episodes finished at the current value that decide the next move."""
+    pass_reward: float = 1.0
+    """An episode passes when its reward is at least this."""
+
+
+@dataclass
 class EnvConfig:
     name: str = "addition"
     """Registered environment (see `offpolicy.envs.ENVS`)."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for the environment's constructor (e.g. `digits: 3`)."""
+    eval_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for the eval split only, over `kwargs` key by key: a fixed yardstick
+    while training moves (e.g. `calls: 256` while `env.curriculum` moves the training length)."""
     module: str = ""
     """Python module imported in every process before `env.name` is looked up (it calls
     `register_env`); must be importable from the working directory or the environment."""
@@ -119,6 +147,9 @@ class EnvConfig:
     timeout_s: float = 0.0
     """An environment step slower than this cuts its episode (finish reason `timeout`, counted
     as the actor's `env_timeouts`); 0 = wait forever."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """A length (or any integer knob) curriculum that holds the training pass rate near a
+    target; the eval split keeps `env.kwargs` / `env.eval_kwargs`."""
 
 
 @dataclass
@@ -274,6 +305,16 @@ class LearnerConfig:
     """Publish weights every this many steps."""
     advantage: str = "grpo"
     """Advantage estimator (see `offpolicy.algorithms.advantages.ADVANTAGES`)."""
+    credit: str = "broadcast"
+    """How an episode's advantage is spread over its segments (rows), for episodes of many
+    calls: `broadcast` (each segment gets the episode's), `dense` (mixed with each call's
+    proxy score, `info["proxy"]`, normalised across the group at the same call), `gigpo`
+    (mixed with the discounted return normalised across the group's segments with the same
+    context). Needs `learner.batch_rows`. docs/losses.md, "Credit along an episode"."""
+    credit_weight: float = 0.5
+    """w in A = (1 - w) A_episode + w A_step for `dense` and `gigpo`, in [0, 1]."""
+    credit_gamma: float = 1.0
+    """`gigpo`: discount of the return from a segment, sum of gamma^k times later step rewards."""
     micro_batch: int = 0
     """Rows per forward/backward pass (gradients accumulate to one step per batch); 0 = the
     whole batch at once. Lower it when a batch of long sequences does not fit in memory."""

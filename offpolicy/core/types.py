@@ -49,8 +49,15 @@ class Trajectory:
     segments: int = 1
     """Segments in the whole episode (known when it ends)."""
     advantage: float | None = None
-    """The episode's advantage when the buffer computed it as the group arrived (batches sized
-    in rows, `learner.batch_rows`); None: the learner computes it from the batch."""
+    """This row's advantage when the buffer computed it as the group arrived (batches sized
+    in rows, `learner.batch_rows`; `learner.credit` decides how it varies along an episode);
+    None: the learner computes it from the batch."""
+    step_reward: float = 0.0
+    """The environment's reward for this segment's call (a long episode's; the episode's
+    `reward` is the sum of its calls')."""
+    proxy: float = 0.0
+    """The environment's per-call proxy score for this segment (`info["proxy"]`; 0 if none),
+    for `learner.credit: dense`."""
 
     @property
     def episode(self) -> str:
@@ -87,7 +94,7 @@ def episode_index(trajectories: list[Trajectory]) -> np.ndarray:
 
 
 _ARRAYS = ("prompt_ids", "completion_ids", "loss_mask", "behavior_logprobs", "versions")
-_EPISODE_FIELDS = ("episode_id", "segment", "segments", "advantage")
+_EPISODE_FIELDS = ("episode_id", "segment", "segments", "advantage", "step_reward", "proxy")
 
 
 def pack(trajectories: list[Trajectory]) -> tuple:
@@ -101,7 +108,8 @@ def pack(trajectories: list[Trajectory]) -> tuple:
     lengths = np.array([(len(t.prompt_ids), len(t.completion_ids)) for t in trajectories],
                        dtype=np.int64).reshape(-1, 2)
     small = [(t.id, t.group_id, t.reward, t.env, t.finish_reason, t.timings, t.info,
-              t.episode_id, t.segment, t.segments, t.advantage) for t in trajectories]
+              t.episode_id, t.segment, t.segments, t.advantage, t.step_reward, t.proxy)
+             for t in trajectories]
     return arrays, lengths, small
 
 
@@ -143,7 +151,10 @@ class Segments:
     finish_reason: str = ""
     segments: int = 0
     """The whole episode's segments (known when it ends)."""
-    advantage: float | None = None
+    scores: np.ndarray | None = None
+    """(n, 2) float32 each row's `step_reward` and `proxy`."""
+    advantages: np.ndarray | None = None
+    """(n,) float32 each row's advantage, once the buffer computed them."""
     timings: dict = field(default_factory=dict)
     """The last row's (the episode's, when this holds its last segment)."""
     info: dict = field(default_factory=dict)
@@ -154,8 +165,11 @@ class Segments:
         """Rows of one episode, consecutive segments, packed."""
         arrays, lengths, _ = pack(rows)
         last = rows[-1]
+        scores = np.array([(t.step_reward, t.proxy) for t in rows], np.float32).reshape(-1, 2)
+        advantages = None if any(t.advantage is None for t in rows) else \
+            np.array([t.advantage for t in rows], np.float32)
         return cls(last.episode, last.group_id, last.env, rows[0].segment, arrays, lengths,
-                   last.reward, last.finish_reason, last.segments, last.advantage,
+                   last.reward, last.finish_reason, last.segments, scores, advantages,
                    dict(last.timings), dict(last.info))
 
     @classmethod
@@ -165,12 +179,25 @@ class Segments:
         a long time does not fragment)."""
         last = chunks[-1]
         arrays = {name: np.concatenate([c.arrays[name] for c in chunks]) for name in _ARRAYS}
+        advantages = None if any(c.advantages is None for c in chunks) else \
+            np.concatenate([c.advantages for c in chunks])
         return cls(last.episode_id, last.group_id, last.env, chunks[0].first, arrays,
                    np.concatenate([c.lengths for c in chunks]), last.reward, last.finish_reason,
-                   last.segments, last.advantage, dict(last.timings), dict(last.info))
+                   last.segments, np.concatenate([c.row_scores() for c in chunks]), advantages,
+                   dict(last.timings), dict(last.info))
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def row_scores(self) -> np.ndarray:
+        """(n, 2) each row's `step_reward` and `proxy` (zeros when none were recorded)."""
+        return self.scores if self.scores is not None else np.zeros((len(self), 2), np.float32)
+
+    def contexts(self) -> list[bytes]:
+        """Each row's prompt (the context its call saw) as bytes: equal contexts, equal keys."""
+        ends = np.cumsum(self.lengths[:, 0])
+        ids = self.arrays["prompt_ids"]
+        return [ids[e - n:e].tobytes() for e, n in zip(ends, self.lengths[:, 0])]
 
     @property
     def episode(self) -> str:
@@ -185,6 +212,7 @@ class Segments:
         """Rows `start` to `stop` as Trajectories, with the episode's fields."""
         stop = len(self) if stop is None else stop
         ends = np.cumsum(self.lengths, axis=0)
+        scores = self.row_scores()
         out = []
         for i in range(start, stop):
             (p0, c0), (p, c) = ends[i] - self.lengths[i], self.lengths[i]
@@ -197,7 +225,8 @@ class Segments:
                 env=self.env, finish_reason=self.finish_reason,
                 timings=dict(self.timings) if last else {}, info=dict(self.info) if last else {},
                 episode_id=self.episode_id, segment=seg, segments=self.segments,
-                advantage=self.advantage, **parts))
+                advantage=None if self.advantages is None else float(self.advantages[i]),
+                step_reward=float(scores[i, 0]), proxy=float(scores[i, 1]), **parts))
         return out
 
     def policy_tokens(self) -> int:

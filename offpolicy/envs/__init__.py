@@ -58,10 +58,16 @@ def import_env_module(module: str) -> None:
         raise ConfigError(f"env.module: cannot import '{module}': {e}") from None
 
 
+def env_kwargs(env_cfg, split: str = "train") -> dict:
+    """`env.kwargs`, with `env.eval_kwargs` over them for the eval split."""
+    return {**env_cfg.kwargs, **(env_cfg.eval_kwargs if split == "eval" else {})}
+
+
 def env_from_config(env_cfg, split: str = "train") -> Env:
-    """The environment `env.name` with `env.kwargs` and `env.eval_size` from an EnvConfig."""
+    """The environment `env.name` with its kwargs for `split` and `env.eval_size`."""
     import_env_module(env_cfg.module)
-    return make_env(env_cfg.name, split, eval_size=env_cfg.eval_size, **env_cfg.kwargs)
+    return make_env(env_cfg.name, split, eval_size=env_cfg.eval_size,
+                    **env_kwargs(env_cfg, split))
 
 
 def latency_sampler(spec: str) -> Callable[[random.Random], float]:

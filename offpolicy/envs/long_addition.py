@@ -12,7 +12,9 @@ Each call is one segment (its own learner row). The answer is the (digits + 1)-d
 least-significant digit first, its last digit the carry out; a malformed answer counts as wrong
 and passes on carry 0. Reward `terminal` (the default): 1 at the end only if every call was right
 (sparse, one reward for the whole episode); `dense`: 1 / calls for every right call (the
-fraction right, a proxy). The last call's info holds `calls_right` either way.
+fraction right, a proxy). Every call's info holds `proxy`, 1.0 if that call was right (what
+`learner.credit: dense` mixes in, the reward staying terminal); the last call's also
+`calls_right`.
 
 The episode length is a knob (`calls`, 1 to 100,000 or more); with `calls_max` above `calls`
 each task draws its length log-uniformly from [calls, calls_max] (heavy-tailed lengths). Chunks
@@ -82,10 +84,11 @@ class LongAdditionEnv:
         self.i += 1
         reward = right / self.length if self.reward == "dense" else 0.0
         if self.i < self.length:
-            return self._context(), reward, False, {}
+            return self._context(), reward, False, {"proxy": float(right)}
         if self.reward == "terminal":
             reward = float(self.right == self.length)
-        return None, reward, True, {"calls_right": self.right, "calls": self.length}
+        return None, reward, True, {"calls_right": self.right, "calls": self.length,
+                                    "proxy": float(right)}
 
     # -- resume -----------------------------------------------------------------------------------
 

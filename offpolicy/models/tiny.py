@@ -68,9 +68,11 @@ def tiny_llama(vocab_size: int, cfg: Config, tokenizer) -> torch.nn.Module:
 
 def base_env(cfg: Config) -> EnvConfig:
     """`cfg.env` as the tiny base model is built for it: with the task's `base_model_kwargs`
-    when it has them (a long task is built at length 1 and the model serves every length)."""
+    when it has them (a long task is built at length 1 and the model serves every length; its
+    `env.eval_kwargs` are the run's yardstick, not the build's)."""
     over = getattr(env_from_config(cfg.env), "base_model_kwargs", None)
-    return cfg.env if not over else replace(cfg.env, kwargs={**cfg.env.kwargs, **over})
+    return cfg.env if not over else replace(cfg.env, kwargs={**cfg.env.kwargs, **over},
+                                            eval_kwargs={})
 
 
 def recipe_key(cfg: Config) -> str:

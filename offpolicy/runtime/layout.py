@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from offpolicy.algorithms.credit import Credit
 from offpolicy.algorithms.losses import group_advantage
 from offpolicy.buffer.replay import ReplayBuffer
 from offpolicy.config.plan import RunPlan
@@ -23,8 +24,9 @@ def buffer_arguments(cfg: Config, plan: RunPlan) -> dict:
     the advantage the buffer computes as each group arrives."""
     args = ReplayBuffer.arguments(cfg, plan)
     if cfg.learner.batch_rows:
-        args["advantage"] = group_advantage(cfg.loss.name, cfg.loss.params,
-                                            cfg.learner.advantage)
+        lc = cfg.learner
+        args["advantage"] = group_advantage(cfg.loss.name, cfg.loss.params, lc.advantage,
+                                            Credit(lc.credit, lc.credit_weight, lc.credit_gamma))
     return args
 
 

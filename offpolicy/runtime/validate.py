@@ -15,12 +15,14 @@ import torch
 
 from offpolicy.actors.engine import ENGINES
 from offpolicy.algorithms.advantages import ADVANTAGES
+from offpolicy.algorithms.credit import CREDITS
 from offpolicy.algorithms.losses import LOSSES
 from offpolicy.buffer.samplers import PRIORITIES, SAMPLERS
 from offpolicy.config.io import parse_config
 from offpolicy.config.schema import Config
 from offpolicy.core.errors import ConfigError
-from offpolicy.envs import ENVS, env_from_config, import_env_module, latency_sampler
+from offpolicy.envs import (ENVS, env_from_config, env_kwargs, import_env_module,
+                            latency_sampler)
 from offpolicy.learner.sharding import fsdp_available
 from offpolicy.models.loading import load_tokenizer
 from offpolicy.models.sources import check_model_path
@@ -78,11 +80,12 @@ def _validate_registries(cfg: Config) -> None:
     loss = LOSSES.lookup(cfg.loss.name)
     ADVANTAGES.lookup(cfg.learner.advantage)
     ENVS.lookup(cfg.env.name)
-    try:  # builds the eval set too: a bad env.kwargs fails here, not later in an actor
-        env_from_config(cfg.env)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"env: cannot build '{cfg.env.name}' with env.kwargs "
-                          f"{cfg.env.kwargs}: {str(e).splitlines()[0]}") from None
+    for split in ("train", "eval"):  # a bad env.kwargs fails here, not later in an actor
+        try:
+            env_from_config(cfg.env, split)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"env: cannot build '{cfg.env.name}' ({split}) with kwargs "
+                              f"{env_kwargs(cfg.env, split)}: {str(e).splitlines()[0]}") from None
     loss.check(cfg.loss.params)
 
 
@@ -174,9 +177,34 @@ def _validate_engine(cfg: Config) -> None:
            "engine.inflight_updates: needs engine.name=vllm (HF generate runs a batch in one call)")
 
 
+def _validate_credit_and_curriculum(cfg: Config) -> None:
+    """`learner.credit*` and `env.curriculum`."""
+    lc, cur = cfg.learner, cfg.env.curriculum
+    _check(lc.credit in CREDITS, f"learner.credit: '{lc.credit}' is not one of "
+           f"{', '.join(CREDITS)}")
+    _check(lc.credit == "broadcast" or lc.batch_rows > 0,
+           f"learner.credit: '{lc.credit}' gives each segment its own advantage, which the "
+           "buffer computes for batches sized in rows; set learner.batch_rows")
+    _check(0 <= lc.credit_weight <= 1 and 0 < lc.credit_gamma <= 1,
+           "learner.credit_weight/credit_gamma: need 0 <= credit_weight <= 1 and "
+           "0 < credit_gamma <= 1")
+    if not cur.knob:
+        return
+    value = cfg.env.kwargs.get(cur.knob, cur.max or None)
+    _check(isinstance(value, int) and not isinstance(value, bool),
+           f"env.curriculum.knob: '{cur.knob}' needs an integer in env.kwargs (the largest "
+           f"value) or env.curriculum.max; got {value!r}")
+    top = cur.max or value
+    _check(1 <= cur.start <= top and cur.factor > 1 and cur.window >= 1
+           and 0 < cur.target < 1 and cur.band >= 0,
+           f"env.curriculum: need 1 <= start ({cur.start}) <= max ({top}), factor > 1, "
+           "window >= 1, 0 < target < 1 and band >= 0")
+
+
 def _validate_episodes(cfg: Config) -> None:
     """The continuous actor's slots and batches sized in rows."""
     r, lc = cfg.rollout, cfg.learner
+    _validate_credit_and_curriculum(cfg)
     _check(r.concurrent_episodes == 0 or r.concurrent_episodes >= r.group_size,
            f"rollout.concurrent_episodes: {r.concurrent_episodes} slots cannot hold one group "
            f"of rollout.group_size={r.group_size} (0 = prompts_per_batch x group_size)")
@@ -188,9 +216,6 @@ def _validate_episodes(cfg: Config) -> None:
     _check(cfg.buffer.sampler == "fifo" and cfg.buffer.max_reuse == 1,
            "learner.batch_rows: rows go oldest first, each once; use buffer.sampler=fifo and "
            "buffer.max_reuse=1")
-    _check(not LOSSES.lookup(cfg.loss.name).proximal,
-           f"learner.batch_rows: loss '{cfg.loss.name}' computes its advantages with the "
-           "learner's proximal pass, and rows get theirs in the buffer; use learner.batch_groups")
 
 
 def _validate_buffer(cfg: Config) -> None:

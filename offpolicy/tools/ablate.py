@@ -1,14 +1,17 @@
 """`offpolicy ablate CONFIG`: one training run per cell of a grid (e.g. staleness.k x loss.name x
 run.seed), run in parallel, resumable, then one table and two plots.
 
-Reads: a config YAML whose `ablate:` section holds `grid` ({key: [values]}), `parallel` and
+Reads: a config YAML whose `ablate:` section holds `grid` ({key: [values]}; or `grids`,
+{name: {key: [values]}}, several grids whose cells run once each), `parallel` and
 optionally `dir`, `threshold` (an eval reward: the table then also gives the samples each
 cell needed to reach it), `base` (a config file, relative to this one, that the cells start
 from) and `extra` ({"<grid key>=<value>": [overrides]}: settings for the cells with that
 value); the rest of the file is the base config of every cell (over `base`'s, key by key).
 Writes, in the ablation folder (default `ablations/<config stem>`): `base.yaml`, one normal run
 folder per cell (with its `train.log`), `results.csv`, `results.md`, `reward_vs_samples.png`,
-`final_vs_k.png`. A cell whose `summary.json` says it finished is skipped on a rerun.
+`final_vs_k.png` (with `grids`, each file per grid, `results_<name>.csv` and so on, and
+`results.md` holding every grid's tables). A cell whose `summary.json` says it finished is
+skipped on a rerun.
 """
 
 from __future__ import annotations
@@ -38,15 +41,20 @@ def load_ablation(path: str) -> tuple[dict, dict]:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
     spec = data.pop("ablate", None)
-    if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
-        raise ConfigError(f"{path}: needs an `ablate:` section with `grid: {{key: [values]}}`")
-    unknown = set(spec) - {"grid", "parallel", "dir", "threshold", "base", "extra"}
+    if not isinstance(spec, dict) or not (isinstance(spec.get("grid"), dict) and spec["grid"]
+                                          or isinstance(spec.get("grids"), dict) and spec["grids"]):
+        raise ConfigError(f"{path}: needs an `ablate:` section with `grid: {{key: [values]}}` "
+                          "(or `grids: {name: {key: [values]}}`)")
+    unknown = set(spec) - {"grid", "grids", "parallel", "dir", "threshold", "base", "extra"}
     if unknown:
         raise ConfigError(f"ablate: unknown keys {sorted(unknown)}; "
-                          "valid: grid, parallel, dir, threshold, base, extra")
+                          "valid: grid, grids, parallel, dir, threshold, base, extra")
+    # One grid, or several named ones (their cells run once each, tables per grid)
+    spec["grids"] = spec.get("grids") or {"": spec["grid"]}
+    keys = {k for grid in spec["grids"].values() if isinstance(grid, dict) for k in grid}
     for when, sets in (spec.get("extra") or {}).items():
         key, _, value = str(when).partition("=")
-        if key not in spec["grid"] or not isinstance(sets, list):
+        if key not in keys or not isinstance(sets, list):
             raise ConfigError(f"ablate.extra.{when}: expected '<grid key>=<value>: "
                               "[key=value, ...]' (overrides for the cells with that value)")
     if spec.get("base"):  # cells start from another config file; this file's keys win
@@ -60,9 +68,13 @@ def load_ablation(path: str) -> tuple[dict, dict]:
         data = _merged(inherited, data)
     if not isinstance(spec.get("threshold", 0.0), (int, float)):
         raise ConfigError("ablate.threshold: expected a number (an eval reward)")
-    for key, values in spec["grid"].items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"ablate.grid.{key}: expected a non-empty list")
+    for name, grid in spec["grids"].items():
+        where = f"ablate.grids.{name}" if name else "ablate.grid"
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"{where}: expected {{key: [values]}}")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.{key}: expected a non-empty list")
     return data, spec
 
 
@@ -77,14 +89,15 @@ def _merged(base: dict, top: dict) -> dict:
 
 def ablate(path: str, overrides: list[str], log=print) -> Path:
     base, spec = load_ablation(path)
-    grid = spec["grid"]
     stem = Path(path).stem
     root = Path(spec.get("dir") or Path("ablations") / stem)
     root.mkdir(parents=True, exist_ok=True)
     base.setdefault("run", {})["name"] = root.name  # two files sharing a folder share cells
     base_path = root / "base.yaml"
     base_path.write_text(yaml.safe_dump(base, sort_keys=False))
-    cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    by_grid = {name: [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+               for name, grid in spec["grids"].items()}
+    cells = list({cell_name(c): c for cs in by_grid.values() for c in cs}.values())
     steps, configs, use_ray = {}, {}, False
     for cell in cells:  # every cell's config is checked before anything runs
         cfg = configs[cell_name(cell)] = load_config(base_path,
@@ -100,9 +113,13 @@ def ablate(path: str, overrides: list[str], log=print) -> Path:
     launcher = _launcher(root, base_path, lambda c: cell_overrides(c, spec, overrides),
                          configs, address, use_ray and bool(todo))
     failed = _run_cells(todo, parallel, steps, launcher, root, log)
-    rows = collect(root, cells, spec.get("threshold"))
-    write_results(root, grid, rows, spec.get("threshold"))
-    log(f"results: {root / 'results.csv'}, {root / 'results.md'}, plots in {root}")
+    sections = []
+    for name, grid in spec["grids"].items():
+        rows = collect(root, by_grid[name], spec.get("threshold"))
+        sections.append(write_results(root, grid, rows, spec.get("threshold"), name))
+    if len(sections) > 1:  # one page for every grid's tables
+        (root / "results.md").write_text("\n".join(sections))
+    log(f"results: {root / 'results.md'}, results*.csv and plots in {root}")
     if failed:
         raise RuntimeError(f"{len(failed)} cell(s) failed: {', '.join(failed)} "
                            "(see their train.log); rerun to retry them")

@@ -9,6 +9,7 @@ Reads: each cell's `summary.json` and `metrics.jsonl`. Writes: `results.csv`, `r
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -24,6 +25,7 @@ def cell_name(cell: dict) -> str:
     for (key, value), last in zip(cell.items(), lasts):
         if lasts.count(last) > 1:
             last = "-".join(key.split(".")[-2:])
+        value = "none" if value == "" else value  # e.g. env.curriculum.knob off
         parts.append(str(value) if last == "name" else f"{last}{value}")
     return "_".join(parts)
 
@@ -53,35 +55,57 @@ def collect(root: Path, cells: list[dict], threshold: float | None = None) -> li
         samples, rewards = eval_curve(s, metrics)
         auc = (sum((samples[i + 1] - samples[i]) * (rewards[i] + rewards[i + 1]) / 2
                    for i in range(len(samples) - 1)) / samples[-1]) if samples[-1] else 0.0
-        rows.append({**cell, "final_eval_reward": s["final_eval_reward"],
+        rows.append({**cell, "cell": cell_name(cell), "final_eval_reward": s["final_eval_reward"],
                      "base_eval_reward": s["base_eval_reward"], "eval_auc": auc,
                      "samples": s["samples"], "wall_s": s["wall_s"],
                      "staleness_mean": s["staleness_mean"],
                      "ess_frac": mean_of(metrics, "is/ess_frac"),
                      "clip_frac": mean_of(metrics, "is/clip_frac"),
-                     "kl_k3": mean_of(metrics, "is/kl_k3")})
+                     "kl_k3": mean_of(metrics, "is/kl_k3"),
+                     "versions_spanned_max": max((m.get("episode/versions_spanned_max", 0) or 0
+                                                  for m in metrics), default=0),
+                     **{f"{k}_q{q}": mean_of(metrics, f"is/{k}_q{q}") for q in (1, 4)
+                        for k in ("ess_frac", "clip_frac", "kl_k3")}})
         if threshold is not None:
             rows[-1]["samples_to_threshold"] = next(
                 (x for x, y in zip(samples, rewards) if y >= threshold), None)
     return rows
 
 
-def write_results(root: Path, grid: dict, rows: list[dict],
-                  threshold: float | None = None) -> None:
+def write_results(root: Path, grid: dict, rows: list[dict], threshold: float | None = None,
+                  name: str = "") -> str:
+    """`results.csv`, `results.md` and the plots of one grid (`results_<name>.*` for a named
+    one); returns the tables' text. The last grid key other than run.seed is the tables'
+    columns; the others before it together are their rows (`a, b`); seeds are averaged."""
     if not rows:
-        return
-    with open(root / "results.csv", "w", newline="") as f:
+        return ""
+    suffix = f"_{name}" if name else ""
+    with open(root / f"results{suffix}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    # The first two grid keys other than run.seed are the table's axes; the rest are averaged.
     keys = [k for k in grid if k != "run.seed"] or list(grid)
+    if len(keys) > 2:  # several row keys: one combined row label
+        grid, rows = _combined(grid, rows, keys[:-1])
+        keys = [k for k in grid if k != "run.seed"]
     down, across = keys[0], keys[1] if len(keys) > 1 else None
-    (root / "results.md").write_text(_table(rows, grid, down, across)
-                                     + _threshold_table(rows, grid, down, across, threshold)
-                                     + _diagnostics_table(rows, grid, down, across)
-                                     + _runs_table(rows, grid))
-    _plots(root, rows, grid, down, across)
+    text = ((f"## Grid `{name}`\n\n" if name else "") + _table(rows, grid, down, across)
+            + _threshold_table(rows, grid, down, across, threshold)
+            + _diagnostics_table(rows, grid, down, across)
+            + _position_table(rows, grid, down, across) + _runs_table(rows, grid))
+    (root / f"results{suffix}.md").write_text(text)
+    _plots(root, rows, grid, down, across, suffix)
+    return text
+
+
+def _combined(grid: dict, rows: list[dict], keys: list[str]) -> tuple[dict, list[dict]]:
+    """The grid and rows with `keys` merged into one key `a, b` of values `x, y`."""
+    label = ", ".join(keys)
+    combos = [", ".join(str(v) if v != "" else "none" for v in combo)
+              for combo in itertools.product(*(grid[k] for k in keys))]
+    out = {label: combos, **{k: v for k, v in grid.items() if k not in keys}}
+    return out, [{**r, label: ", ".join(str(r[k]) if r[k] != "" else "none" for k in keys)}
+                 for r in rows]
 
 
 def _group(rows, **match):
@@ -152,45 +176,65 @@ def _runs_table(rows: list[dict], grid: dict) -> str:
     return "\n".join(lines)
 
 
+def _grid_table(rows, grid, down, across, intro: str, single: str, cell) -> str:
+    """A table with a row per `down` value and a column per `across` value (or one column
+    named `single`): `cell(runs)` of the runs of each (runs, possibly none, over the seeds)."""
+    cols = grid[across] if across else [None]
+    lines = ["", intro, "", _header(down, cols, single), "|---|" + "---|" * len(cols)]
+    for d in grid[down]:
+        lines.append(f"| {d} | " + " | ".join(
+            cell(_group(rows, **{down: d}, **({across: c} if across else {}))) for c in cols)
+            + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _avg(runs, key: str, fmt: str = ".3g") -> str:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return format(max(statistics.mean(vals), 0.0), fmt) if vals else "-"  # -1e-9: rounding
+
+
 def _threshold_table(rows, grid, down, across, threshold) -> str:
     """Samples trained until eval reward >= threshold: mean over the runs that got there."""
     if threshold is None:
         return ""
-    cols = grid[across] if across else [None]
-    lines = ["", f"Samples trained until the eval reward first reached {threshold} (mean over "
-             "the runs that reached it; `k/n` = runs that reached it):", "",
-             _header(down, cols, "samples to the threshold"), "|---|" + "---|" * len(cols)]
-    for d in grid[down]:
-        cells = []
-        for c in cols:
-            runs = _group(rows, **{down: d}, **({across: c} if across else {}))
-            got = [r["samples_to_threshold"] for r in runs
-                   if r["samples_to_threshold"] is not None]
-            cells.append((f"{statistics.mean(got):,.0f} " if got else "not reached ")
-                         + f"({len(got)}/{len(runs)})")
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+
+    def cell(runs):
+        got = [r["samples_to_threshold"] for r in runs if r["samples_to_threshold"] is not None]
+        return (f"{statistics.mean(got):,.0f} " if got else "not reached ") + \
+            f"({len(got)}/{len(runs)})"
+    return _grid_table(rows, grid, down, across,
+                       f"Samples trained until the eval reward first reached {threshold} (mean "
+                       "over the runs that reached it; `k/n` = runs that reached it):",
+                       "samples to the threshold", cell)
 
 
 def _diagnostics_table(rows, grid, down, across) -> str:
     """Why a correction holds or fails: the run-mean `is/ess_frac`, `is/clip_frac` and
     `is/kl_k3` (KL between the behaviour and current policy), averaged over the seeds."""
-    cols = grid[across] if across else [None]
+    return _grid_table(rows, grid, down, across,
+                       "Importance diagnostics, run means averaged over the seeds: ESS fraction "
+                       "/ clip fraction / KL(mu, pi) k3:", "ESS / clip / KL",
+                       lambda runs: " / ".join(_avg(runs, k) for k in
+                                               ("ess_frac", "clip_frac", "kl_k3")) if runs else "-")
 
-    def avg(runs, key):
-        vals = [r[key] for r in runs if r.get(key) is not None]
-        return f"{max(statistics.mean(vals), 0.0):.3g}" if vals else "-"  # -1e-9: rounding
-    lines = ["", "Importance diagnostics, run means averaged over the seeds: ESS fraction / "
-             "clip fraction / KL(mu, pi) k3:", "", _header(down, cols, "ESS / clip / KL"),
-             "|---|" + "---|" * len(cols)]
-    for d in grid[down]:
-        cells = []
-        for c in cols:
-            runs = _group(rows, **{down: d}, **({across: c} if across else {}))
-            cells.append(" / ".join(avg(runs, k) for k in ("ess_frac", "clip_frac", "kl_k3"))
-                         if runs else "-")
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+
+def _position_table(rows, grid, down, across) -> str:
+    """Where in long episodes the off-policy tokens sit: the run-mean ESS fraction, clip
+    fraction and KL of the first and last quarter of the episodes' segments, and the most
+    versions one episode spanned, averaged over the seeds; "" without multi-segment runs."""
+    if not any(r.get("ess_frac_q4") is not None for r in rows):
+        return ""
+
+    def cell(runs):
+        if not runs:
+            return "-"
+        return "; ".join(_avg(runs, f"{k}_q1", f) + " -> " + _avg(runs, f"{k}_q4", f) for k, f in
+                         (("ess_frac", ".3f"), ("clip_frac", ".3f"), ("kl_k3", ".2g"))) \
+            + f"; {_avg(runs, 'versions_spanned_max', '.0f')}"
+    return _grid_table(rows, grid, down, across,
+                       "By segment position, first quarter -> last quarter of the episodes, run "
+                       "means averaged over the seeds: ESS fraction; clip fraction; KL k3; the "
+                       "most versions one episode spanned:", "ESS; clip; KL; spanned", cell)
 
 
 def _header(down: str, cols: list, single: str) -> str:
@@ -213,7 +257,8 @@ def _fmt(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.3f} [{lo:.3f}, {hi:.3f}] (n={len(vals)})"
 
 
-def _plots(root: Path, rows: list[dict], grid: dict, down: str, across: str | None) -> None:
+def _plots(root: Path, rows: list[dict], grid: dict, down: str, across: str | None,
+           suffix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +271,7 @@ def _plots(root: Path, rows: list[dict], grid: dict, down: str, across: str | No
         for d in grid[down]:
             curves = []
             for r in _group(rows, **{down: d}, **({across: c} if across else {})):
-                run_dir = root / cell_name({k: r[k] for k in grid})
+                run_dir = root / r["cell"]
                 curves.append(eval_curve(run_summary(run_dir), read_metrics(run_dir)))
             if curves:
                 n = min(len(x) for x, _ in curves)
@@ -239,7 +284,7 @@ def _plots(root: Path, rows: list[dict], grid: dict, down: str, across: str | No
     axes[0][0].set_ylabel("eval reward (mean over seeds)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(root / "reward_vs_samples.png", dpi=110)
+    fig.savefig(root / f"reward_vs_samples{suffix}.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -262,5 +307,5 @@ def _plots(root: Path, rows: list[dict], grid: dict, down: str, across: str | No
     if across:
         ax.legend(title=across, fontsize=8)
     fig.tight_layout()
-    fig.savefig(root / "final_vs_k.png", dpi=110)
+    fig.savefig(root / f"final_vs_k{suffix}.png", dpi=110)
     plt.close(fig)

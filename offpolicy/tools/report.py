@@ -3,7 +3,8 @@
 Reads: `RUN_DIR/metrics.jsonl`, `summary.json`. Writes: `RUN_DIR/report.png` (reward and eval,
 staleness, importance-sampling diagnostics, throughput, over steps), for a run with episodes of
 several segments `RUN_DIR/episodes.png` (staleness by segment position, the distribution of
-episode lengths), and `RUN_DIR/report.md`.
+episode lengths), for a run with `env.curriculum` `RUN_DIR/curriculum.png` (the length and the
+pass rate over steps), and `RUN_DIR/report.md`.
 """
 
 from __future__ import annotations
@@ -142,6 +143,39 @@ def _plot_episodes(metrics: list[dict], path: Path) -> bool:
     return True
 
 
+def _plot_curriculum(metrics: list[dict], path: Path) -> bool:
+    """`env.curriculum`'s value (the training episodes' length) and its window's pass rate,
+    beside the eval reward, over steps; False (no figure) for a run without a curriculum."""
+    points = [(m["step"], m["curriculum/value"], m.get("curriculum/pass_rate"))
+              for m in metrics if m.get("curriculum/value") is not None]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].step([p[0] for p in points], [p[1] for p in points], where="post")
+    axes[0].set_yscale("log", base=2)
+    axes[0].set_title("curriculum: training episode length (calls)")
+    rates = [(p[0], p[2]) for p in points if p[2] is not None]
+    axes[1].plot([r[0] for r in rates], [r[1] for r in rates], lw=0.8, label="training pass rate")
+    evals = [(m["step"], m["eval/reward"]) for m in metrics if m.get("eval/reward") is not None]
+    axes[1].plot([e[0] for e in evals], [e[1] for e in evals], marker="o", label="eval reward")
+    axes[1].axhline(0.5, color="grey", lw=0.6, ls="--")
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].set_title("pass rate of the curriculum's window, and eval")
+    axes[1].legend(fontsize=8)
+    for a in axes:
+        a.set_xlabel("learner step")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
@@ -170,5 +204,7 @@ def report(run_dir: str | Path) -> Path:
     lines += ["", "![report](report.png)", ""]
     if _plot_episodes(metrics, run_dir / "episodes.png"):
         lines += ["![episodes](episodes.png)", ""]
+    if _plot_curriculum(metrics, run_dir / "curriculum.png"):
+        lines += ["![curriculum](curriculum.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     return run_dir / "report.md"
