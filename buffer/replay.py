@@ -213,7 +213,8 @@ class ReplayBuffer:
                 self.episodes.arrived(g)
                 self.pass_window[0] += 1  # pass@k counts every arriving group, kept or not
                 self.pass_window[1] += any(r >= 1.0 for r in rewards)
-                if self.drop_uniform_groups and len(set(rewards)) == 1:
+                if self.drop_uniform_groups and len(set(rewards)) == 1 and not (
+                        isinstance(self.store, RowStore) and self.store.step_signal(g)):
                     if not filter_off:
                         self.counts["filtered"] += rows  # every advantage would be zero
                         continue

@@ -104,8 +104,27 @@ class RowStore:
                 f"batch ({self.batch_rows} rows of about {per_row:.0f} bytes); raise it above "
                 f"{per_row * self.batch_rows:.0f}")
 
+    def step_signal(self, g: Group) -> bool:
+        """Whether a group whose episodes all got the same reward still carries a signal: some
+        segment's advantage is not 0 (`learner.credit` dense or gigpo). Assigns them."""
+        if self.advantage.credit.name == "broadcast":
+            return False
+        self._assign(g)
+        return any(bool(np.any(np.abs(c.advantages) > 1e-6)) for c in g)
+
     def add(self, g: Group) -> None:
-        """Store a group of packed episodes (`Segments`), each given its advantage."""
+        """Store a group of packed episodes (`Segments`), each row given its advantage."""
+        if any(c.advantages is None for c in g):
+            self._assign(g)
+        self.queue.append(_Stored(deque(g), fresh_version(g), pass_rate(g), self.seq))
+        self.seq += 1
+        rows = rows_in(g)
+        self.rows_per_group += (rows - self.rows_per_group) * (1.0 if self.seq == 1 else 0.2)
+        self.size += rows
+        self.nbytes += sum(c.nbytes for c in g)
+
+    def _assign(self, g: Group) -> None:
+        """Each row's advantage: the group's episode advantages spread by `credit`."""
         episodes = list(episodes_of(g).values())
         rewards = np.array([c[0].reward for c in episodes], dtype=np.float64)
         tokens = np.array([sum(x.policy_tokens() for x in c) for c in episodes],
@@ -117,12 +136,6 @@ class RowStore:
             start = 0
             for c in chunks:
                 c.advantages, start = adv[start:start + len(c)], start + len(c)
-        self.queue.append(_Stored(deque(g), fresh_version(g), pass_rate(g), self.seq))
-        self.seq += 1
-        rows = rows_in(g)
-        self.rows_per_group += (rows - self.rows_per_group) * (1.0 if self.seq == 1 else 0.2)
-        self.size += rows
-        self.nbytes += sum(c.nbytes for c in g)
 
     def episodes(self) -> set[str]:
         return {c.episode_id for s in self.queue for c in s.chunks}

@@ -160,3 +160,20 @@ def test_bad_credit_and_curriculum_settings_are_one_line_errors(overrides, messa
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, kept", [("broadcast", False), ("dense", True), ("gigpo", False)])
+def test_a_group_of_equal_rewards_is_kept_when_its_segments_still_differ(name, kept):
+    """Every episode failed (terminal reward 0), but their calls' proxies differ: `dense` still
+    has a signal, so the uniform-group filter keeps the group; broadcast and gigpo (whose
+    returns are all 0 here) have none, and it is dropped, counted."""
+    from offpolicy.buffer.replay import ReplayBuffer
+
+    buf = ReplayBuffer(batch_groups=1, max_staleness=4, capacity=100, drop_uniform_groups=True,
+                       batch_rows=4, advantage=GroupAdvantage(ADVANTAGES["grpo"],
+                                                              credit=Credit(name, 0.5)))
+    rows = [t for ep, proxies in (("e0", [1.0, 0.0]), ("e1", [1.0, 1.0]))
+            for t in _segments(ep, [[1], [2]], 0.0, proxies).rows()]
+    buf.add([rows])
+    assert buf.store.size == (4 if kept else 0)
+    assert buf.counts["filtered"] == (0 if kept else 4)
