@@ -61,7 +61,7 @@ class RolloutActor(BatchLoop):
         self.tokenizer = load_tokenizer(model_path)
         self.sampling = SamplingParams(cfg.engine.temperature, cfg.engine.top_p,
                                        cfg.engine.max_new_tokens, stop=tuple(cfg.engine.stop))
-        # Prompt draws; a resumed run (stream = its first step) does not replay the first run's
+        # Prompt draws; a resumed run (stream = its first step) draws afresh, not the first's
         self.rng = np.random.default_rng([cfg.run.seed, actor_id, stream] if stream
                                          else [cfg.run.seed, actor_id])
         self.make_env = partial(make_env, cfg.env.name, "train", eval_size=cfg.env.eval_size,
