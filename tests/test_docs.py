@@ -25,12 +25,7 @@ def _where_things_live() -> str:
 
 
 def test_where_things_live_matches_the_tree():
-    table = _where_things_live()
-    named = set()
-    for line in table.splitlines():
-        if line.startswith("| `"):
-            first_cell = line.split("|")[1]
-            named.update(re.findall(r"`([^`]+)`", first_cell))
+    named = set(re.findall(r"`([^`]+)`", _where_things_live()))
     paths = {p for p in named if "/" in p or p.endswith((".py", ".txt", ".md"))}
     missing = sorted(p for p in paths if not (ROOT / p.rstrip("/")).exists())
     assert not missing, f"README names paths that do not exist: {missing}"

@@ -287,9 +287,11 @@ def _plots(root: Path, rows: list[dict], grid: dict, down: str, across: str | No
     fig.savefig(root / f"reward_vs_samples{suffix}.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    xs = list(range(len(grid[down])))
-    for c in cols:
+    combined = ", " in down  # rows that are combinations: categories, not a scale
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(grid[down])), 3.8))
+    for i, c in enumerate(cols):
+        xs = [x + (0.08 * (i - (len(cols) - 1) / 2) if combined else 0.0)
+              for x in range(len(grid[down]))]
         means, errs = [], [[], []]
         for d in grid[down]:
             vals = [r["final_eval_reward"] for r in _group(rows, **{down: d}, **(
@@ -299,8 +301,10 @@ def _plots(root: Path, rows: list[dict], grid: dict, down: str, across: str | No
             means.append(mean)
             errs[0].append(mean - lo)
             errs[1].append(hi - mean)
-        ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=str(c))
-    ax.set_xticks(xs, [str(d) for d in grid[down]])
+        ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=str(c),
+                    ls="none" if combined else "-")
+    ax.set_xticks(range(len(grid[down])), [str(d) for d in grid[down]],
+                  rotation=25 if combined else 0, ha="right" if combined else "center")
     ax.set_xlabel(down)
     ax.set_ylabel("final eval reward (95% bootstrap interval)")
     ax.grid(alpha=0.3)
