@@ -80,7 +80,9 @@ def _validate_registries(cfg: Config) -> None:
     loss = LOSSES.lookup(cfg.loss.name)
     ADVANTAGES.lookup(cfg.learner.advantage)
     ENVS.lookup(cfg.env.name)
-    for split in ("train", "eval"):  # a bad env.kwargs fails here, not later in an actor
+    # a bad env.kwargs fails here, not later in an actor (the train split builds the eval set
+    # too; the eval split is built again only when env.eval_kwargs changes it)
+    for split in ("train", "eval") if cfg.env.eval_kwargs else ("train",):
         try:
             env_from_config(cfg.env, split)
         except (ValueError, TypeError) as e:
