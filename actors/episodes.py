@@ -219,8 +219,12 @@ class StepPool:
                 self.queued -= 1
                 self.idle -= 1
             try:
-                fut.set_result(fn())
+                result, error = fn(), None
             except Exception as e:
-                fut.set_exception(e)
-            with self.lock:
+                result, error = None, e
+            with self.lock:  # idle again before the caller hears, so its next step reuses us
                 self.idle += 1
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
