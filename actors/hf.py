@@ -18,12 +18,16 @@ from transformers import DynamicCache
 
 from offpolicy.actors.engine import Completion, SamplingParams, register_engine
 from offpolicy.algorithms.logprobs import cache_argument
+from offpolicy.config.plan import RunPlan
 from offpolicy.models.loading import left_pad, load_policy
 
 
 class HFEngine:
-    def __init__(self, model_path: str, seed: int = 0):
+    def __init__(self, model_path: str, seed: int = 0, dtype: str = "float32"):
+        """`dtype`: `bfloat16` generates under bf16 autocast (float32 weights), as a bf16
+        learner scores."""
         self.model, self.tokenizer = load_policy(model_path)
+        self.autocast = torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16")
         self.model.eval()
         self.tokenizer.padding_side = "left"
         self.eos_id = self.tokenizer.eos_token_id
@@ -70,8 +74,9 @@ class HFEngine:
             attn = torch.cat([attn, new_attn], dim=1)                          # (B, W_past + S)
         # Positions count real tokens only, so padding (left, or between turns) is invisible.
         pos = (attn.cumsum(1) - 1).clamp(min=0)[:, -new_ids.shape[1]:]
-        logits = model(input_ids=new_ids, attention_mask=attn, position_ids=pos,
-                       use_cache=True, **{self._cache_arg: cache}).logits[:, -1]  # (B, V)
+        with self.autocast:
+            logits = model(input_ids=new_ids, attention_mask=attn, position_ids=pos,
+                           use_cache=True, **{self._cache_arg: cache}).logits[:, -1]  # (B, V)
         B = len(prompts)
         tokens, logprobs = [], []
         finished = torch.zeros(B, dtype=torch.bool)
@@ -90,8 +95,9 @@ class HFEngine:
             # is never fed (the next turn's continuation starts with it).
             attn = torch.cat([attn, (~finished).long()[:, None]], dim=1)
             pos = attn.sum(1, keepdim=True) - 1
-            logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos,
-                           use_cache=True, **{self._cache_arg: cache}).logits[:, -1]
+            with self.autocast:
+                logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos,
+                               use_cache=True, **{self._cache_arg: cache}).logits[:, -1]
         tokens, logprobs = torch.stack(tokens, 1).numpy(), torch.stack(logprobs, 1).numpy()
         completions = []
         for row, lp, done in zip(tokens, logprobs, finished.tolist()):
@@ -167,4 +173,4 @@ def _ends_with(tokenizer, ids: np.ndarray, stop: tuple[str, ...]) -> bool:
 
 @register_engine("hf")
 def _hf(cfg, model_path: str, seed: int) -> HFEngine:
-    return HFEngine(model_path, seed=seed)
+    return HFEngine(model_path, seed=seed, dtype=RunPlan.of(cfg).engine_dtype)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from offpolicy.actors.engine import Completion, SamplingParams, register_engine
+from offpolicy.config.plan import RunPlan
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -158,6 +159,6 @@ def _vllm(cfg, model_path: str, seed: int) -> VLLMEngine:
         extra["weight_transfer_config"] = {"backend": "nccl"}
     # In-flight updates keep sequences running across a load, so the prefix cache could not be
     # reset safely then; without them it is reset after every load.
-    return VLLMEngine(model_path, seed=seed, dtype=ec.dtype,
+    return VLLMEngine(model_path, seed=seed, dtype=RunPlan.of(cfg).engine_dtype,
                       max_model_len=ec.max_model_len or None,
                       prefix_caching=not ec.inflight_updates, extra_args=extra)

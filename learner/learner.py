@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from offpolicy.core.types import Batch, PaddedBatch
 from offpolicy.models.loading import load_policy
 from offpolicy.weights.sync import cpu_state
 
+from offpolicy.learner import lora
 from offpolicy.learner.parallel import make_parallel
 from offpolicy.learner.parity import ParityCheck
 from offpolicy.learner.shared_prompt import sequence_logprobs
@@ -57,20 +59,29 @@ class Learner:
         torch.manual_seed(cfg.run.seed)
         self.cfg, self.buffer, self.weights = cfg, buffer, weights
         self.plan = plan = plan or RunPlan.of(cfg)
-        model, self.tokenizer = load_policy(model_path)
+        lora_cfg = cfg.model.lora
+        base = lora.base_of(model_path) if lora_cfg.r else model_path
+        model, self.tokenizer = load_policy(base)
         # A GPU when Ray gave this role one (resources.learner_gpus), else the CPU.
         self.device = torch.device("cuda" if cfg.resources.learner_gpus > 0
                                    and torch.cuda.is_available() else "cpu")
         self.parallel = make_parallel(cfg.learner, self.device)
+        # learner.precision: bf16 autocast over every scoring pass; weights stay float32
+        self.autocast = torch.autocast(self.device.type, torch.bfloat16,
+                                       enabled=cfg.learner.precision == "bf16")
         self.loss = LOSSES.lookup(cfg.loss.name)
         # the loss's own parameters, and its own advantage estimator's (oapl, asymre, vcpo)
         self.loss_params, self.advantage_params = self.loss.split(cfg.loss.params)
         self.advantage_fn = self.loss.advantage or ADVANTAGES.lookup(cfg.learner.advantage)
         self.needs_proximal = cfg.learner.minibatches > 1 or self.loss.proximal
         # The frozen reference of the KL penalty, loaded only when the penalty is on.
+        # With LoRA on the reference's own base, the base with the adapters off serves.
         self.reference = None
-        if cfg.loss.kl_coef > 0:
-            self.reference = load_policy(cfg.loss.kl_reference or model_path)[0]
+        ref_path = cfg.loss.kl_reference or base
+        self.reference_is_base = bool(cfg.loss.kl_coef > 0 and lora_cfg.r and
+                                      Path(ref_path).resolve() == Path(base).resolve())
+        if cfg.loss.kl_coef > 0 and not self.reference_is_base:
+            self.reference = load_policy(ref_path)[0]
             self.reference.to(self.device).eval().requires_grad_(False)
         self.version = 0  # optimizer steps taken; the base model is version 0
         self.published_version = 0  # actors start with the base model
@@ -87,13 +98,17 @@ class Learner:
             self.parity.keep(0, cpu_state(model))
         if plan.lag is not None and leader:  # lag mode: actors may ask for version 0 later
             weights.publish(cpu_state(model), 0)
+        if lora_cfg.r:  # trainable adapters on the base (a LoRA checkpoint's own, on resume)
+            model = lora.wrap(model, lora_cfg, model_path)
         self.parallel.place(model)
         self.model = model.train()
         if leader:  # NCCLSync meets the actors' engines here; the others need nothing
             weights.connect(self.model)
         lc = cfg.learner
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
-                                     weight_decay=lc.weight_decay)
+        # fused: one kernel over all parameters (unsharded; DTensor shards take foreach)
+        self.opt = torch.optim.AdamW(lora.trainable(self.model), lr=lc.lr,
+                                     betas=tuple(lc.betas), weight_decay=lc.weight_decay,
+                                     **({"fused": True} if lc.sharding == "none" else {}))
 
     def step(self) -> dict:
         """One version: a sampled batch, `learner.minibatches` optimizer steps on it, and a
@@ -236,8 +251,9 @@ class Learner:
     def _score(self, model, c: PaddedBatch, start: int, **entropy):
         """(b, T) log-probs of a micro-batch's targets under `model` at the engine's
         temperature, each distinct prompt run once (`learner.share_prompts`)."""
-        return sequence_logprobs(model, c, self.cfg.engine.temperature, start=start,
-                                 share=self.cfg.learner.share_prompts, **entropy)
+        with self.autocast:
+            return sequence_logprobs(lora.scoring_module(model), c, self.cfg.engine.temperature,
+                                     start=start, share=self.cfg.learner.share_prompts, **entropy)
 
     def _chunks(self, d: PaddedBatch):
         """This worker's rows in micro-batches (`Parallel.micro_batches`): yields (row indices,
@@ -278,9 +294,9 @@ class Learner:
         lp, entropy = self._score(self.model, c, start, entropy=True,
                                   entropy_grad=cfg.loss.entropy_coef != 0)          # (b, T) x2
         kl = None
-        if self.reference is not None:
-            with torch.no_grad():
-                ref = self._score(self.reference, c, start)
+        if self.reference is not None or self.reference_is_base:
+            with torch.no_grad(), lora.reference_off(self.model):
+                ref = self._score(self.reference or self.model, c, start)
             kl = kl_penalty(lp, ref, cfg.loss.kl_estimator)
         # Without a proximal pass (one step per batch) the weights at the start of the step are
         # the current ones, so this forward's log-probs are the proximal ones.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from offpolicy.learner import sharding
+from offpolicy.learner import lora, sharding
 from offpolicy.weights.sync import cpu_state
 
 
@@ -99,12 +99,15 @@ class Alone:
     def full_state(self, model: torch.nn.Module, keep: bool) -> dict | None:
         """The whole weights as CPU tensors on the leader when `keep` (a publish needs them),
         else None. Called by every worker that `publishes`."""
-        return cpu_state(model) if keep and self.leader else None
+        if not (keep and self.leader):
+            return None
+        return lora.merged_state(model) if lora.is_lora(model) else cpu_state(model)
 
     def save_model(self, model: torch.nn.Module, path: str) -> None:
-        """The policy as a Hugging Face folder, written by the leader."""
+        """The policy as a Hugging Face folder, written by the leader (LoRA: merged, with the
+        adapter in `adapter/`)."""
         if self.leader:
-            model.save_pretrained(path)
+            lora.save(model, path) if lora.is_lora(model) else model.save_pretrained(path)
 
     def save_optimizer(self, model, opt: torch.optim.Optimizer, folder: str) -> dict | None:
         """The optimizer state for the leader's `learner.pt` (None: written to `folder`)."""

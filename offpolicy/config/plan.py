@@ -47,6 +47,9 @@ class RunPlan:
     in the serial layout, of the one process every role shares."""
     actor_threads: int
     """torch threads of a rollout actor's process (`resources.torch_threads`)."""
+    engine_dtype: str
+    """The engine's dtype, `engine.dtype: auto` resolved to `learner.precision`'s: `float32`
+    for fp32, `bfloat16` for bf16 (the hf engine generates under bf16 autocast then)."""
 
     @classmethod
     def of(cls, cfg: Config) -> "RunPlan":
@@ -63,7 +66,9 @@ class RunPlan:
                    checkpoint_every=cfg.checkpoint.every if lag is None else 0,
                    weight_sync=sync, stale_tokens=cfg.buffer.stale_tokens,
                    learner_threads=res.learner_threads or res.torch_threads,
-                   actor_threads=res.torch_threads)
+                   actor_threads=res.torch_threads,
+                   engine_dtype=(cfg.engine.dtype if cfg.engine.dtype != "auto" else
+                                 {"fp32": "float32", "bf16": "bfloat16"}[cfg.learner.precision]))
 
     @property
     def parity_copies(self) -> int:

@@ -78,6 +78,25 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """Rank of the LoRA adapters the learner trains instead of the full weights (peft); 0 =
+    full fine-tuning. The KL reference is then the base model with the adapters turned off
+    (no second copy), actors get merged weights, and checkpoints hold `adapter/` besides the
+    merged `model/` folder (docs/lora.md)."""
+    alpha: float = 32.0
+    """LoRA scaling numerator: the update is (alpha / r) B A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training (0 keeps learner and engine scoring
+    alike)."""
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
+                                                          "o_proj", "gate_proj", "up_proj",
+                                                          "down_proj"])
+    """Names of the linear layers that get adapters (Llama-style names by default), or
+    `["all-linear"]`."""
+
+
+@dataclass
 class ModelConfig:
     path: str = ""
     """A Hugging Face causal-LM folder; empty builds (and caches) the tiny model for `env.name`."""
@@ -85,6 +104,8 @@ class ModelConfig:
     """Where built tiny models are cached; empty means $OFFPOLICY_CACHE or ~/.cache/offpolicy."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Recipe of the tiny base model (part of its cache key)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train LoRA adapters instead of the full weights (`r` > 0; needs peft)."""
 
 
 @dataclass
@@ -179,9 +200,9 @@ class EngineConfig:
     """filesystem sync: folder for published weights; empty means <run dir>/weights. Use a
     folder every node sees on a cluster, or /dev/shm on one machine (memory-speed writes)."""
     dtype: str = "auto"
-    """vllm only: weights/activations dtype. `auto` lets vLLM choose (bfloat16 on CPU even for
-    a float32 model); `float32` gives exact log-prob parity with the learner; `bfloat16` on GPU
-    for speed."""
+    """vllm only: weights/activations dtype. `auto` matches `learner.precision` (`float32` for
+    fp32: exact log-prob parity with the learner; `bfloat16` for bf16); `float32` or
+    `bfloat16` set it whatever the learner computes in."""
     max_model_len: int = 0
     """vllm only: longest prompt + completion; 0 takes the model's limit."""
     vllm_args: dict = field(default_factory=dict)
@@ -338,6 +359,12 @@ class LearnerConfig:
     """`fsdp`: shard parameters, gradients and AdamW state over the `resources.learner_workers`
     workers with FSDP2, each holding about 1/N; checkpoints load with any number of workers
     (docs/sharding.md)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """The learner's compute: `bf16` runs every forward and backward under bfloat16 autocast
+    (weights, gradients and AdamW state stay float32); the engine's dtype follows (`engine.dtype:
+    auto`; the hf engine generates under the same autocast). 2-5x faster where the CPU has
+    AVX512-BF16 or AMX, or on a GPU; engine/learner log-probs then differ by about 0.02 per
+    token instead of ~1e-6 (docs/engines.md, "Precision")."""
     fsdp_param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """With `fsdp`: the dtype parameters are gathered in for compute (reductions and master
     weights stay float32). `auto` = bfloat16 on a GPU, float32 on a CPU."""

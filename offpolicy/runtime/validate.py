@@ -69,6 +69,7 @@ def validate(cfg: Config) -> None:
         if p.is_dir():
             _check_tokenizer_fits(p)
     _validate_engine(cfg)
+    _validate_lora(cfg)
     _validate_cluster(cfg)
 
 
@@ -177,6 +178,26 @@ def _validate_engine(cfg: Config) -> None:
                "resources.actor_gpus > 0 (use filesystem on CPU)")
     _check(not cfg.engine.inflight_updates or cfg.engine.name == "vllm",
            "engine.inflight_updates: needs engine.name=vllm (HF generate runs a batch in one call)")
+
+
+def _validate_lora(cfg: Config) -> None:
+    """`model.lora`: peft installed, and a weight path that takes merged weights."""
+    lo = cfg.model.lora
+    if not lo.r:
+        _check(lo.r == 0, "model.lora.r: must be >= 0")
+        return
+    _check(lo.r > 0 and lo.alpha > 0 and 0 <= lo.dropout < 1,
+           "model.lora: r and alpha must be > 0 and dropout in [0, 1)")
+    _check(isinstance(lo.target_modules, list) and lo.target_modules,
+           "model.lora.target_modules: expected a non-empty list of module names")
+    _check(importlib.util.find_spec("peft") is not None,
+           "model.lora: needs peft; pip install peft (see the README)")
+    _check(cfg.learner.sharding == "none",
+           "model.lora: not supported with learner.sharding=fsdp (the adapters are small; "
+           "use sharding none)")
+    _check(cfg.engine.weight_sync != "nccl",
+           "model.lora: not supported with engine.weight_sync=nccl (merged weights go by "
+           "object_store or filesystem)")
 
 
 def _validate_credit_and_curriculum(cfg: Config) -> None:

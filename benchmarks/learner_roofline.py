@@ -1,0 +1,114 @@
+"""The learner step's achieved FLOP/s on SmolLM2-135M, against this machine's matmul peak.
+
+The batch is configs/smollm2_cpu.yaml's shape (the `shared_prompt.py` batch: `--groups` chat
+prompts of the multiplication task x `--group-size` completions of 2-16 random tokens), and
+the learner is that config's (KL term to the base model, so a reference forward too), one
+Learner per setting: `fp32`, `bf16` (`learner.precision`), and the same two with
+`model.lora` when peft is installed. Each setting's step is counted once under torch's
+`FlopCounterMode` (the matmul and attention FLOPs it dispatches: forward, backward and the
+reference), then `--steps` steps are timed, the settings alternating step by step so a drift
+in the machine's speed hits all alike.
+
+The peak is measured here too: the median of 5 runs of a 2048 x 2048 x 2048 matmul in float32
+and in bfloat16, with the learner's thread count. One line per setting: step seconds (median),
+GFLOP per step, achieved GFLOP/s, and the utilisation against the peak of its compute dtype
+and against the bf16 peak.
+
+Run: python benchmarks/learner_roofline.py [--steps 4] [--threads 1] [--only fp32,bf16]
+     (about 3 minutes on 2 cores; converts the GGUF file once if the cache lacks it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from shared_prompt import _cpu, make_batch  # noqa: E402
+
+from offpolicy.buffer.fixed import FixedBatch  # noqa: E402
+from offpolicy.core.process import setup_process  # noqa: E402
+from offpolicy.learner.learner import Learner  # noqa: E402
+from offpolicy.models.loading import cache_root, load_tokenizer  # noqa: E402
+from offpolicy.models.sources import resolve_model_path  # noqa: E402
+from offpolicy.runtime.validate import load_config  # noqa: E402
+from offpolicy.weights.sync import LocalSync  # noqa: E402
+
+CONFIG = ROOT / "configs" / "smollm2_cpu.yaml"
+LORA = ["model.lora.r=16"]
+SETTINGS = {"fp32": ["learner.precision=fp32"], "bf16": ["learner.precision=bf16"],
+            "fp32+lora": ["learner.precision=fp32", *LORA],
+            "bf16+lora": ["learner.precision=bf16", *LORA]}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype`: the median of `runs` timings after a warm-up."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def step_flops(learner: Learner) -> float:
+    """FLOPs of one learner step, as torch's FlopCounterMode counts them."""
+    with FlopCounterMode(display=False) as counter:
+        learner.step()
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--groups", type=int, default=2)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--only", default="", help="comma-separated settings (default: all)")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(SETTINGS)
+    if importlib.util.find_spec("peft") is None:
+        names = [n for n in names if "lora" not in n]
+    base = ["engine.logprob_check_every=0", f"rollout.group_size={args.group_size}"]
+    cfg = load_config(CONFIG, base)
+    setup_process(args.threads)
+    folder = resolve_model_path(cfg, cache_root(cfg))
+    batch = make_batch(cfg, load_tokenizer(folder), args.groups, args.group_size)
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"CPU: {_cpu()}, {args.threads} torch thread(s), torch {torch.__version__}; batch "
+          f"{len(batch)} rows; matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
+          f"{peak['bf16'] / 1e9:.0f} GFLOP/s")
+    learners, flops, times = {}, {}, {n: [] for n in names}
+    for name in names:
+        c = load_config(CONFIG, base + SETTINGS[name])
+        learners[name] = Learner(c, str(folder), FixedBatch(batch), LocalSync())
+        learners[name].step()  # warm-up
+        flops[name] = step_flops(learners[name])
+    for _ in range(args.steps):
+        for name in names:
+            t = time.perf_counter()
+            learners[name].step()
+            times[name].append(time.perf_counter() - t)
+    for name in names:
+        s = statistics.median(times[name])
+        achieved = flops[name] / s
+        own = peak["bf16" if name.startswith("bf16") else "fp32"]
+        print(f"{name:>10}: step {s:.2f} s (median of {args.steps}), {flops[name] / 1e9:.0f} "
+              f"GFLOP/step, {achieved / 1e9:.0f} GFLOP/s = {achieved / own:.0%} of its "
+              f"dtype's peak, {achieved / peak['bf16']:.0%} of the bf16 peak")
+
+
+if __name__ == "__main__":
+    main()

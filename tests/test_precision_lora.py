@@ -1,0 +1,111 @@
+"""`learner.precision: bf16` and `model.lora`: parity with the engine, float32 master weights,
+and the LoRA round trip (train, checkpoint, resume, publish merged weights)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import OneBatch, fast_config
+from offpolicy.core.errors import ConfigError
+from offpolicy.core.types import Batch, Trajectory
+from offpolicy.learner.learner import Learner
+from offpolicy.learner.lora import merged_state
+from offpolicy.tools.cli import main
+from offpolicy.weights.sync import LocalSync
+
+
+def _parity(run_dir) -> list[float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m["engine/logprob_abs_diff"] for m in lines if "engine/logprob_abs_diff" in m]
+
+
+def _serial(model_dir, run_dir, *overrides) -> int:
+    args = [f"model.path={model_dir}", "rollout.prompts_per_batch=4", "rollout.group_size=4",
+            "learner.batch_groups=4", "eval.every=4", "env.eval_size=8", "learner.lr=1e-3",
+            "resources.serial=true", f"run.dir={run_dir}", *overrides]
+    return main(["train", "configs/quickstart.yaml", *args])
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 0.02)])
+def test_engine_and_learner_agree_within_the_precisions_tolerance(model_dir, tmp_path,
+                                                                  precision, tolerance):
+    """The hf engine follows learner.precision; the parity check (the generating weights
+    re-scored by the learner) stays within the documented tolerance, and a bf16 learner keeps
+    float32 weights (autocast compute only)."""
+    run = tmp_path / precision
+    assert _serial(model_dir, run, "learner.steps=4", f"learner.precision={precision}",
+                   "engine.logprob_check_every=1") == 0
+    diffs = _parity(run)
+    assert len(diffs) >= 3 and max(diffs) < tolerance
+    if precision == "bf16":
+        assert max(diffs) > 1e-6  # the engine really computed in bf16
+    state = load_file(str(run / "checkpoints" / "final" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in state.values())
+
+
+def _batch(vocab: int, seed: int = 0) -> Batch:
+    """2 groups of 4 completions, rewards 0/1 within each (non-zero advantages)."""
+    rng, trajs = np.random.default_rng(seed), []
+    for g in range(2):
+        prompt = rng.integers(3, vocab, 6).astype(np.int32)
+        for i in range(4):
+            T = int(rng.integers(2, 6))
+            trajs.append(Trajectory(f"{g}-{i}", str(g), prompt,
+                                    rng.integers(3, vocab, T).astype(np.int32),
+                                    np.ones(T, np.int8), np.full(T, -2.0, np.float32),
+                                    np.zeros(T, np.int32), float(i % 2), "e", "stop"))
+    return Batch(trajs, 0)
+
+
+def test_lora_trains_adapters_only_with_the_base_as_kl_reference(model_dir):
+    """Only adapter weights get optimizer state and move; the KL reference is the base with
+    the adapters off (no second model): KL 0 at the first step (B = 0), above 0 after."""
+    cfg = fast_config(model_dir, "model.lora.r=4", "loss.kl_coef=0.1", "learner.lr=1e-2",
+                      "engine.logprob_check_every=0")
+    learner = Learner(cfg, str(model_dir), OneBatch(_batch(40)), LocalSync())
+    assert learner.reference is None and learner.reference_is_base
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    first = learner.step()
+    assert first["kl/ref"] == pytest.approx(0.0, abs=1e-7)
+    assert learner.step()["kl/ref"] > 0
+    after = learner.model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(".lora_" in k for k in moved)
+    assert len(learner.opt.state) == sum(p.requires_grad for p in learner.model.parameters())
+
+
+def test_lora_round_trip_checkpoint_resume_and_publish(base_model, tmp_path):
+    """Train with adapters through the CLI (actors load the merged weights every publish),
+    checkpoint, resume from the adapter, and check what the folders hold."""
+    run = tmp_path / "run"
+    lora = ["model.lora.r=4", "loss.kl_coef=0.1", "checkpoint.every=2"]
+    assert _serial(base_model, run, "learner.steps=4", *lora) == 0
+    ck = run / "checkpoints" / "step-000002" / "model"
+    assert (ck / "adapter" / "adapter_config.json").is_file()
+    final = run / "checkpoints" / "final"
+    merged, base = (load_file(str(p / "model.safetensors")) for p in (final, base_model))
+    assert merged.keys() == base.keys()  # the base model's own names: any engine loads it
+    changed = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert changed and all("proj" in k for k in changed)  # only the adapted layers moved
+    assert main(["train", "--resume", str(run), "learner.steps=6"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["steps"] == 6
+
+    # the resumed learner rebuilt base + adapter: its merged weights are the checkpoint's
+    cfg = fast_config(base_model, *lora[:2], "engine.logprob_check_every=0")
+    resumed = Learner(cfg, str(run / "checkpoints" / "step-000004" / "model"), OneBatch(None),
+                      LocalSync())
+    assert resumed.reference is None and resumed.reference_is_base  # no second copy
+    saved = load_file(str(run / "checkpoints" / "step-000004" / "model" / "model.safetensors"))
+    for k, v in merged_state(resumed.model).items():  # (tied lm_head: saved once)
+        if k in saved:
+            torch.testing.assert_close(v, saved[k], atol=1e-6, rtol=0)
+
+
+def test_lora_with_fsdp_is_refused_in_one_line(model_dir):
+    with pytest.raises(ConfigError, match=r"^model.lora: not supported with "
+                                          r"learner.sharding=fsdp"):
+        fast_config(model_dir, "model.lora.r=4", "learner.sharding=fsdp")
