@@ -47,6 +47,8 @@ class HFEngine:
         """
         if not isinstance(source, dict):
             source = load_file(str(Path(source) / "model.safetensors"))
+            if "lm_head.weight" not in source and self.model.config.tie_word_embeddings:
+                source["lm_head.weight"] = source["model.embed_tokens.weight"]  # saved once
         self.model.load_state_dict(source)
         self.version = version
         self._prev = None  # cached keys/values came from the old weights

@@ -389,8 +389,13 @@ class RolloutActor(BatchLoop):
             self.desk.held_by(self.actor_id)
             while self.desk.is_holding():
                 time.sleep(0.05)
-        if self.desk.take(self.incarnation):
+        request = self.desk.take(self.incarnation)
+        if request is not None:
             order = next((g.version for g in self.groups.values()), None)
+            if request["weights"]:  # the base model's folder, evaluated after the last step
+                self.engine.load_weights(0, request["weights"])
+                self.desk.report({**self.evaluate(), "eval/weights": request["weights"]})
+                return
             self.sync_weights()
             self.desk.report(self.evaluate())
             if order is not None and order != self.engine.version:

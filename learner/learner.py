@@ -29,7 +29,7 @@ from offpolicy.config.schema import Config
 from offpolicy.core.machine import peak_rss_mb
 from offpolicy.core.types import Batch, PaddedBatch
 from offpolicy.models.loading import load_policy
-from offpolicy.weights.sync import cpu_state
+from offpolicy.weights.sync import cpu_state, to_bf16
 
 from offpolicy.learner import lora
 from offpolicy.learner.parallel import make_parallel
@@ -87,6 +87,7 @@ class Learner:
         self.published_version = 0  # actors start with the base model
         self.samples = self.tokens = 0  # rows and policy tokens trained
         self.nonfinite_skipped = 0  # steps skipped for a NaN/inf loss or gradient
+        self.warmed = False  # `_warm_up` ran (while the first batch was generated)
         self.started = time.perf_counter()
         leader = self.parallel.leader
         # Before the model is placed (sharded, each worker then holds 1/N of it): the parity
@@ -147,7 +148,35 @@ class Learner:
         while (batch := self.buffer.sample(self.version)) is None:
             if self.buffer.is_closed():
                 raise RuntimeError("buffer closed while the learner waited for data")
+            if not self.warmed:
+                self._warm_up()
         return batch
+
+    def _warm_up(self) -> None:
+        """While the first batch is generated: one forward and backward of a small random
+        batch (and the reference's forward), so the first real step does not pay the kernels'
+        first-call set-up. Gradients are dropped; nothing else changes."""
+        self.warmed = True
+        ids = torch.randint(0, len(self.tokenizer), (4, 48), device=self.device)
+        with self.autocast:
+            lora.scoring_module(self.model)(input_ids=ids).logits.float().logsumexp(-1) \
+                .mean().backward()
+            if self.reference is not None or self.reference_is_base:
+                with torch.no_grad(), lora.reference_off(self.model):
+                    lora.scoring_module(self.reference or self.model)(input_ids=ids)
+        # AdamW's state (two zeroed copies of the weights) is allocated by its first step: take
+        # it at lr 0 on zero gradients (moments stay 0), then reset its step counts.
+        for p in lora.trainable(self.model):
+            p.grad = torch.zeros_like(p)
+        lrs = [g["lr"] for g in self.opt.param_groups]
+        for g in self.opt.param_groups:
+            g["lr"] = 0.0
+        self.opt.step()
+        for g, lr in zip(self.opt.param_groups, lrs):
+            g["lr"] = lr
+        for state in self.opt.state.values():
+            state["step"].zero_()
+        self.opt.zero_grad(set_to_none=True)
 
     def _update(self, d: PaddedBatch, batch: Batch, spans: Spans):
         """`learner.minibatches` optimizer steps on disjoint shares of the batch's rows (a
@@ -359,6 +388,8 @@ class Learner:
                                          keep=keep or self.weights.needs_cpu_state)
         if not self.parallel.leader:
             return
+        if state is not None and self.plan.engine_dtype == "bfloat16":
+            state = to_bf16(state)  # what the engine computes with: half the bytes to send
         self.weights.publish(state, self.version)
         self.buffer.publish(self.version)
         if keep:

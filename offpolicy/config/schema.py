@@ -142,6 +142,17 @@ class EnvConfig:
     eval_kwargs: dict = field(default_factory=dict)
     """Keyword arguments for the eval split only, over `kwargs` key by key: a fixed yardstick
     while training moves (e.g. `calls: 256` while `env.curriculum` moves the training length)."""
+    dataset: str = ""
+    """TRL-style data: a .jsonl or .parquet file or a saved `datasets` folder with a `prompt`
+    column (text or chat messages) and any other columns; sets `env.name: dataset`, one episode
+    per row, scored by `env.reward_funcs` (docs/trl.md). The first `eval_size` rows of a fixed
+    shuffle (or a DatasetDict's `test` split) are held out for eval."""
+    reward_funcs: list = field(default_factory=list)
+    """With `env.dataset`: dotted paths (`module.function`) of reward functions with TRL's
+    signature `f(completions, **columns) -> list[float]`; the episode's reward is their
+    weighted sum."""
+    reward_weights: list = field(default_factory=list)
+    """Weights of `env.reward_funcs` in the sum (TRL's `reward_weights`); empty = all 1."""
     module: str = ""
     """Python module imported in every process before `env.name` is looked up (it calls
     `register_env`); must be importable from the working directory or the environment."""
@@ -415,6 +426,10 @@ class EvalConfig:
     end). Evals run on rollout actor 0's engine between its batches while the learner keeps
     training; a metrics row carries the newest finished eval and `eval/version`, the policy
     version it measured."""
+    base: Literal["start", "end", "off"] = "start"
+    """When the base model is evaluated: `start` (before the first step: the learner waits for
+    it), `end` (after the final eval, on the same engine with the base weights loaded back:
+    the first step comes sooner) or `off`."""
 
 
 @dataclass

@@ -11,6 +11,20 @@ import sys
 from pathlib import Path
 
 
+def process_started_at() -> float:
+    """This process's start as a Unix time (from /proc; now where /proc is missing): the
+    moment the command was typed, for the start-up breakdown."""
+    import os
+    import time
+
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -59,8 +59,11 @@ def import_env_module(module: str) -> None:
 
 
 def env_kwargs(env_cfg, split: str = "train") -> dict:
-    """`env.kwargs`, with `env.eval_kwargs` over them for the eval split."""
-    return {**env_cfg.kwargs, **(env_cfg.eval_kwargs if split == "eval" else {})}
+    """`env.kwargs`, with `env.eval_kwargs` over them for the eval split; for `env.dataset`
+    the dataset's path, reward functions and weights besides."""
+    data = ({"path": env_cfg.dataset, "reward_funcs": env_cfg.reward_funcs,
+             "reward_weights": env_cfg.reward_weights} if env_cfg.dataset else {})
+    return {**data, **env_cfg.kwargs, **(env_cfg.eval_kwargs if split == "eval" else {})}
 
 
 def env_from_config(env_cfg, split: str = "train") -> Env:
@@ -165,5 +168,5 @@ def _eval_problems(name: str, problems: Callable, size: int) -> tuple[list[dict]
 
 
 # The built-in tasks register themselves.
-from offpolicy.envs import (addition, gsm8k, guess, long_addition, mathverify,  # noqa: E402,F401
-                            multiplication, rgym)
+from offpolicy.envs import (addition, dataset, gsm8k, guess, long_addition,  # noqa: E402,F401
+                            mathverify, multiplication, rgym)

@@ -24,7 +24,7 @@ class Desk:
     """The rollout actor that runs evals."""
 
     def __init__(self) -> None:
-        self.wanted = False
+        self.wanted, self.weights = False, ""
         self.holder: Incarnation | None = None  # the incarnation evaluating now
         self.done: list[dict] = []
         self.folder: str | None = None          # a checkpoint's hold: where snapshots go
@@ -32,20 +32,22 @@ class Desk:
 
     # -- evals ------------------------------------------------------------------------------------
 
-    def request(self) -> None:
-        """The driver wants a held-out eval with the newest weights."""
-        self.wanted = True
+    def request(self, weights: str = "") -> None:
+        """The driver wants a held-out eval with the newest weights, or with those in the
+        folder `weights` (the base model, `eval.base: end`)."""
+        self.wanted, self.weights = True, weights
 
-    def take(self, actor: Incarnation) -> bool:
-        """Whether `actor` should run the requested eval now (actor 0 only)."""
+    def take(self, actor: Incarnation) -> dict | None:
+        """The eval `actor` should run now (actor 0 only), `{"weights": folder or ""}`, or
+        None."""
         if actor.actor != self.EVALUATOR:
-            return False
+            return None
         if self.holder not in (None, actor):  # the incarnation evaluating died
             self.wanted, self.holder = True, None
         if not self.wanted:
-            return False
+            return None
         self.wanted, self.holder = False, actor
-        return True
+        return {"weights": self.weights}
 
     def report(self, result: dict) -> None:
         """Actor 0's finished eval (`eval/reward`, `eval/version`, `eval/seconds`)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from offpolicy.config.plan import RunPlan
 from offpolicy.config.schema import Config
 from offpolicy.core.errors import ConfigError, one_line
+from offpolicy.core.machine import process_started_at
 from offpolicy.core.process import environment_info, setup_process
 from offpolicy.models.sources import ensure_base_model
 from offpolicy.models.tiny import build_info
@@ -37,10 +38,12 @@ def train(cfg: Config, log=print, resume: tuple[Path, dict] | None = None) -> di
     folder. `resume` = (checkpoint folder, its driver state) from `checkpoint.latest`: continue
     that run in its own folder from the checkpoint's step."""
     t_start = time.perf_counter()
+    startup = Startup()
     plan = RunPlan.of(cfg)
     run_dir = prepare_run_dir(cfg) if resume is None else reopen_run_dir(cfg, resume[1]["step"])
     log(f"run folder: {run_dir}")
     model_path = _base_model(cfg, plan, run_dir, resume, log)
+    startup.mark("base model")
     # This process's threads from here on: the serial layout's roles share it; with Ray the
     # driver only coordinates.
     setup_process(plan.learner_threads if cfg.resources.serial else 1)
@@ -52,7 +55,8 @@ def train(cfg: Config, log=print, resume: tuple[Path, dict] | None = None) -> di
     try:
         stream = resume[1]["step"] if resume else 0  # a resumed run draws prompts afresh
         session = _start_session(cfg, plan, model_path, stream, summary, log)
-        _drive(cfg, plan, session, run_dir, summary, resume, t_start, log)
+        startup.roles(session.startup())
+        _drive(cfg, plan, session, run_dir, summary, resume, t_start, log, startup)
     except KeyboardInterrupt:
         summary["interrupted"] = True
         log("interrupted: stopping all roles")
@@ -72,12 +76,13 @@ def train(cfg: Config, log=print, resume: tuple[Path, dict] | None = None) -> di
             os.sched_setaffinity(0, driver_cores)
         shutil.rmtree(weights_dir(cfg), ignore_errors=True)  # FileSync's working copies
         summary["wall_s"] = time.perf_counter() - t_start
+        summary["startup_s"] = startup.seconds
         write_summary(run_dir, summary)
     return summary
 
 
 def _drive(cfg: Config, plan: RunPlan, session: Layout, run_dir: Path, summary: dict, resume,
-           t_start: float, log) -> None:
+           t_start: float, log, startup: Startup) -> None:
     """The run on started roles, into `summary`: the resumed state, the actors' start, the
     base eval, the steps (metrics written as they come), the final policy and the ledger."""
     first = resume[1]["step"] + 1 if resume else 1
@@ -85,17 +90,19 @@ def _drive(cfg: Config, plan: RunPlan, session: Layout, run_dir: Path, summary: 
         summary["resumed_from"] = session.load_state(resume[0])
         log(f"resumed from {resume[0]}: learner version {summary['resumed_from']}")
     session.start()
-    base = session.evaluate()
-    summary["base_eval_reward"] = base["eval/reward"]
-    log(f"base eval reward {summary['base_eval_reward']:.3f} ({base['eval/seconds']:.0f}s, "
-        "on rollout actor 0)")
+    if cfg.eval.base == "start":
+        _base_eval(session, "", summary, log)
+        startup.mark("base eval")
     writer = MetricsWriter(run_dir, cfg.learner.steps, cfg.log.progress_every_s,
                            backends=make_backends(cfg, run_dir))
     try:
         t_loop = time.perf_counter()
         summary.update(_train_loop(cfg, plan, session, writer, t_start, run_dir, first,
-                                   resume[1]["totals"] if resume else None))
+                                   resume[1]["totals"] if resume else None,
+                                   startup, log))
         summary["train_s"] = time.perf_counter() - t_loop
+        if cfg.eval.base == "end":
+            _base_eval(session, summary["model_path"], summary, log)
     finally:
         writer.close()
     summary["buffer"], summary["actors"], summary["ledger"] = session.finish(
@@ -104,6 +111,52 @@ def _drive(cfg: Config, plan: RunPlan, session: Layout, run_dir: Path, summary: 
     summary["memory"] = {
         "learner_peak_rss_mb": summary.get("learner_peak_rss_mb"),
         "actors_peak_rss_mb": [a.get("peak_rss_mb") for a in summary["actors"]]}
+
+
+def _base_eval(session: Layout, weights: str, summary: dict, log) -> None:
+    """The base model's held-out eval: before the first step (the engine still holds it), or
+    after the last (`weights`, its folder, loaded back into actor 0's engine)."""
+    base = session.evaluate_weights(weights) if weights else session.evaluate()
+    summary["base_eval_reward"] = base["eval/reward"]
+    log(f"base eval reward {summary['base_eval_reward']:.3f} ({base['eval/seconds']:.0f}s, "
+        f"on rollout actor 0{', after the last step' if weights else ''})")
+
+
+class Startup:
+    """Seconds from the command (this process's start) to the end of each start-up phase,
+    for the breakdown printed after the first learner step and kept in summary.json."""
+
+    def __init__(self) -> None:
+        self.born = process_started_at()
+        self.seconds: dict[str, float] = {}
+        self.mark("imports")
+
+    def mark(self, phase: str, at: float | None = None) -> None:
+        self.seconds[phase] = (at or time.time()) - self.born
+
+    def roles(self, marks: dict) -> None:
+        """The layout's marks (`ray`, `learner`, `actors` built), then all roles up."""
+        for phase in ("ray", "learner", "actors"):
+            if phase in marks:
+                self.mark(phase, marks[phase])
+        self.mark("roles")
+
+    def first_step(self, metrics: dict) -> str:
+        """Marks the first batch's arrival in the learner and the first step's end (from the
+        step's own time spans); returns the breakdown line."""
+        self.mark("first step")
+        self.seconds["first batch"] = self.seconds["first step"] - metrics["time/update_s"]
+        s, parts, last = self.seconds, [], 0.0
+        for phase in ("imports", "base model", "ray", "roles", "base eval", "first batch",
+                      "first step"):
+            if phase in s:
+                built = (f" (learner at {s['learner']:.1f} s, actors at {s['actors']:.1f} s)"
+                         if phase == "roles" else "")
+                name = "first update" if phase == "first step" else phase
+                parts.append(f"{name} {s[phase] - last:.1f} s{built}")
+                last = s[phase]
+        return (f"start-up: first learner step done {s['first step']:.1f} s after the command: "
+                + ", ".join(parts))
 
 
 def _base_model(cfg: Config, plan: RunPlan, run_dir: Path, resume, log) -> str:
@@ -136,13 +189,16 @@ def _start_session(cfg: Config, plan: RunPlan, model_path: str, stream: int, sum
 
 def _train_loop(cfg: Config, plan: RunPlan, session: Layout, writer: MetricsWriter,
                 t_start: float, run_dir: Path, first: int = 1,
-                totals: dict | None = None) -> dict:
+                totals: dict | None = None, startup: Startup | None = None,
+                log=print) -> dict:
     """Ask the learner for updates `first`..`learner.steps`; evaluate every `eval.every`; write
     metrics; checkpoint every `checkpoint.every`. Running totals survive a resume (`totals`)."""
     out = totals or {"steps": 0, "samples": 0, "final_eval_reward": None, "staleness_sum": 0.0,
                      "staleness_max": 0}
     for step in range(first, cfg.learner.steps + 1):
         m = session.step()
+        if step == first and startup is not None:
+            log(startup.first_step(m))
         # Evals run on a rollout engine while the learner goes on; a row carries the newest
         # finished eval and the version it measured. The last one is waited for.
         if step == cfg.learner.steps:

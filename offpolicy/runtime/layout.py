@@ -31,6 +31,9 @@ def buffer_arguments(cfg: Config, plan: RunPlan) -> dict:
 
 
 class Layout(Protocol):
+    def startup(self) -> dict:
+        """Start-up marks as Unix times: `learner` and `actors` built (and `ray` started)."""
+
     def start(self) -> None:
         """Let the rollout actors generate (after any resumed state is loaded)."""
 
@@ -40,6 +43,10 @@ class Layout(Protocol):
     def evaluate(self) -> dict:
         """The held-out eval of the newest weights (published first if needed), waited for:
         `eval/reward`, `eval/version`, `eval/seconds`."""
+
+    def evaluate_weights(self, weights: str) -> dict:
+        """The held-out eval of the model folder `weights` (the base model, for `eval.base:
+        end`), waited for; actor 0 reloads the newest published weights afterwards."""
 
     def request_eval(self) -> None:
         """Ask for an eval of the newest weights without waiting; see `eval_results`."""

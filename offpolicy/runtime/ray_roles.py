@@ -46,6 +46,7 @@ class RayRoles:
     def __init__(self, cfg: Config, plan: RunPlan, model_path: str, log=print, stream: int = 0):
         self.ray, self.cfg, self.log = ray, cfg, log
         self.cluster = start_ray(cfg)
+        self._startup = {"ray": time.time()}  # start-up marks (Unix times) for the driver
         try:
             # Holding every handle keeps its actor alive: roles reach the buffer, the weight
             # store and the desk by name (ActorRef), which does not.
@@ -57,11 +58,17 @@ class RayRoles:
             self.pinned = pin_roles(cfg, roles, ray, self.nodes)  # before the actors' loops
             self.actors = roles["actors"]
             self.pids = ray.get([a.__ray_call__.remote(_pid) for a in self.actors])
+            self._startup.update(
+                learner=ray.get(roles["learner"].__ray_call__.remote(_ready_at)),
+                actors=max(ray.get([a.__ray_call__.remote(_ready_at) for a in self.actors])))
         except BaseException:
             ray.shutdown()  # a half-started session leaves nothing behind
             raise
         self.runs: list = []
         self.restarts = [0] * len(self.actors)
+
+    def startup(self) -> dict:
+        return self._startup
 
     def start(self) -> None:
         """Start the actors' generation loops (after any resumed state is loaded, so no batch
@@ -151,16 +158,23 @@ class RayRoles:
         return None
 
     def evaluate(self) -> dict:
-        """The held-out eval of the learner's newest weights, on actor 0's engine between its
-        batches (the learner never stops to evaluate); waits for it. Published first if the
-        newest version was not yet."""
-        # every worker: with learner.sharding=fsdp the gather is a collective
-        target = self.ray.get([w.publish_latest.remote() for w in self.learners])[0]
-        self.request_eval()
+        return self._evaluate("")
+
+    def evaluate_weights(self, weights: str) -> dict:
+        return self._evaluate(weights)
+
+    def _evaluate(self, weights: str) -> dict:
+        """The held-out eval of the learner's newest weights (published first if they were
+        not yet), or of the model folder `weights`, on actor 0's engine between its batches
+        (the learner never stops to evaluate); waits for it."""
+        target = 0
+        if not weights:  # every worker: with learner.sharding=fsdp the gather is a collective
+            target = self.ray.get([w.publish_latest.remote() for w in self.learners])[0]
+        self.ray.get(self.desk.request.remote(weights))
         since = time.monotonic()
         while True:
             for result in self.eval_results():
-                if result["eval/version"] >= target:
+                if result.get("eval/weights", "") == weights and result["eval/version"] >= target:
                     return result
             done, _ = self.ray.wait(self.runs, num_returns=1, timeout=0.2)
             if done:  # an actor's loop ended (actor 0 may have died evaluating)
@@ -289,6 +303,7 @@ def _role_class(cls: type, threads: int):
         def __init__(self, *args, **kwargs):
             setup_process(threads)
             super().__init__(*args, **kwargs)
+            self.offpolicy_ready_at = time.time()  # for the driver's start-up breakdown
 
     Role.__name__ = Role.__qualname__ = cls.__name__
     return ray.remote(Role)
@@ -305,6 +320,10 @@ def describe_nodes(nodes: dict) -> str:
              *nodes["actors"]}
     return (f"placement: {len(every)} node(s); driver, buffer and store on {nodes['driver'][:6]}; "
             f"learner worker(s) on {count(nodes['learners'])}; actors on {count(nodes['actors'])}")
+
+
+def _ready_at(instance) -> float:
+    return instance.offpolicy_ready_at
 
 
 def _pid(_instance) -> int:

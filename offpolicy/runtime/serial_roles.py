@@ -8,6 +8,7 @@ A `Layout` (layout.py).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from offpolicy.actors.rollout import BatchResult, RolloutActor
@@ -29,9 +30,14 @@ class SerialRoles:
         sync = LocalSync(keep=plan.store_versions)
         self.actors = [RolloutActor(cfg, i, model_path, self.buffer, sync, stream)
                        for i in range(cfg.rollout.num_actors)]
+        ready = time.time()
         self.learner = Learner(cfg, model_path, self.buffer, sync, plan=plan)
+        self._startup = {"actors": ready, "learner": time.time()}  # start-up marks (Unix times)
         self.turn = 0
         self.done_evals: list[dict] = []
+
+    def startup(self) -> dict:
+        return self._startup
 
     def start(self) -> None:
         """Nothing runs between steps here: actors generate inside `step`."""
@@ -55,6 +61,12 @@ class SerialRoles:
         actor = self.actors[0]
         actor.sync_weights()
         return actor.evaluate()
+
+    def evaluate_weights(self, weights: str) -> dict:
+        """The held-out eval of the model folder `weights` (the base model, `eval.base: end`)
+        on actor 0's engine, which reloads the newest published weights at its next turn."""
+        self.actors[0].engine.load_weights(0, weights)
+        return self.actors[0].evaluate()
 
     def request_eval(self) -> None:
         """Here an eval simply runs now; `eval_results` hands it over."""

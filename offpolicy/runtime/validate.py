@@ -32,6 +32,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the YAML file, then `key.sub=value` overrides, type-checked and
     validated; a one-line ConfigError naming the key otherwise."""
     cfg = parse_config(path, overrides)
+    if cfg.env.dataset:  # TRL-style data: the dataset environment reads it
+        _check(cfg.env.name in ("addition", "dataset"),
+               f"env.dataset: the dataset environment reads it; leave env.name out (got "
+               f"'{cfg.env.name}')")
+        _check(bool(cfg.env.reward_funcs) and bool(cfg.model.path),
+               "env.dataset: needs env.reward_funcs (module.function paths) and model.path")
+        cfg.env.name = "dataset"
     validate(cfg)
     return cfg
 

@@ -208,7 +208,7 @@ def _outcome(run_dir: Path, ok: bool, code: int) -> str:
     s = run_summary(run_dir)
     if not ok:
         return f"FAILED (exit {code})"
-    return (f"eval {s.get('base_eval_reward', 0):.3f} -> {s['final_eval_reward']:.3f} "
+    return (f"eval {s.get('base_eval_reward') or 0:.3f} -> {s['final_eval_reward']:.3f} "
             f"in {s.get('wall_s', 0):.0f}s")
 
 

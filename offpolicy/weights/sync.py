@@ -90,6 +90,15 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def to_bf16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to bfloat16; tied tensors stay one tensor under both names."""
+    done: dict[int, torch.Tensor] = {}
+    for v in state.values():
+        if id(v) not in done:
+            done[id(v)] = v.to(torch.bfloat16) if v.is_floating_point() else v
+    return {k: done[id(v)] for k, v in state.items()}
+
+
 class LocalSync(_PullSync):
     """In-process: the learner and actor share this object (tests, serial use)."""
 
