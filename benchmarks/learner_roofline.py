@@ -46,7 +46,8 @@ from offpolicy.weights.sync import LocalSync  # noqa: E402
 
 CONFIG = ROOT / "configs" / "smollm2_cpu.yaml"
 LORA = ["model.lora.r=16"]
-SETTINGS = {"fp32": ["learner.precision=fp32"], "bf16": ["learner.precision=bf16"],
+FULL = "model.lora.r=0"
+SETTINGS = {"fp32": ["learner.precision=fp32", FULL], "bf16": ["learner.precision=bf16", FULL],
             "fp32+lora": ["learner.precision=fp32", *LORA],
             "bf16+lora": ["learner.precision=bf16", *LORA]}
 

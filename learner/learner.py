@@ -148,7 +148,7 @@ class Learner:
         while (batch := self.buffer.sample(self.version)) is None:
             if self.buffer.is_closed():
                 raise RuntimeError("buffer closed while the learner waited for data")
-            if not self.warmed:
+            if not self.warmed and self.parallel.world == 1:  # (workers would need peers)
                 self._warm_up()
         return batch
 
@@ -157,7 +157,9 @@ class Learner:
         batch (and the reference's forward), so the first real step does not pay the kernels'
         first-call set-up. Gradients are dropped; nothing else changes."""
         self.warmed = True
-        ids = torch.randint(0, len(self.tokenizer), (4, 48), device=self.device)
+        # a generator of its own: the run's random state is the same with or without it
+        ids = torch.randint(0, len(self.tokenizer), (4, 48),
+                            generator=torch.Generator().manual_seed(0)).to(self.device)
         with self.autocast:
             lora.scoring_module(self.model)(input_ids=ids).logits.float().logsumexp(-1) \
                 .mean().backward()

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from offpolicy.algorithms.logprobs import cache_argument, takes_logits_to_keep, token_logprobs
+from offpolicy.algorithms.logprobs import (cache_argument, scored, takes_logits_to_keep,
+                                           token_logprobs)
 from offpolicy.core.types import PaddedBatch
 
 
@@ -78,9 +79,8 @@ def _shared(model, c: PaddedBatch, prompt_ids, plens, row_prompt, temperature, e
                                                               comp_mask], 1),
                 position_ids=cols, use_cache=True, **{cache_arg: cache})
     logits = torch.cat([first_logits[row_prompt, None], out.logits[:, :-1]], 1)  # (B, C, V)
-    logits = logits.float() / temperature
-    lse = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, comp_ids.unsqueeze(-1)).squeeze(-1) - lse        # (B, C)
+    out = scored(logits, comp_ids, temperature, entropy, entropy_grad)              # (B, C)
+    picked, ent = out if entropy else (out, None)
     # back to the padded layout: completion token k's target index is plens + k - 1
     where = (cols - 1).clamp(max=L - 2)
     # (positions past the end of the padded row, clamped onto its last target, add zeros)
@@ -88,7 +88,4 @@ def _shared(model, c: PaddedBatch, prompt_ids, plens, row_prompt, temperature, e
         1, where, picked * comp_mask)
     if not entropy:
         return lp
-    if not entropy_grad:
-        logits, lse = logits.detach(), lse.detach()
-    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return lp, torch.zeros_like(lp).scatter_add(1, where, ent * comp_mask)

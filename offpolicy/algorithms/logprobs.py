@@ -34,18 +34,34 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if not keep:
         start = 0
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits[:, :-1]
-    logits = logits.float() / temperature
-    # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the (B, L, V) log-softmax.
-    lse = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, targets[:, start:].unsqueeze(-1)).squeeze(-1) - lse
+    out = scored(logits, targets[:, start:], temperature, entropy, entropy_grad, owned=False)
     pad = torch.nn.functional.pad
+    return tuple(pad(t, (start, 0)) for t in out) if entropy else pad(out, (start, 0))
+
+
+def scored(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool,
+           entropy_grad: bool, owned: bool = True):
+    """(..., T) log-probs of `targets` under (..., T, V) `logits` / `temperature` (and with
+    `entropy` the entropies), in float32. The vocabulary-wide work is done in place where the
+    backward pass allows it: each (..., V) float32 copy is 50 MB for 16 rows of 16 tokens at
+    a 49k vocabulary. `owned`: `logits` is the caller's to overwrite (else float32 logits are
+    copied first)."""
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    elif not owned and temperature != 1.0:
+        logits = logits.clone()
+    if temperature != 1.0:
+        logits.div_(temperature)  # (neither the copy nor the division keeps its output)
+    # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the (..., V) log-softmax.
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     if not entropy:
-        return pad(picked, (start, 0))
-    if not entropy_grad:
-        logits, lse = logits.detach(), lse.detach()
+        return picked
     # H = logsumexp(x) - sum softmax(x) * x
-    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return pad(picked, (start, 0)), pad(ent, (start, 0))
+    if not entropy_grad:
+        with torch.no_grad():
+            return picked, lse - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)
+    return picked, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def first_target(loss_mask: torch.Tensor) -> int:
