@@ -12,7 +12,8 @@ in the machine's speed hits all alike.
 The peak is measured here too: the median of 5 runs of a 2048 x 2048 x 2048 matmul in float32
 and in bfloat16, with the learner's thread count. One line per setting: step seconds (median),
 GFLOP per step, achieved GFLOP/s, and the utilisation against the peak of its compute dtype
-and against the bf16 peak.
+and against the bf16 peak. Then one line on AdamW's step for the first setting's parameters:
+fused (what the learner uses), foreach and one tensor at a time.
 
 Run: python benchmarks/learner_roofline.py [--steps 4] [--threads 1] [--only fp32,bf16]
      (about 3 minutes on 2 cores; converts the GGUF file once if the cache lacks it)
@@ -71,6 +72,31 @@ def step_flops(learner: Learner) -> float:
     return float(counter.get_total_flops())
 
 
+def adamw_line(model: torch.nn.Module, rounds: int) -> None:
+    """AdamW's step on `model`'s trainable parameters (random gradients): fused (the learner's),
+    foreach and one tensor at a time, alternating, median of `rounds` after a warm-up each."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    copies = {impl: [p.detach().clone().requires_grad_() for p in params]
+              for impl in ("fused", "foreach", "single")}
+    opts = {impl: torch.optim.AdamW(ps, lr=1e-6, **{"fused": {"fused": True},
+                                                      "foreach": {"foreach": True},
+                                                      "single": {"foreach": False}}[impl])
+            for impl, ps in copies.items()}
+    times = {impl: [] for impl in opts}
+    for r in range(rounds + 1):
+        for impl, opt in opts.items():
+            for p in copies[impl]:
+                p.grad = torch.randn_like(p)
+            t = time.perf_counter()
+            opt.step()
+            if r:
+                times[impl].append(time.perf_counter() - t)
+    med = {impl: statistics.median(v) for impl, v in times.items()}
+    print(f"AdamW step on {sum(p.numel() for p in params) / 1e6:.1f}M parameters: " + ", ".join(
+        f"{impl} {s:.3f} s" for impl, s in med.items())
+        + f" (foreach / fused x{med['foreach'] / med['fused']:.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
@@ -102,6 +128,7 @@ def main() -> None:
             t = time.perf_counter()
             learners[name].step()
             times[name].append(time.perf_counter() - t)
+    adamw_line(learners[names[0]].model, args.steps)
     for name in names:
         s = statistics.median(times[name])
         achieved = flops[name] / s

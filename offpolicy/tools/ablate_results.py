@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def collect(root: Path, cells: list[dict], threshold: float | None = None) -> li
         auc = (sum((samples[i + 1] - samples[i]) * (rewards[i] + rewards[i + 1]) / 2
                    for i in range(len(samples) - 1)) / samples[-1]) if samples[-1] else 0.0
         rows.append({**cell, "cell": cell_name(cell), "final_eval_reward": s["final_eval_reward"],
-                     "base_eval_reward": s["base_eval_reward"], "eval_auc": auc,
+                     "base_eval_reward": s.get("base_eval_reward", math.nan), "eval_auc": auc,
                      "samples": s["samples"], "wall_s": s["wall_s"],
                      "staleness_mean": s["staleness_mean"],
                      "ess_frac": mean_of(metrics, "is/ess_frac"),
