@@ -14,8 +14,8 @@ megabyte. So an episode is never held up by a slower one, and a long episode spa
 weight versions as it lasts. In lag mode a work order's groups drain before the next order's
 version is loaded (a trajectory must come from one version). `rollout.mode: batch` plays one
 batch of groups to its slowest episode before the next (for comparisons; batch.py, with evals).
-Episodes and their groups are in episodes.py, environment failures in failures.py.
-With `engine.inflight_updates` (vLLM) the engine also polls for new weights between its steps.
+Episodes and their groups are in episodes.py, environment failures in failures.py. With
+`engine.inflight_updates` (vLLM) the engine also polls for new weights between its steps.
 A plain class: `offpolicy/runtime/ray_roles.py` wraps it as a Ray actor; tests drive it directly.
 """
 
@@ -97,13 +97,10 @@ class RolloutActor(BatchLoop):
 
     def run(self, max_steps: int | None = None) -> dict:
         """Generate until the buffer closes (or `max_steps` turns); returns this actor's
-        counts. The episodes still in flight then are abandoned (the ledger counts them as
-        unfinished)."""
+        counts. The episodes still in flight then are abandoned (the ledger: unfinished)."""
         n = 0
-        while max_steps is None or n < max_steps:
+        while (max_steps is None or n < max_steps) and self.turn() is not BatchResult.STOP:
             n += 1
-            if self.turn() is BatchResult.STOP:
-                break
         for ep in self.live:
             ep.close()
         return self.counts
@@ -378,26 +375,23 @@ class RolloutActor(BatchLoop):
     def _serve_desk(self, force: bool = False) -> None:
         """The driver's requests, at most every 0.2 s unless `force`: a checkpoint's hold (write
         this actor's snapshot, then wait for the release), and for actor 0 a requested eval with
-        the newest weights (lag mode reloads its order's version after)."""
+        the newest weights or a model folder's (lag mode reloads its order's version after)."""
         now = time.perf_counter()
         if self.desk is None or (not force and now < self._next_desk):
             return
         self._next_desk = now + 0.2
-        folder = self.desk.holding(self.incarnation)
-        if folder is not None:
+        if (folder := self.desk.holding(self.incarnation)) is not None:
             self.snapshot_to(Path(folder) / f"actor{self.actor_id}.pkl")
             self.desk.held_by(self.actor_id)
             while self.desk.is_holding():
                 time.sleep(0.05)
-        request = self.desk.take(self.incarnation)
-        if request is not None:
+        if (request := self.desk.take(self.incarnation)) is not None:
             order = next((g.version for g in self.groups.values()), None)
-            if request["weights"]:  # the base model's folder, evaluated after the last step
-                self.engine.load_weights(0, request["weights"])
-                self.desk.report({**self.evaluate(), "eval/weights": request["weights"]})
-                return
-            self.sync_weights()
-            self.desk.report(self.evaluate())
+            if folder := request["weights"]:  # the base model, after the last step
+                self.engine.load_weights(0, folder)
+            else:
+                self.sync_weights()
+            self.desk.report({**self.evaluate(), **({"eval/weights": folder} if folder else {})})
             if order is not None and order != self.engine.version:
                 self.sync_weights(want=order)
 
