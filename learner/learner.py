@@ -166,6 +166,9 @@ class Learner:
             if self.reference is not None or self.reference_is_base:
                 with torch.no_grad(), lora.reference_off(self.model):
                     lora.scoring_module(self.reference or self.model)(input_ids=ids)
+        self.opt.zero_grad(set_to_none=True)
+        if self.opt.state:  # resumed: the checkpoint's moments must not move
+            return
         # AdamW's state (two zeroed copies of the weights) is allocated by its first step: take
         # it at lr 0 on zero gradients (moments stay 0), then reset its step counts.
         for p in lora.trainable(self.model):
