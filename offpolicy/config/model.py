@@ -56,8 +56,8 @@ class LoraConfig:
     r: int = 0
     """Rank of the LoRA adapters the learner trains instead of the full weights (peft); 0 =
     full fine-tuning. The KL reference is then the base model with the adapters turned off
-    (no second copy), actors get merged weights, and checkpoints hold `adapter/` besides the
-    merged `model/` folder (docs/lora.md)."""
+    (no second copy), actors get merged weights, and checkpoints hold the merged `model/`
+    folder with the adapter in `model/adapter/` (docs/real_models.md)."""
     alpha: float = 32.0
     """LoRA scaling numerator: the update is (alpha / r) B A."""
     dropout: float = 0.0
