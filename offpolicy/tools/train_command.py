@@ -43,8 +43,9 @@ def run_train(config: str | None, overrides: list[str], resume: str | None = Non
         print(f"interrupted; partial run in {summary['run_dir']}")
         return 130
     base = summary.get("base_eval_reward")
-    first = summary["startup_s"].get("first step")
-    print(f"done in {summary['wall_s']:.0f}s (first learner step at {first:.0f}s): eval reward "
+    first = summary["startup_s"].get("first step")  # none when a resume had no step left
+    at = f" (first learner step at {first:.0f}s)" if first is not None else ""
+    print(f"done in {summary['wall_s']:.0f}s{at}: eval reward "
           f"{'-' if base is None else f'{base:.3f}'} -> "
           f"{summary['final_eval_reward']:.3f}, {rate(summary['samples_per_s'])} samples/s, "
           f"staleness mean {summary['staleness_mean']:.2f} max {summary['staleness_max']:.0f}; "
