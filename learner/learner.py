@@ -61,14 +61,16 @@ class Learner:
         self.plan = plan = plan or RunPlan.of(cfg)
         lora_cfg = cfg.model.lora
         base = lora.base_of(model_path) if lora_cfg.r else model_path
-        model, self.tokenizer = load_policy(base)
+        model, self.tokenizer = load_policy(base, attention=cfg.learner.attention)
         # A GPU when Ray gave this role one (resources.learner_gpus), else the CPU.
         self.device = torch.device("cuda" if cfg.resources.learner_gpus > 0
                                    and torch.cuda.is_available() else "cpu")
         self.parallel = make_parallel(cfg.learner, self.device)
-        # learner.precision: bf16 autocast over every scoring pass; weights stay float32
-        self.autocast = torch.autocast(self.device.type, torch.bfloat16,
-                                       enabled=cfg.learner.precision == "bf16")
+        # learner.precision: bf16 autocast over every scoring pass; trained weights stay
+        # float32, frozen ones (the KL reference, a LoRA base) are held in bf16 (`frozen`)
+        bf16 = cfg.learner.precision == "bf16"
+        self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=bf16)
+        frozen = torch.bfloat16 if bf16 else torch.float32
         self.loss = LOSSES.lookup(cfg.loss.name)
         # the loss's own parameters, and its own advantage estimator's (oapl, asymre, vcpo)
         self.loss_params, self.advantage_params = self.loss.split(cfg.loss.params)
@@ -81,8 +83,8 @@ class Learner:
         self.reference_is_base = bool(cfg.loss.kl_coef > 0 and lora_cfg.r and
                                       Path(ref_path).resolve() == Path(base).resolve())
         if cfg.loss.kl_coef > 0 and not self.reference_is_base:
-            self.reference = load_policy(ref_path)[0]
-            self.reference.to(self.device).eval().requires_grad_(False)
+            self.reference = load_policy(ref_path, attention=cfg.learner.attention)[0]
+            self.reference.to(self.device, frozen).eval().requires_grad_(False)
         self.version = 0  # optimizer steps taken; the base model is version 0
         self.published_version = 0  # actors start with the base model
         self.samples = self.tokens = 0  # rows and policy tokens trained
@@ -99,8 +101,10 @@ class Learner:
             self.parity.keep(0, cpu_state(model))
         if plan.lag is not None and leader:  # lag mode: actors may ask for version 0 later
             weights.publish(cpu_state(model), 0)
-        if lora_cfg.r:  # trainable adapters on the base (a LoRA checkpoint's own, on resume)
-            model = lora.wrap(model, lora_cfg, model_path)
+        if lora_cfg.r:  # trainable adapters (float32) on the base (a LoRA checkpoint's own, on
+            # resume). A frozen base in bf16: autocast caches no cast of a weight that takes no
+            # gradient, so in float32 each would be cast again at every use.
+            model = lora.wrap(model.to(frozen), lora_cfg, model_path)
         self.parallel.place(model)
         self.model = model.train()
         if leader:  # NCCLSync meets the actors' engines here; the others need nothing
@@ -389,12 +393,14 @@ class Learner:
         leader sends them, and keeps them for the parity check."""
         self.published_version = self.version
         keep = self.parity is not None
-        state = self.parallel.full_state(self.model,
-                                         keep=keep or self.weights.needs_cpu_state)
+        bf16 = self.plan.engine_dtype == "bfloat16"  # what the engine computes with: then
+        # half the bytes to send
+        state = self.parallel.full_state(self.model, keep=keep or self.weights.needs_cpu_state,
+                                         dtype=torch.bfloat16 if bf16 else torch.float32)
         if not self.parallel.leader:
             return
-        if state is not None and self.plan.engine_dtype == "bfloat16":
-            state = to_bf16(state)  # what the engine computes with: half the bytes to send
+        if state is not None and bf16:
+            state = to_bf16(state)  # (a no-op unless sharded: those gather in float32)
         self.weights.publish(state, self.version)
         self.buffer.publish(self.version)
         if keep:

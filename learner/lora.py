@@ -74,10 +74,11 @@ def reference_off(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """CPU tensors of the merged weights under the base model's names (the adapters' deltas
-    added out of place: the trained base weights are never touched). Tied weights stay one
-    tensor under both names."""
+def merged_state(model: torch.nn.Module,
+                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """CPU tensors of the merged weights in `dtype` under the base model's names (the
+    adapters' deltas added out of place, in float32: the base weights are never touched, and a
+    bf16 base is not rounded twice). Tied weights stay one tensor under both names."""
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
@@ -89,10 +90,10 @@ def merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             continue
         key = k.replace(".base_layer.", ".")
         if key in deltas:
-            out[key] = (v + deltas[key].to(v.dtype)).cpu()
+            out[key] = (v.float() + deltas[key].float()).to("cpu", dtype)
         else:
             if v.data_ptr() not in copies:
-                copies[v.data_ptr()] = v.detach().to("cpu", copy=True)
+                copies[v.data_ptr()] = v.detach().to("cpu", dtype, copy=True)
             out[key] = copies[v.data_ptr()]
     return out
 

@@ -96,12 +96,13 @@ class Alone:
 
     # -- publishing and saving ------------------------------------------------------------------
 
-    def full_state(self, model: torch.nn.Module, keep: bool) -> dict | None:
+    def full_state(self, model: torch.nn.Module, keep: bool,
+                   dtype: torch.dtype = torch.float32) -> dict | None:
         """The whole weights as CPU tensors on the leader when `keep` (a publish needs them),
-        else None. Called by every worker that `publishes`."""
+        else None; cast to `dtype` in the copy. Called by every worker that `publishes`."""
         if not (keep and self.leader):
             return None
-        return lora.merged_state(model) if lora.is_lora(model) else cpu_state(model)
+        return lora.merged_state(model, dtype) if lora.is_lora(model) else cpu_state(model, dtype)
 
     def save_model(self, model: torch.nn.Module, path: str) -> None:
         """The policy as a Hugging Face folder, written by the leader (LoRA: merged, with the
@@ -178,7 +179,9 @@ class Sharded(DataParallel):
     def clip_grad_norm(self, model: torch.nn.Module, clip: float) -> torch.Tensor:
         return super().clip_grad_norm(model, clip).full_tensor()  # a DTensor, alike everywhere
 
-    def full_state(self, model: torch.nn.Module, keep: bool) -> dict | None:
+    def full_state(self, model: torch.nn.Module, keep: bool,
+                   dtype: torch.dtype = torch.float32) -> dict | None:
+        # (gathered in the shards' float32: the learner casts a bf16 publish afterwards)
         state, peak = sharding.full_state(model, keep=self.leader)
         self.gather_peak_bytes = max(self.gather_peak_bytes, peak)
         return state

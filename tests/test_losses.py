@@ -231,3 +231,33 @@ def test_token_entropy_matches_the_distribution():
     assert ent[0, 0].item() == pytest.approx(math.log(4))
     assert ent[0, 1].item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-3)  # float32
     assert lp[0, 0].item() == pytest.approx(-math.log(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scored_matches_log_softmax_in_value_entropy_and_gradient(dtype):
+    """`scored`'s own kernel (exp floored at e^-80, the softmax overwritten by the gradient)
+    against torch's log_softmax in float64, with logits spanning over 200 nats, where the floor
+    is hit; and a second backward through the same log-probs is refused."""
+    from offpolicy.algorithms.logprobs import scored
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 300, generator=g) * 40).to(dtype)
+    targets = torch.randint(0, 300, (3, 5), generator=g)
+    targets[0, 0] = int(x[0, 0].float().argmin())  # a target far below the floor
+    w = torch.randn(3, 5, generator=g)
+    ours = x.clone().requires_grad_()
+    lp, ent = scored(ours, targets, 0.7, entropy=True, entropy_grad=False, owned=False)
+    (lp * w).sum().backward(retain_graph=True)
+    exact = x.double().requires_grad_()
+    ls = torch.log_softmax(exact / 0.7, -1)
+    want = ls.gather(-1, targets[..., None]).squeeze(-1)
+    (want * w).sum().backward()
+    assert lp.dtype == torch.float32 and not ent.requires_grad
+    assert torch.allclose(lp.double(), want, atol=1e-4, rtol=1e-6)
+    assert want[0, 0] < -80 / 0.7  # the floor applies to the sum, not to the picked logit
+    assert torch.allclose(ent.double(), -(ls.exp() * ls).sum(-1), atol=1e-4)
+    # (a bf16 input gets its gradient rounded to bf16: 8 bits of mantissa)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(ours.grad.double(), exact.grad, atol=tol, rtol=tol)
+    with pytest.raises(RuntimeError, match="second backward"):
+        (lp * w).sum().backward()

@@ -126,3 +126,22 @@ def test_the_warm_up_changes_no_step_and_no_resumed_optimizer(model_dir):
     warmed._warm_up()  # as after a resume: the optimizer has state
     assert all(torch.equal(m, s["exp_avg_sq"]) for m, s in zip(moments,
                                                                warmed.opt.state.values()))
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_bf16_holds_frozen_weights_in_bf16_and_trains_float32(model_dir, lora):
+    """Under bf16 the weights that take no gradient (a LoRA base, the full model's KL
+    reference) are held in bf16, the trained ones in float32; a LoRA publish is merged in
+    float32 and cast once, and a checkpoint's merged weights stay float32."""
+    cfg = fast_config(model_dir, f"model.lora.r={lora}", "loss.kl_coef=0.1",
+                      "learner.precision=bf16", "engine.logprob_check_every=0")
+    learner = Learner(cfg, str(model_dir), OneBatch(_batch(40)), LocalSync())
+    frozen = [p for p in learner.model.parameters() if not p.requires_grad]
+    frozen += list(learner.reference.parameters()) if learner.reference is not None else []
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in learner.model.parameters() if p.requires_grad)
+    assert np.isfinite(learner.step()["learner/loss"])
+    if lora:
+        full, half = merged_state(learner.model), merged_state(learner.model, torch.bfloat16)
+        assert all(v.dtype == torch.float32 for v in full.values())
+        assert all(torch.equal(half[k], v.to(torch.bfloat16)) for k, v in full.items())

@@ -42,9 +42,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 def scored(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool,
            entropy_grad: bool, owned: bool = True):
     """(..., T) log-probs of `targets` under (..., T, V) `logits` / `temperature` (and with
-    `entropy` the entropies), in float32. The vocabulary-wide work is done in place where the
-    backward pass allows it: each (..., V) float32 copy is 50 MB for 16 rows of 16 tokens at
-    a 49k vocabulary. `owned`: `logits` is the caller's to overwrite (else float32 logits are
+    `entropy` the entropies), in float32. Each (..., V) float32 copy is 50 MB for 16 rows of
+    16 tokens at a 49k vocabulary, so the work is done in as few of them as the backward pass
+    allows (`_Picked`). `owned`: `logits` is the caller's to overwrite (else float32 logits are
     copied first)."""
     if logits.dtype != torch.float32:
         logits = logits.float()
@@ -52,16 +52,53 @@ def scored(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entr
         logits = logits.clone()
     if temperature != 1.0:
         logits.div_(temperature)  # (neither the copy nor the division keeps its output)
-    # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the (..., V) log-softmax.
+    if not (entropy and entropy_grad):
+        picked, ent = _Picked.apply(logits, targets, entropy)
+        return (picked, ent) if entropy else picked
+    # a differentiable entropy (an entropy bonus): H = logsumexp(x) - sum softmax(x) * x
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    if not entropy:
-        return picked
-    # H = logsumexp(x) - sum softmax(x) * x
-    if not entropy_grad:
-        with torch.no_grad():
-            return picked, lse - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)
     return picked, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+# exp(x - max) below e^-80 (1.8e-35) is taken as e^-80: next to the max's own term, 1, that is
+# far below float32's resolution, so the sums are unchanged. It keeps exp off the denormal
+# range, where it runs about 10x slower: a model's logits span over 80 nats (SmolLM2's do), and
+# torch's logsumexp and its backward pay for that on every row.
+EXP_FLOOR = -80.0
+
+
+class _Picked(torch.autograd.Function):
+    """log_softmax(x)[y] = x[y] - max - log(sum exp(x - max)), and optionally the entropy
+    (not differentiable), from one float32 (..., V) buffer: exp(x - max), which becomes the
+    softmax for the backward pass, where it is overwritten in place by the gradient
+    (onehot(y) - softmax) * g. So the backward can run only once (no `retain_graph`)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, entropy):
+        top = logits.amax(-1, keepdim=True)                                     # (..., 1)
+        p = (logits - top).clamp_(min=EXP_FLOOR).exp_()                         # (..., V)
+        total = p.sum(-1)
+        lse = top.squeeze(-1) + total.log()
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        # H = lse - sum softmax(x) * x
+        ent = lse - torch.linalg.vecdot(p, logits) / total if entropy else None
+        p.div_(total.unsqueeze(-1))
+        ctx.save_for_backward(p, targets)
+        ctx.spent = False
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return picked, ent
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        if ctx.spent:
+            raise RuntimeError("scored: a second backward through the same log-probs "
+                               "(its softmax was overwritten by the first)")
+        ctx.spent = True
+        p, targets = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        return p.mul_(-g).scatter_add_(-1, targets.unsqueeze(-1), g), None, None
 
 
 def first_target(loss_mask: torch.Tensor) -> int:

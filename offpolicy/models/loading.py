@@ -63,13 +63,16 @@ def context_limit(cfg: Config, model_path: str | Path) -> int:
         return 0
 
 
-def load_policy(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a HF folder; a one-line ConfigError when it is not loadable."""
+def load_policy(path: str | Path, dtype: torch.dtype = torch.float32,
+                attention: str | None = None):
+    """(model, tokenizer) from a HF folder; a one-line ConfigError when it is not loadable.
+    `attention`: transformers' `attn_implementation` (None: its default)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path)
+    extra = {"attn_implementation": attention} if attention else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot load {path}: {str(e).splitlines()[0]}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -77,15 +77,18 @@ class _PullSync:
         return False
 
 
-def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the model's parameters and buffers. Tied weights (input and
-    output embeddings) stay one tensor under both names, so they are copied and sent once."""
+def cpu_state(model: torch.nn.Module,
+              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the model's parameters and buffers, floating ones cast to `dtype`
+    in the same copy when given. Tied weights (input and output embeddings) stay one tensor
+    under both names, so they are copied and sent once."""
     copies: dict[tuple, torch.Tensor] = {}
     out = {}
     for k, v in model.state_dict().items():
         key = (v.data_ptr(), v.dtype, tuple(v.shape))
         if key not in copies:
-            copies[key] = v.detach().to("cpu", copy=True)
+            copies[key] = v.detach().to("cpu", dtype=dtype if v.is_floating_point() else None,
+                                        copy=True)
         out[k] = copies[key]
     return out
 
