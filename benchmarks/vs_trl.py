@@ -14,8 +14,11 @@ precision and the same adapters on both sides:
   projections, lr `--lora-lr` 2e-4: the config's; both use the base with the adapters off as
   the KL reference);
 - `--precision fp32|bf16` (default: the config's `learner.precision`): TRL's `bf16` flag (CPU
-  autocast) and offpolicy's `learner.precision`;
-- TRL's model gets the config's `learner.attention` (`attn_implementation`).
+  autocast) and offpolicy's `learner.precision`.
+
+Each side keeps its own attention kernel: offpolicy its config's `learner.attention` (eager),
+TRL transformers' default (sdpa). (One TRL run with eager was not faster: its first steps took
+7.8-9.3 s.)
 
 Each run is a fresh subprocess with the whole machine: TRL (one process) `--trl-threads` torch
 threads, default all cores, HF `generate` (TRL's CPU path: no vLLM), gradient checkpointing off;
@@ -131,7 +134,7 @@ def trl_worker(args) -> None:
         top_p=cfg.engine.top_p, learning_rate=cfg.learner.lr,
         # the config's schedule and KL term (k3 to the base model, as TRL's beta is)
         **lr_schedule(cfg), max_grad_norm=cfg.learner.grad_clip, beta=cfg.loss.kl_coef,
-        use_vllm=False, model_init_kwargs={"attn_implementation": cfg.learner.attention},
+        use_vllm=False,
         gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
         disable_tqdm=True, seed=args.seed)
     peft_config = None
