@@ -49,7 +49,6 @@ def side(args) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from offpolicy.actors.engine import SamplingParams
     from offpolicy.actors.vllm import VLLMEngine
     from offpolicy.core.process import setup_process
     from offpolicy.envs import env_from_config
@@ -63,7 +62,7 @@ def side(args) -> None:
     setup_process(1)
     folder = str(resolve_model_path(cfg, cache_root(cfg)))
     base, tok = load_policy(folder)
-    model = lora.wrap(base, cfg.model.lora, folder)
+    model = lora.wrap(base.to(torch.bfloat16), cfg.model.lora, folder)  # as a bf16 learner's
     with torch.no_grad():  # a trained adapter's size: B is not 0
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -100,17 +99,16 @@ def side(args) -> None:
             learner_s.append(t1 - t0)
             engine_s.append(t2 - t1)
             sizes.append(folder_bytes(out))
-        env = env_from_config(cfg)
-        prompts = [prompt_ids(tok, messages_of(env.sample_prompt(i)), cfg.env.chat)
-                   for i in range(args.prompts)]
-        sampling = SamplingParams(max_new_tokens=16, temperature=cfg.engine.temperature)
+        env = env_from_config(cfg.env, "train")
+        prompts = []
+        for i in range(args.prompts):
+            text = env.reset(i)
+            prompts.append(prompt_ids(tok, text, messages_of(text, cfg.env.system_prompt,
+                                                             cfg.env.chat)))
         gen_s = []
         for _ in range(args.gens):
             t0 = time.perf_counter()
-            if lora_request is None:
-                engine.generate(prompts, sampling)
-            else:
-                _generate_with(engine, prompts, lora_request)
+            _generate(engine, prompts, lora_request, cfg.engine.temperature)
             gen_s.append(time.perf_counter() - t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -118,14 +116,14 @@ def side(args) -> None:
                       "gen_s": gen_s}))
 
 
-def _generate_with(engine, prompts: list[list[int]], lora_request) -> None:
-    """The prompts through vLLM's own `generate` with the adapter (offpolicy's engine loop
-    takes no LoRA request)."""
+def _generate(engine, prompts: list[list[int]], lora_request, temperature: float) -> None:
+    """The prompts through vLLM's own `generate` (offpolicy's engine loop takes no LoRA
+    request), 16 tokens each whatever is sampled, with the adapter when one is given."""
     from vllm import SamplingParams as VSampling
     from vllm.inputs import TokensPrompt
 
     engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                        VSampling(max_tokens=16, temperature=0.7, ignore_eos=True),
+                        VSampling(max_tokens=16, temperature=temperature, ignore_eos=True),
                         lora_request=lora_request, use_tqdm=False)
 
 

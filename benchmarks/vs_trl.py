@@ -17,8 +17,7 @@ precision and the same adapters on both sides:
   autocast) and offpolicy's `learner.precision`.
 
 Each side keeps its own attention kernel: offpolicy its config's `learner.attention` (eager),
-TRL transformers' default (sdpa). (One TRL run with eager was not faster: its first steps took
-7.8-9.3 s.)
+TRL transformers' default (sdpa).
 
 Each run is a fresh subprocess with the whole machine: TRL (one process) `--trl-threads` torch
 threads, default all cores, HF `generate` (TRL's CPU path: no vLLM), gradient checkpointing off;

@@ -28,7 +28,7 @@ from offpolicy.config.plan import RunPlan
 from offpolicy.config.schema import Config
 from offpolicy.core.machine import peak_rss_mb
 from offpolicy.core.types import Batch, PaddedBatch
-from offpolicy.models.loading import load_policy
+from offpolicy.models.loading import frozen_in_bf16, load_policy
 from offpolicy.weights.sync import cpu_state, to_bf16
 
 from offpolicy.learner import lora
@@ -70,7 +70,7 @@ class Learner:
         # float32, frozen ones (the KL reference, a LoRA base) are held in bf16 (`frozen`)
         bf16 = cfg.learner.precision == "bf16"
         self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=bf16)
-        frozen = torch.bfloat16 if bf16 else torch.float32
+        frozen = frozen_in_bf16 if bf16 else (lambda m: m)
         self.loss = LOSSES.lookup(cfg.loss.name)
         # the loss's own parameters, and its own advantage estimator's (oapl, asymre, vcpo)
         self.loss_params, self.advantage_params = self.loss.split(cfg.loss.params)
@@ -84,7 +84,7 @@ class Learner:
                                       Path(ref_path).resolve() == Path(base).resolve())
         if cfg.loss.kl_coef > 0 and not self.reference_is_base:
             self.reference = load_policy(ref_path, attention=cfg.learner.attention)[0]
-            self.reference.to(self.device, frozen).eval().requires_grad_(False)
+            frozen(self.reference.to(self.device).eval().requires_grad_(False))
         self.version = 0  # optimizer steps taken; the base model is version 0
         self.published_version = 0  # actors start with the base model
         self.samples = self.tokens = 0  # rows and policy tokens trained
@@ -102,9 +102,8 @@ class Learner:
         if plan.lag is not None and leader:  # lag mode: actors may ask for version 0 later
             weights.publish(cpu_state(model), 0)
         if lora_cfg.r:  # trainable adapters (float32) on the base (a LoRA checkpoint's own, on
-            # resume). A frozen base in bf16: autocast caches no cast of a weight that takes no
-            # gradient, so in float32 each would be cast again at every use.
-            model = lora.wrap(model.to(frozen), lora_cfg, model_path)
+            # resume) on a frozen base
+            model = lora.wrap(frozen(model), lora_cfg, model_path)
         self.parallel.place(model)
         self.model = model.train()
         if leader:  # NCCLSync meets the actors' engines here; the others need nothing

@@ -130,16 +130,26 @@ def test_the_warm_up_changes_no_step_and_no_resumed_optimizer(model_dir):
 
 @pytest.mark.parametrize("lora", [0, 4])
 def test_bf16_holds_frozen_weights_in_bf16_and_trains_float32(model_dir, lora):
-    """Under bf16 the weights that take no gradient (a LoRA base, the full model's KL
-    reference) are held in bf16, the trained ones in float32; a LoRA publish is merged in
-    float32 and cast once, and a checkpoint's merged weights stay float32."""
+    """Under bf16 the matrices that take no gradient (a LoRA base, the full model's KL
+    reference) are held in bf16, their norms and the trained weights in float32, and the
+    residual stream stays float32; a LoRA publish is merged in float32 and cast once, and a
+    checkpoint's merged weights stay float32."""
+    from offpolicy.learner.lora import scoring_module
+
     cfg = fast_config(model_dir, f"model.lora.r={lora}", "loss.kl_coef=0.1",
                       "learner.precision=bf16", "engine.logprob_check_every=0")
     learner = Learner(cfg, str(model_dir), OneBatch(_batch(40)), LocalSync())
-    frozen = [p for p in learner.model.parameters() if not p.requires_grad]
-    frozen += list(learner.reference.parameters()) if learner.reference is not None else []
-    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    frozen = [scoring_module(learner.reference or learner.model)]
+    matrices = {p for m in frozen for mod in m.modules()
+                if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))
+                for p in mod.parameters(recurse=False) if not p.requires_grad}
+    rest = {p for m in frozen for p in m.parameters() if not p.requires_grad} - matrices
+    assert matrices and all(p.dtype == torch.bfloat16 for p in matrices)
+    assert rest and all(p.dtype == torch.float32 for p in rest)  # the norms
     assert all(p.dtype == torch.float32 for p in learner.model.parameters() if p.requires_grad)
+    with learner.autocast, torch.no_grad():
+        hidden = frozen[0](input_ids=torch.tensor([[3, 4, 5]]), output_hidden_states=True)
+    assert all(h.dtype == torch.float32 for h in hidden.hidden_states)
     assert np.isfinite(learner.step()["learner/loss"])
     if lora:
         full, half = merged_state(learner.model), merged_state(learner.model, torch.bfloat16)

@@ -91,3 +91,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
         ids[i, width - len(p):] = torch.tensor(p)
         attn[i, width - len(p):] = 1
     return ids, attn
+
+
+def frozen_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """`model`, which takes no gradient, with its matrices (linear and embedding weights) held in
+    bfloat16 for autocast: autocast casts a float32 weight that takes no gradient again at
+    every use. Norms stay float32, and the embedding's output is cast to float32, so the
+    residual stream stays float32 as it is with float32 weights (only the matrix products see
+    bfloat16). Returns `model`."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.to(torch.bfloat16)
+    model.get_input_embeddings().register_forward_hook(lambda _m, _args, out: out.float())
+    return model
