@@ -5,7 +5,7 @@ Each side runs in a fresh subprocess (one vLLM engine per process), the sides al
 `--rounds` times (ABAB). In each, `--publishes` times:
 
 - `merged`: the learner's side builds the merged weights in the engine's dtype
-  (`lora.merged_state`) and writes them to `engine.weights_dir` (FileSync's layout); the engine
+  (`lora.merged_state`) and publishes them with `FileSync` into `engine.weights_dir`; the engine
   reloads them in place (`VLLMEngine.load_weights`), as a run does;
 - `adapter`: the learner's side saves the adapter (peft's folder: `adapter_config.json` and
   the adapter tensors); an engine built with `enable_lora` loads it as a new LoRA id and drops
@@ -19,8 +19,8 @@ no-op.
 Printed: per side, the medians of learner-side seconds, engine-side seconds, publish total,
 bytes written and generation seconds; then adapter / merged ratios.
 
-Run: python benchmarks/lora_publish.py [--rounds 2] [--publishes 5] [--prompts 64] [--gens 3]
-     (about 3 minutes on 2 cores)
+Run: python benchmarks/lora_publish.py [--rounds 2] [--publishes 5] [--prompts 64] [--gens 2]
+     (about 4 minutes on 2 cores: the adapter side generates slowly)
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ def folder_bytes(folder: Path) -> int:
 def side(args) -> None:
     """One side in this process: prints one JSON line of its timings."""
     import torch
-    from safetensors.torch import save_file
 
     from offpolicy.actors.vllm import VLLMEngine
     from offpolicy.core.process import setup_process
@@ -57,6 +56,8 @@ def side(args) -> None:
     from offpolicy.models.loading import cache_root, load_policy
     from offpolicy.models.sources import resolve_model_path
     from offpolicy.runtime.validate import load_config
+    from offpolicy.weights.store import WeightStore
+    from offpolicy.weights.sync import FileSync
 
     cfg = load_config(CONFIG, [])
     setup_process(1)
@@ -75,15 +76,16 @@ def side(args) -> None:
     engine = VLLMEngine(folder, dtype="bfloat16", max_model_len=cfg.engine.max_model_len,
                         extra_args=vllm_args)
     work = Path(tempfile.mkdtemp(dir=cfg.engine.weights_dir))
+    sync = FileSync(WeightStore(), work)
     learner_s, engine_s, sizes, lora_request = [], [], [], None
     try:
         for v in range(1, args.publishes + 1):
-            out = work / f"v{v}"
             t0 = time.perf_counter()
-            if args.side == "merged":
-                out.mkdir()
-                save_file(lora.merged_state(model, torch.bfloat16), str(out / "model.safetensors"))
+            if args.side == "merged":  # what a run's publish does
+                sync.publish(lora.merged_state(model, torch.bfloat16), v)
+                out = Path(sync.fetch(v - 1)[1])
             else:
+                out = work / f"adapter-v{v}"
                 model.save_pretrained(str(out))
             t1 = time.perf_counter()
             if args.side == "merged":
@@ -132,7 +134,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--publishes", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--gens", type=int, default=3)
+    ap.add_argument("--gens", type=int, default=2)
     ap.add_argument("--side", choices=["merged", "adapter"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
