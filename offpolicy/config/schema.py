@@ -302,13 +302,14 @@ class LearnerConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """The learner's compute: `bf16` runs every forward and backward under bfloat16 autocast
     (trained weights, their gradients and AdamW state stay float32; frozen ones, a KL reference
-    or a LoRA base, are held in bfloat16); the engine's dtype follows (`engine.dtype: auto`; the
-    hf engine generates under the same autocast). On SmolLM2 with AMX: the step 1.3-1.4x faster,
-    engine/learner log-probs about 0.02 apart per token instead of 0 (docs/real_models.md)."""
+    or a LoRA base, have their matrices in bfloat16); the engine's dtype follows (`engine.dtype:
+    auto`; the hf engine generates under the same autocast). On SmolLM2 with AMX: the step
+    1.7-1.8x faster than fp32 (with `attention: eager`), engine/learner log-probs about 0.02-0.03
+    apart per token instead of 0 (docs/real_models.md)."""
     attention: Literal["sdpa", "eager"] = "sdpa"
     """How the learner's model computes attention (transformers' `attn_implementation`).
     `eager` (matmuls and a softmax) is faster on a CPU for short rows, where torch's CPU
-    flash-attention backward is slow (the SmolLM2 step, rows of about 60 tokens: 17% less
+    flash-attention backward is slow (the SmolLM2 step, rows of about 60 tokens: 11-17% less
     time); its memory grows with the square of the row length, so long rows keep `sdpa`."""
     fsdp_param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """With `fsdp`: the dtype parameters are gathered in for compute (reductions and master
