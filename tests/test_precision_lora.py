@@ -31,13 +31,17 @@ def _serial(model_dir, run_dir, *overrides) -> int:
 
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 0.02)])
 def test_engine_and_learner_agree_within_the_precisions_tolerance(model_dir, tmp_path,
-                                                                  precision, tolerance):
+                                                                  precision, tolerance,
+                                                                  monkeypatch, capsys):
     """The hf engine follows learner.precision; the parity check (the generating weights
     re-scored by the learner) stays within the documented tolerance, and a bf16 learner keeps
-    float32 weights (autocast compute only)."""
+    float32 weights (autocast compute only). On a CPU without native bf16 a bf16 run says so."""
+    monkeypatch.setattr("offpolicy.runtime.launch.cpu_bf16", lambda: False)
     run = tmp_path / precision
     assert _serial(model_dir, run, "learner.steps=4", f"learner.precision={precision}",
                    "engine.logprob_check_every=1") == 0
+    warned = "warning: learner.precision=bf16 on a CPU without" in capsys.readouterr().out
+    assert warned == (precision == "bf16")
     diffs = _parity(run)
     assert len(diffs) >= 3 and max(diffs) < tolerance
     if precision == "bf16":

@@ -21,7 +21,7 @@ from pathlib import Path
 from offpolicy.config.plan import RunPlan
 from offpolicy.config.schema import Config
 from offpolicy.core.errors import ConfigError, one_line
-from offpolicy.core.machine import process_started_at
+from offpolicy.core.machine import cpu_bf16, process_started_at
 from offpolicy.core.process import environment_info, setup_process
 from offpolicy.models.sources import ensure_base_model
 from offpolicy.models.tiny import build_info
@@ -167,6 +167,9 @@ def _base_model(cfg: Config, plan: RunPlan, run_dir: Path, resume, log) -> str:
         cfg.loss.kl_reference = str(ensure_base_model(cfg, log=log)) if resume else model_path
         write_config(cfg, run_dir)
     preflight(cfg, model_path, plan)  # chat template, context, memory: before any process
+    if cfg.learner.precision == "bf16" and cfg.resources.learner_gpus == 0 and not cpu_bf16():
+        log("warning: learner.precision=bf16 on a CPU without AVX512-BF16 or AMX: torch emulates "
+            "bf16 there, so the step may be slower than fp32 (measure both)")
     return model_path
 
 
