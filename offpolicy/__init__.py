@@ -7,4 +7,7 @@ the parts fit together, layer by layer. Importing the package changes nothing in
 a process that hosts a role sets itself up with `offpolicy.core.machine.setup_process`.
 """
 
+import time as _time
+
 __version__ = "0.1.0"
+IMPORTED_AT = _time.time()  # for the start-up breakdown (`core.machine.process_started_at`)

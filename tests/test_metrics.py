@@ -45,3 +45,20 @@ def test_wandb_offline_or_a_one_line_error(tmp_path):
     backend.log({"rollout/reward_mean": 0.5}, 1)
     backend.close()
     assert any((tmp_path / "wandb").iterdir())
+
+
+def test_the_start_up_clock_starts_with_the_command_not_an_execing_shell():
+    """A shell that sleeps, then execs Python (its process, started before the sleep, becomes
+    Python's): the start-up breakdown's clock starts at most about a second before offpolicy
+    was imported, not at the shell's start."""
+    import subprocess
+    import sys
+
+    code = ("import time; from offpolicy.core.machine import process_started_at; "
+            "print(time.time() - process_started_at())")
+    execed = subprocess.run(["bash", "-c", f"sleep 3; exec {sys.executable} -c '{code}'"],
+                            capture_output=True, text=True, check=True)
+    direct = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert 0 <= float(execed.stdout) < 2.5  # without the clamp: over 3 s
+    assert 0 <= float(direct.stdout) < 2.5

@@ -11,18 +11,24 @@ import sys
 from pathlib import Path
 
 
-def process_started_at() -> float:
-    """This process's start as a Unix time (from /proc; now where /proc is missing): the
-    moment the command was typed, for the start-up breakdown."""
+def process_started_at(slack_s: float = 1.0) -> float:
+    """The moment the command was typed, as a Unix time, for the start-up breakdown: this
+    process's start (from /proc), but at most `slack_s` before the package was first imported.
+    A shell that execs its last command (`bash -c "pip install ... && offpolicy train"`) hands
+    over its own process, started long before; Python's own start-up before that import takes
+    well under a second. Without /proc: the package's import."""
     import os
     import time
+
+    from offpolicy import IMPORTED_AT
 
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+        started = time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
-        return time.time()
+        return IMPORTED_AT
+    return max(started, IMPORTED_AT - slack_s)
 
 
 def peak_rss_mb() -> float:
