@@ -46,47 +46,17 @@ def folder_bytes(folder: Path) -> int:
 
 def side(args) -> None:
     """One side in this process: prints one JSON line of its timings."""
-    import torch
-
-    from offpolicy.actors.vllm import VLLMEngine
-    from offpolicy.core.process import setup_process
-    from offpolicy.envs import env_from_config
-    from offpolicy.learner import lora
-    from offpolicy.models.chat import messages_of, prompt_ids
-    from offpolicy.models.loading import cache_root, load_policy
-    from offpolicy.models.sources import resolve_model_path
-    from offpolicy.runtime.validate import load_config
     from offpolicy.weights.store import WeightStore
     from offpolicy.weights.sync import FileSync
 
-    cfg = load_config(CONFIG, [])
-    setup_process(1)
-    folder = str(resolve_model_path(cfg, cache_root(cfg)))
-    base, tok = load_policy(folder)
-    model = lora.wrap(base.to(torch.bfloat16), cfg.model.lora, folder)  # as a bf16 learner's
-    with torch.no_grad():  # a trained adapter's size: B is not 0
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.01)
-    vllm_args = dict(cfg.engine.vllm_args)
-    if args.side == "adapter":
-        r = cfg.model.lora.r
-        vllm_args.update(enable_lora=True, max_lora_rank=max(8, 1 << (r - 1).bit_length()),
-                         max_loras=1)
-    engine = VLLMEngine(folder, dtype="bfloat16", max_model_len=cfg.engine.max_model_len,
-                        extra_args=vllm_args)
+    cfg, model, tok, engine = _learner_and_engine(args.side)
     work = Path(tempfile.mkdtemp(dir=cfg.engine.weights_dir))
     sync = FileSync(WeightStore(), work)
     learner_s, engine_s, sizes, lora_request = [], [], [], None
     try:
         for v in range(1, args.publishes + 1):
             t0 = time.perf_counter()
-            if args.side == "merged":  # what a run's publish does
-                sync.publish(lora.merged_state(model, torch.bfloat16), v)
-                out = Path(sync.fetch(v - 1)[1])
-            else:
-                out = work / f"adapter-v{v}"
-                model.save_pretrained(str(out))
+            out = _send(args.side, model, sync, work, v)
             t1 = time.perf_counter()
             if args.side == "merged":
                 engine.load_weights(v, str(out))
@@ -101,13 +71,7 @@ def side(args) -> None:
             learner_s.append(t1 - t0)
             engine_s.append(t2 - t1)
             sizes.append(folder_bytes(out))
-        env = env_from_config(cfg.env, "train")
-        prompts = []
-        for i in range(args.prompts):
-            text = env.reset(i)
-            prompts.append(prompt_ids(tok, text, messages_of(text, cfg.env.system_prompt,
-                                                             cfg.env.chat)))
-        gen_s = []
+        prompts, gen_s = _prompts(cfg, tok, args.prompts), []
         for _ in range(args.gens):
             t0 = time.perf_counter()
             _generate(engine, prompts, lora_request, cfg.engine.temperature)
@@ -116,6 +80,63 @@ def side(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"learner_s": learner_s, "engine_s": engine_s, "bytes": sizes,
                       "gen_s": gen_s}))
+
+
+def _learner_and_engine(name: str):
+    """(config, the LoRA model as a bf16 learner holds it, tokenizer, the vLLM engine: with
+    `enable_lora` on the adapter side)."""
+    import torch
+
+    from offpolicy.actors.vllm import VLLMEngine
+    from offpolicy.core.process import setup_process
+    from offpolicy.learner import lora
+    from offpolicy.models.loading import cache_root, frozen_in_bf16, load_policy
+    from offpolicy.models.sources import resolve_model_path
+    from offpolicy.runtime.validate import load_config
+
+    cfg = load_config(CONFIG, [])
+    setup_process(1)
+    folder = str(resolve_model_path(cfg, cache_root(cfg)))
+    base, tok = load_policy(folder)
+    model = lora.wrap(frozen_in_bf16(base), cfg.model.lora, folder)
+    with torch.no_grad():  # a trained adapter's size: B is not 0
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.normal_(0, 0.01)
+    vllm_args = dict(cfg.engine.vllm_args)
+    if name == "adapter":
+        r = cfg.model.lora.r
+        vllm_args.update(enable_lora=True, max_lora_rank=max(8, 1 << (r - 1).bit_length()),
+                         max_loras=1)
+    engine = VLLMEngine(folder, dtype="bfloat16", max_model_len=cfg.engine.max_model_len,
+                        extra_args=vllm_args)
+    return cfg, model, tok, engine
+
+
+def _send(name: str, model, sync, work: Path, version: int) -> Path:
+    """The learner's side of one publish; returns the folder the engine loads."""
+    import torch
+
+    from offpolicy.learner import lora
+
+    if name == "merged":  # what a run's publish does
+        sync.publish(lora.merged_state(model, torch.bfloat16), version)
+        return Path(sync.fetch(version - 1)[1])
+    out = work / f"adapter-v{version}"
+    model.save_pretrained(str(out))
+    return out
+
+
+def _prompts(cfg, tok, n: int) -> list[list[int]]:
+    """The first `n` training prompts of the config's task, as token ids."""
+    from offpolicy.envs import env_from_config
+    from offpolicy.models.chat import messages_of, prompt_ids
+
+    env, out = env_from_config(cfg.env, "train"), []
+    for i in range(n):
+        text = env.reset(i)
+        out.append(prompt_ids(tok, text, messages_of(text, cfg.env.system_prompt, cfg.env.chat)))
+    return out
 
 
 def _generate(engine, prompts: list[list[int]], lora_request, temperature: float) -> None:
