@@ -29,7 +29,7 @@ from offpolicy.config.schema import Config
 from offpolicy.core.machine import peak_rss_mb
 from offpolicy.core.types import Batch, PaddedBatch
 from offpolicy.models.loading import frozen_in_bf16, load_policy
-from offpolicy.weights.sync import cpu_state, to_bf16
+from offpolicy.weights.sync import cpu_state
 
 from offpolicy.learner import lora
 from offpolicy.learner.parallel import make_parallel
@@ -101,8 +101,7 @@ class Learner:
             self.parity.keep(0, cpu_state(model))
         if plan.lag is not None and leader:  # lag mode: actors may ask for version 0 later
             weights.publish(cpu_state(model), 0)
-        if lora_cfg.r:  # trainable adapters (float32) on the base (a LoRA checkpoint's own, on
-            # resume) on a frozen base
+        if lora_cfg.r:  # float32 adapters on the frozen base (a LoRA checkpoint's, on resume)
             model = lora.wrap(frozen(model), lora_cfg, model_path)
         self.parallel.place(model)
         self.model = model.train()
@@ -392,14 +391,12 @@ class Learner:
         leader sends them, and keeps them for the parity check."""
         self.published_version = self.version
         keep = self.parity is not None
-        bf16 = self.plan.engine_dtype == "bfloat16"  # what the engine computes with: then
-        # half the bytes to send
+        # in the engine's dtype (a bf16 engine: half the bytes to send)
+        dtype = torch.bfloat16 if self.plan.engine_dtype == "bfloat16" else torch.float32
         state = self.parallel.full_state(self.model, keep=keep or self.weights.needs_cpu_state,
-                                         dtype=torch.bfloat16 if bf16 else torch.float32)
+                                         dtype=dtype)
         if not self.parallel.leader:
             return
-        if state is not None and bf16:
-            state = to_bf16(state)  # (a no-op unless sharded: those gather in float32)
         self.weights.publish(state, self.version)
         self.buffer.publish(self.version)
         if keep:

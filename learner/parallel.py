@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from offpolicy.learner import lora, sharding
-from offpolicy.weights.sync import cpu_state
+from offpolicy.weights.sync import cpu_state, to_bf16
 
 
 class Alone:
@@ -181,10 +181,9 @@ class Sharded(DataParallel):
 
     def full_state(self, model: torch.nn.Module, keep: bool,
                    dtype: torch.dtype = torch.float32) -> dict | None:
-        # (gathered in the shards' float32: the learner casts a bf16 publish afterwards)
-        state, peak = sharding.full_state(model, keep=self.leader)
+        state, peak = sharding.full_state(model, keep=self.leader)  # in the shards' float32
         self.gather_peak_bytes = max(self.gather_peak_bytes, peak)
-        return state
+        return to_bf16(state) if state is not None and dtype == torch.bfloat16 else state
 
     def save_model(self, model: torch.nn.Module, path: str) -> None:
         sharding.save_whole(model, path, write=self.leader)
