@@ -89,8 +89,8 @@ def merged_state(model: torch.nn.Module,
         if ".lora_" in k:
             continue
         key = k.replace(".base_layer.", ".")
-        if key in deltas:
-            out[key] = (v.float() + deltas[key].float()).to("cpu", dtype)
+        if key in deltas:  # (the float32 delta takes the base in place: one temporary)
+            out[key] = deltas[key].float().add_(v).to("cpu", dtype)
         else:
             if v.data_ptr() not in copies:
                 copies[v.data_ptr()] = v.detach().to("cpu", dtype, copy=True)

@@ -121,13 +121,13 @@ def test_the_warm_up_changes_no_step_and_no_resumed_optimizer(model_dir):
     cfg = fast_config(model_dir, "engine.logprob_check_every=0", "loss.kl_coef=0.1")
     warmed, plain = (Learner(cfg, str(model_dir), OneBatch(_batch(40)), LocalSync())
                      for _ in range(2))
-    warmed._warm_up()
+    warmed.warm_up()
     for _ in range(2):
         warmed.step(), plain.step()
     for (k, a), b in zip(warmed.model.state_dict().items(), plain.model.state_dict().values()):
         assert torch.equal(a, b), k
     moments = [s["exp_avg_sq"].clone() for s in warmed.opt.state.values()]
-    warmed._warm_up()  # as after a resume: the optimizer has state
+    warmed.warm_up()  # as after a resume: the optimizer has state
     assert all(torch.equal(m, s["exp_avg_sq"]) for m, s in zip(moments,
                                                                warmed.opt.state.values()))
 
