@@ -30,6 +30,7 @@ def _worker(rank, world, cfg, model_dir, batch_file, out_dir):
         batch = pickle.load(open(batch_file, "rb")) if rank == 0 else None
         metrics, state = _train_one_step(cfg, model_dir, batch)
         torch.save({"metrics": metrics, "state": state}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -64,6 +64,7 @@ def _worker(rank, world, cfg, model_dir, batch_file, out_dir, save, load):
         if save:
             learner.save_state(save)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
