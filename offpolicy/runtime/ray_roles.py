@@ -28,7 +28,7 @@ from offpolicy.buffer.replay import ReplayBuffer
 from offpolicy.config.plan import RunPlan
 from offpolicy.config.schema import Config
 from offpolicy.core.errors import one_line
-from offpolicy.core.process import setup_process
+from offpolicy.core.process import built_without_gc, setup_process
 from offpolicy.learner.learner import Learner
 from offpolicy.learner.workers import LearnerWorker
 from offpolicy.runtime.desk import Desk
@@ -301,8 +301,9 @@ def _role_class(cls: type, threads: int):
     processes share the machine's cores). The one place a Ray role's threads are set."""
     class Role(cls):
         def __init__(self, *args, **kwargs):
-            setup_process(threads)
-            super().__init__(*args, **kwargs)
+            with built_without_gc():
+                setup_process(threads)
+                super().__init__(*args, **kwargs)
             self.offpolicy_ready_at = time.time()  # for the driver's start-up breakdown
 
     Role.__name__ = Role.__qualname__ = cls.__name__
