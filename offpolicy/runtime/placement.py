@@ -53,11 +53,53 @@ def private_ray_auth() -> None:
         logger.addFilter(_TokenAuthNotice())
 
 
-def start_ray(cfg: Config) -> str:
-    """Connect this driver to Ray; returns the cluster's GCS address, or "local" for a private
-    Ray."""
+_started_early = False  # `start_ray_early` started this process's private Ray
+
+
+def start_ray_early(config: str | None, overrides: list[str]) -> bool:
+    """Start the private local Ray that `offpolicy train CONFIG` will use, before the trainer's
+    imports are done: the command line imports torch and transformers on a thread meanwhile,
+    and Ray's processes boot on the other core (both done in 4.4 s against 6.7 s one after the
+    other, 2 cores). Returns whether it started one. Only for a private Ray that the config
+    asks for; on any problem (a config that does not parse, resources that do not fit) it
+    starts nothing, or shuts down what it started, and the run's own checks report it."""
+    global _started_early
+    from offpolicy.config.io import parse_config
+
+    try:
+        cfg = parse_config(config, overrides)
+    except ConfigError:
+        return False
+    if cfg.resources.serial or cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        return False
+    try:
+        start_ray(cfg)
+    except BaseException:
+        stop_early_ray()
+        raise
+    _started_early = True
+    return True
+
+
+def stop_early_ray() -> None:
+    """Shut down the Ray `start_ray_early` started, if the run did not (it failed before its
+    roles were up); nothing otherwise."""
+    global _started_early
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()
+    _started_early = False
+
+
+def start_ray(cfg: Config) -> str:
+    """Connect this driver to Ray; returns the cluster's GCS address, or "local" for a private
+    Ray (the one `start_ray_early` started, if it did)."""
+    import ray
+
+    if _started_early and ray.is_initialized():
+        _check_fits(cfg, ray.cluster_resources())
+        return "local"
     # Workers import the user's task module (env.module) from the driver's working directory;
     # under `ray job submit --working-dir .` each worker also starts in a copy of that folder.
     # They start with the environment every offpolicy process has (offline, quiet).

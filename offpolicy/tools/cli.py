@@ -9,7 +9,9 @@ imports what it needs when it runs, so `--help` and `config-reference` start at 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import threading
 
 from offpolicy.config.io import reference_rows
 from offpolicy.core.errors import ConfigError
@@ -79,9 +81,32 @@ def _config_reference(args) -> int:
 
 
 def _train(args) -> int:
-    from offpolicy.tools.train_command import run_train  # torch, transformers: when training
+    """The trainer's imports (torch, transformers: 2.8 s) on a thread while a private Ray, if
+    the config asks for one, starts here (`start_ray_early`)."""
+    from offpolicy.runtime.placement import start_ray_early, stop_early_ray
 
-    return run_train(args.config, args.overrides, args.resume)
+    importer = threading.Thread(target=_import_quietly, args=("offpolicy.tools.train_command",),
+                                daemon=True)
+    importer.start()
+    try:
+        early = args.resume is None and start_ray_early(args.config, args.overrides)
+    finally:
+        importer.join()
+    from offpolicy.tools.train_command import run_train
+
+    try:
+        return run_train(args.config, args.overrides, args.resume)
+    finally:
+        if early:
+            stop_early_ray()
+
+
+def _import_quietly(module: str) -> None:
+    """Import `module` ahead of its use; a failure is left for that use to raise and report."""
+    try:
+        importlib.import_module(module)
+    except Exception:
+        pass
 
 
 if __name__ == "__main__":
