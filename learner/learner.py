@@ -34,7 +34,7 @@ from offpolicy.learner import lora
 from offpolicy.learner.parallel import make_parallel
 from offpolicy.learner.parity import ParityCheck
 from offpolicy.learner.schedule import ess_scale, lr_at
-from offpolicy.learner.shared_prompt import made_up_groups, sequence_logprobs
+from offpolicy.learner.shared_prompt import sequence_logprobs
 from offpolicy.learner.step_metrics import (Spans, importance_by_position, staleness_by_position,
                                             to_numbers)
 
@@ -143,31 +143,26 @@ class Learner:
         return batch
 
     def warm_up(self) -> None:
-        """While the first batch is generated: AdamW's state, then a forward and backward (the
-        reference's forward too) of a made-up batch shaped like the run's, groups of
-        completions sharing a prompt, so the first real step pays neither the kernels'
-        first-call set-up (oneDNN builds its kernels per shape) nor fresh memory's page faults:
-        on SmolLM2 it took 4.0 s, not 2.0, after a warm-up on plain rows before AdamW's state.
-        Gradients are dropped; nothing else changes."""
+        """While the first batch is generated: AdamW's state (two zeroed copies of the trained
+        weights, 1 GB for SmolLM2's full fine-tuning), so the first step does not take it.
+        Nothing else changes. A forward and backward of a made-up batch used to follow it: once
+        the engine's first call took 2 s it no longer fit before the first batch, and SmolLM2's
+        first step came 1-4 s later with it (docs/real_models.md, "A fast start")."""
         self.warmed = True
-        if not self.opt.state:  # (resumed: the checkpoint's moments must not move)
-            # AdamW's state (two zeroed copies of the weights) is allocated by its first step:
-            # take it at lr 0 on zero gradients (moments stay 0), then reset its step counts.
-            for p in lora.trainable(self.model):
-                p.grad = torch.zeros_like(p)
-            lrs = [g["lr"] for g in self.opt.param_groups]
-            for g in self.opt.param_groups:
-                g["lr"] = 0.0
-            self.opt.step()
-            for g, lr in zip(self.opt.param_groups, lrs):
-                g["lr"] = lr
-            for state in self.opt.state.values():
-                state["step"].zero_()
-        lc = self.cfg.learner
-        made_up = made_up_groups(lc.batch_groups, self.cfg.rollout.group_size, 48,
-                                 min(self.cfg.engine.max_new_tokens, 16), len(self.tokenizer))
-        d = made_up.padded(self.tokenizer.pad_token_id).map(torch.from_numpy)
-        self._backward(d, torch.zeros(len(d)))
+        if self.opt.state:  # (resumed: the checkpoint's moments must not move)
+            return
+        # AdamW allocates its state in its first step: take it at lr 0 on zero gradients
+        # (moments stay 0), then reset its step counts.
+        for p in lora.trainable(self.model):
+            p.grad = torch.zeros_like(p)
+        lrs = [g["lr"] for g in self.opt.param_groups]
+        for g in self.opt.param_groups:
+            g["lr"] = 0.0
+        self.opt.step()
+        for g, lr in zip(self.opt.param_groups, lrs):
+            g["lr"] = lr
+        for state in self.opt.state.values():
+            state["step"].zero_()
         self.opt.zero_grad(set_to_none=True)
 
     def _update(self, d: PaddedBatch, batch: Batch, spans: Spans):

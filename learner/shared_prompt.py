@@ -18,13 +18,12 @@ position only), takes the plain padded forward (`token_logprobs`).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 
 from offpolicy.algorithms.logprobs import (cache_argument, scored, takes_logits_to_keep,
                                            token_logprobs)
-from offpolicy.core.types import Batch, PaddedBatch, Trajectory
+from offpolicy.core.types import PaddedBatch
 
 
 def sequence_logprobs(model, c: PaddedBatch, temperature: float = 1.0,
@@ -90,19 +89,3 @@ def _shared(model, c: PaddedBatch, prompt_ids, plens, row_prompt, temperature, e
     if not entropy:
         return lp
     return lp, torch.zeros_like(lp).scatter_add(1, where, ent * comp_mask)
-
-
-def made_up_groups(groups: int, size: int, prompt_len: int, max_len: int, vocab: int,
-                   seed: int = 0) -> Batch:
-    """`groups` random prompts of `prompt_len` tokens with `size` random completions of 1 to
-    `max_len` tokens each: a batch shaped like a run's, to warm its kernels up on."""
-    rng, trajs = np.random.default_rng(seed), []
-    for g in range(groups):
-        prompt = rng.integers(1, vocab, prompt_len).astype(np.int32)
-        for i in range(size):
-            n = int(rng.integers(1, max_len + 1))
-            trajs.append(Trajectory(f"made-up-{g}-{i}", f"made-up-{g}", prompt,
-                                    rng.integers(1, vocab, n).astype(np.int32),
-                                    np.ones(n, np.int8), np.zeros(n, np.float32),
-                                    np.zeros(n, np.int32), 0.0, "made-up", "stop"))
-    return Batch(trajs, 0)
