@@ -46,6 +46,7 @@ CASES = {  # name: (overrides, what the one line must say)
     "run folder cannot be created": (["run.dir=/proc/offpolicy-run"],
                                      "run.dir: cannot create or write /proc/offpolicy-run"),
     "negative KL coefficient": (["loss.kl_coef=-0.1"], "loss.kl_coef: must be >= 0"),
+    "more CPUs than the private Ray has": (["resources.actor_cpus=1000"], "CPU (Ray has "),
     "a base model build that never gets usable": (
         ["model.cache_dir=CACHE", "model.tiny.sft_max_steps=20", "model.tiny.sft_check_every=10"],
         "tiny base model build failed: probe greedy accuracy 0.00 after 20 supervised steps is "

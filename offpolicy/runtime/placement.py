@@ -74,6 +74,9 @@ def start_ray_early(config: str | None, overrides: list[str]) -> bool:
         return False
     try:
         start_ray(cfg)
+    except ConfigError:  # resources that do not fit: the run's own start says so in one line
+        stop_early_ray()
+        return False
     except BaseException:
         stop_early_ray()
         raise
