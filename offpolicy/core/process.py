@@ -50,7 +50,7 @@ def built_without_gc():
 
     A role's start imports thousands of modules (vLLM, transformers); every 700 new objects the
     collector walks the young ones, and now and then all of them. Paused, the vLLM actor's
-    imports and engine build took 6.0-6.8 s against 7.2-8.7 s alone (with `VLLMEngine`'s own
+    imports and engine build took 6.4-6.8 s against 8.1-8.7 s alone (with `VLLMEngine`'s own
     freeze, below), and SmolLM2's first step came 2-3 s sooner in a run (docs/real_models.md,
     "A fast start"). At the end one collection frees the build's garbage, and `gc.freeze` puts
     the survivors out of later collections' sight. Explicit `gc.collect()` calls run even
