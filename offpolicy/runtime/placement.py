@@ -74,8 +74,7 @@ def start_ray_early(config: str | None, overrides: list[str]) -> bool:
         return False
     try:
         start_ray(cfg)
-    except ConfigError:  # resources that do not fit: the run's own start says so in one line
-        stop_early_ray()
+    except ConfigError:  # resources that do not fit (Ray stopped): the run says so in one line
         return False
     except BaseException:
         stop_early_ray()
@@ -101,7 +100,7 @@ def start_ray(cfg: Config) -> str:
     import ray
 
     if _started_early and ray.is_initialized():
-        _check_fits(cfg, ray.cluster_resources())
+        _fits_or_stop(cfg, ray)
         return "local"
     # Workers import the user's task module (env.module) from the driver's working directory;
     # under `ray job submit --working-dir .` each worker also starts in a copy of that folder.
@@ -125,8 +124,18 @@ def start_ray(cfg: Config) -> str:
         ray.init(address="local", num_cpus=cfg.resources.num_cpus or os.cpu_count(),
                  include_dashboard=cl.dashboard, dashboard_host=cl.dashboard_host,
                  dashboard_port=cl.dashboard_port, **common)
-    _check_fits(cfg, ray.cluster_resources())  # a private Ray never grows: fail now, not hang
+    _fits_or_stop(cfg, ray)  # a private Ray never grows: fail now, not hang
     return "local"
+
+
+def _fits_or_stop(cfg: Config, ray) -> None:
+    """`_check_fits` on the private Ray this process started; shut it down when the run does
+    not fit (a caller in the same process, a test or `start_ray_early`, may start another)."""
+    try:
+        _check_fits(cfg, ray.cluster_resources())
+    except ConfigError:
+        ray.shutdown()
+        raise
 
 
 def _check_reachable(address: str) -> None:
