@@ -342,13 +342,13 @@ class RolloutActor(BatchLoop):
             try:
                 self.engine.load_weights(*got)
             except Exception:
-                # A sync that keeps few versions (FileSync) may have dropped this one since
-                # the fetch: fetch again; anything else is a real error.
-                if self.weights.vanished(got[1]):
-                    continue
-                raise
-            self.counts["weight_loads"] += 1
-            return True
+                if not self.weights.vanished(got[1]):
+                    raise  # a real error
+            # A sync that keeps few versions (FileSync) may have dropped this one, or reused
+            # its folder for a newer one, during the read: then fetch again.
+            if not self.weights.vanished(got[1]):
+                self.counts["weight_loads"] += 1
+                return True
         raise RuntimeError("weights: the published weights vanished 3 times in a row")
 
     def weight_rpc(self, method: str, *args) -> None:

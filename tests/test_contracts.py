@@ -108,6 +108,58 @@ def test_filesync_fetches_again_when_the_folder_vanished(model_dir, tmp_path):
     assert actor.sync_weights() and actor.engine.version == 2 and fetched == [1, 2]
 
 
+def test_filesync_rewrites_the_folder_past_keep_in_place_and_falls_back_on_a_new_layout(
+        tmp_path):
+    """One machine (`recycle`): the folder that falls out of the newest `keep` is renamed and
+    its file overwritten (the same file: no new memory), with exactly the new values; a state
+    of another layout gets a fresh file."""
+    from safetensors.torch import load, load_file
+
+    sync = FileSync(WeightStore(), tmp_path, keep=2, recycle=True)
+    emb = torch.randn(8, 4)
+
+    def state(v, extra=False):
+        out = {"model.embed_tokens.weight": emb + v, "w": torch.full((3,), float(v))}
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tied
+        return {**out, "b": torch.ones(2, dtype=torch.bfloat16)} if extra else out
+
+    sync.publish(state(1), 1)
+    sync.publish(state(2), 2)
+    with open(tmp_path / "v00000001" / "model.safetensors", "rb") as first:
+        for v in (3, 4):
+            sync.publish(state(v), v)
+            sync._cleaner.join()
+        reread = load(first.read())  # the same file, so now version 3's values
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v00000003", "v00000004"]
+    for v, got in ((3, reread), (4, load_file(str(tmp_path / "v00000004" / "model.safetensors")))):
+        assert got.keys() == state(v).keys() and all(torch.equal(got[k], state(v)[k]) for k in got)
+    sync.publish(state(5, extra=True), 5)  # another layout: written afresh
+    sync._cleaner.join()
+    got = load_file(str(tmp_path / "v00000005" / "model.safetensors"))
+    assert torch.equal(got["b"], torch.ones(2, dtype=torch.bfloat16))
+    assert torch.equal(got["w"], torch.full((3,), 5.0)) and not (tmp_path / "v00000003").exists()
+
+
+def test_an_actor_whose_folder_was_reused_during_its_read_loads_the_newer_one(
+        model_dir, tmp_path):
+    sync = FileSync(WeightStore(), tmp_path / "w", keep=1, recycle=True)
+    actor = _actor_with(sync, model_dir)
+    state = cpu_state(actor.engine.model)
+    sync.publish(state, 1)
+    loaded, real_load = [], actor.engine.load_weights
+
+    def load(version, source):
+        real_load(version, source)
+        loaded.append(version)
+        if version == 1:  # the learner reuses the folder while the actor still reads it
+            sync.publish(state, 2)
+            assert (tmp_path / "w" / "v00000002").exists() and sync.vanished(source)
+
+    actor.engine.load_weights = load
+    assert actor.sync_weights() and actor.engine.version == 2 and loaded == [1, 2]
+    assert actor.counts["weight_loads"] == 1
+
+
 def test_filesync_gives_up_after_three_vanished_folders_and_reraises_real_errors(
         model_dir, tmp_path):
     sync = FileSync(WeightStore(), tmp_path / "w")

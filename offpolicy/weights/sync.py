@@ -24,6 +24,8 @@ wiring off the class (`pushes`, `uses_folder`).
 
 from __future__ import annotations
 
+import json
+import mmap
 import os
 import shutil
 import threading
@@ -179,36 +181,43 @@ class FileSync(_PullSync):
     """Weights through a shared folder; keeps the newest `keep` versions on disk.
 
     Few versions are kept because a fresh folder costs fresh memory (page cache), which is what
-    makes a write slow; an actor that finds its folder already gone fetches the newer one.
+    makes a write slow. With `recycle` (one machine) the folder that falls out of the newest
+    `keep` is renamed and its file overwritten in place for the next version, so no new memory
+    is taken: 0.9 s a bf16 SmolLM2 publish became 0.1 s beside vLLM. An actor that finds its
+    folder gone, before or after reading it, fetches the newer one (`vanished`).
     """
 
     uses_folder = True
 
-    def __init__(self, store, root: str | Path, keep: int = 3) -> None:
+    def __init__(self, store, root: str | Path, keep: int = 3, recycle: bool = False) -> None:
         self.store, self.root, self.keep = store, Path(root), keep  # the WeightStore (Remote)
+        self.recycle = recycle
         self._cleaner: threading.Thread | None = None
 
     @classmethod
     def build(cls, cfg: Config, plan: RunPlan, store, folder: Path) -> "FileSync":
-        return cls(store, folder, keep=plan.file_versions)
+        # Across machines a reader may not see the rename at once (NFS caches attributes).
+        return cls(store, folder, keep=plan.file_versions, recycle=not cfg.cluster.address)
 
     def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
         final = self.root / f"v{version:08d}"
         tmp = self.root / f".tmp-v{version:08d}-{os.getpid()}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        # Every name is written, tied ones too: vLLM's in-place reload needs both embedding
-        # names. safetensors refuses shared memory, so a repeated tensor is written as a copy.
-        seen: set[int] = set()
-        tensors = {k: (v.clone() if id(v) in seen or seen.add(id(v)) else v.contiguous())
-                   for k, v in state.items()}
-        save_file(tensors, str(tmp / "model.safetensors"))
+        if self._cleaner is not None:
+            self._cleaner.join()
+        old = sorted(self.root.glob("v*"))
+        if not (self.recycle and len(old) >= self.keep and rewrite(old[0], tmp, state)):
+            tmp.mkdir(parents=True, exist_ok=True)
+            # Every name is written, tied ones too: vLLM's in-place reload needs both
+            # embedding names. safetensors refuses shared memory: a repeat is written as a copy.
+            seen: set[int] = set()
+            tensors = {k: (v.clone() if id(v) in seen or seen.add(id(v)) else v.contiguous())
+                       for k, v in state.items()}
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
         if final.exists():  # a resumed run republishing a version
             shutil.rmtree(final)
         tmp.rename(final)  # readers only ever see complete folders
         self.store.put(version, [str(final)])
         # Deleting a big file takes as long as writing it: off the publish path.
-        if self._cleaner is not None:
-            self._cleaner.join()
         old = sorted(self.root.glob("v*"))[:-self.keep]
         self._cleaner = threading.Thread(
             target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in old], daemon=True)
@@ -220,6 +229,39 @@ class FileSync(_PullSync):
 
     def vanished(self, source: Any) -> bool:
         return not Path(source).exists()
+
+
+WEIGHTS_FILE = "model.safetensors"
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
+
+
+def rewrite(folder: Path, tmp: Path, state: dict[str, torch.Tensor]) -> bool:
+    """Move `folder` to `tmp` and overwrite its safetensors file with `state` in place, when the
+    file holds exactly the same names, dtypes and shapes (else False and nothing is touched).
+    The rename comes first, so a reader that checks the folder after its read knows whether it
+    could have overlapped the writes."""
+    path = folder / WEIGHTS_FILE
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return False
+    header.pop("__metadata__", None)
+    if header.keys() != state.keys() or any(
+            header[k]["dtype"] != _SAFETENSORS_DTYPES.get(v.dtype) or
+            header[k]["shape"] != list(v.shape) for k, v in state.items()):
+        return False
+    folder.rename(tmp)
+    with open(tmp / WEIGHTS_FILE, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        data = torch.frombuffer(mm, dtype=torch.uint8)
+        for k, v in state.items():
+            a, b = header[k]["data_offsets"]
+            data[8 + size + a:8 + size + b].view(v.dtype).view(v.shape).copy_(v)
+        del data  # the map closes only once no tensor holds it
+    return True
 
 
 class NCCLSync:
