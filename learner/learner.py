@@ -14,6 +14,7 @@ engine/learner log-prob check is `ParityCheck` (parity.py). A plain class:
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from offpolicy.models.loading import frozen_in_bf16, load_policy
 from offpolicy.weights.sync import cpu_state
 
 from offpolicy.learner import lora
-from offpolicy.learner.parallel import make_parallel
+from offpolicy.learner.parallel import make_parallel, reference_thread
 from offpolicy.learner.parity import ParityCheck
 from offpolicy.learner.schedule import ess_scale, lr_at
 from offpolicy.learner.shared_prompt import sequence_logprobs
@@ -56,8 +57,7 @@ class Learner:
             keep_freed_memory()
         # learner.precision: bf16 autocast over every scoring pass; trained weights stay
         # float32, frozen ones (the KL reference, a LoRA base) are held in bf16 (`frozen`)
-        bf16 = cfg.learner.precision == "bf16"
-        self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=bf16)
+        self.bf16 = bf16 = cfg.learner.precision == "bf16"
         frozen = frozen_in_bf16 if bf16 else (lambda m: m)
         self.loss = LOSSES.lookup(cfg.loss.name)
         # the loss's own parameters, and its own advantage estimator's (oapl, asymre, vcpo)
@@ -73,6 +73,8 @@ class Learner:
         if cfg.loss.kl_coef > 0 and not self.reference_is_base:
             self.reference = load_policy(ref_path, attention=cfg.learner.attention)[0]
             frozen(self.reference.to(self.device).eval().requires_grad_(False))
+        self.beside = (reference_thread(cfg.learner, self.device, self.autocast)
+                       if self.reference is not None else None)
         self.version = 0  # optimizer steps taken; the base model is version 0
         self.published_version = 0  # actors start with the base model
         self.samples = self.tokens = 0  # rows and policy tokens trained
@@ -258,12 +260,29 @@ class Learner:
             out[rows] = self._score(self.model, c, start)
         return self.parallel.sum(out).cpu()
 
+    def autocast(self) -> torch.autocast:
+        """`learner.precision`'s autocast, a new one per use (an autocast object keeps its
+        caller's previous state: one object entered on two threads would mix them up)."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
+
     def _score(self, model, c: PaddedBatch, start: int, **entropy):
         """(b, T) log-probs of a micro-batch's targets under `model` at the engine's
         temperature, each distinct prompt run once (`learner.share_prompts`)."""
-        with self.autocast:
+        with self.autocast():
             return sequence_logprobs(lora.scoring_module(model), c, self.cfg.engine.temperature,
                                      start=start, share=self.cfg.learner.share_prompts, **entropy)
+
+    def _reference_beside(self, c: PaddedBatch, start: int) -> Future | None:
+        """The separate KL reference's (b, T) log-probs, started on the reference thread so
+        they are computed while this thread runs the policy's forward; None without that
+        thread (no separate reference, or `learner.reference_thread` off)."""
+        if self.beside is None:
+            return None
+
+        def score():
+            with torch.no_grad():
+                return self._score(self.reference, c, start)
+        return self.beside.submit(score)
 
     def _chunks(self, d: PaddedBatch):
         """This worker's rows in micro-batches (`Parallel.micro_batches`): yields (row indices,
@@ -301,10 +320,13 @@ class Learner:
     def _chunk_loss(self, c: PaddedBatch, adv: torch.Tensor, start: int):
         """One micro-batch's regularized loss, its metrics and its detached (b, T) log-probs."""
         cfg = self.cfg
+        beside = self._reference_beside(c, start)
         lp, entropy = self._score(self.model, c, start, entropy=True,
                                   entropy_grad=cfg.loss.entropy_coef != 0)          # (b, T) x2
         kl = None
-        if self.reference is not None or self.reference_is_base:
+        if beside is not None:
+            kl = kl_penalty(lp, beside.result(), cfg.loss.kl_estimator)
+        elif self.reference is not None or self.reference_is_base:
             with torch.no_grad(), lora.reference_off(self.model):
                 ref = self._score(self.reference or self.model, c, start)
             kl = kl_penalty(lp, ref, cfg.loss.kl_estimator)

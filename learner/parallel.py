@@ -20,6 +20,8 @@ the workers' gradients is the full batch's gradient, whatever the strategy.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.distributed as dist
 
@@ -199,6 +201,21 @@ class Sharded(DataParallel):
 
     def metrics(self) -> dict:
         return {"memory/fsdp_gather_peak_mb": self.gather_peak_bytes / 2 ** 20}
+
+
+def reference_thread(lc, device: torch.device, autocast) -> ThreadPoolExecutor | None:
+    """The thread that scores a separate KL reference beside the policy's forward
+    (`learner.reference_thread`; CPU only, where a run's other core is the actor's, idle
+    between its engine calls), or None. `autocast`: the learner's autocast factory.
+
+    It enters autocast once for its whole life and never leaves it. autocast's cache of cast
+    weights is process-wide and is emptied whenever a thread leaves its outermost autocast: a
+    reference pass ending midway through the policy's forward would split the policy's
+    weight casts in two, and their gradients would then be summed per cast in float32 rather
+    than once in bf16 (the same values to rounding, not bit for bit)."""
+    if not lc.reference_thread or device.type != "cpu":
+        return None
+    return ThreadPoolExecutor(1, thread_name_prefix="reference", initializer=autocast().__enter__)
 
 
 def make_parallel(lc, device: torch.device) -> Alone:

@@ -140,6 +140,20 @@ def test_filesync_rewrites_the_folder_past_keep_in_place_and_falls_back_on_a_new
     assert torch.equal(got["w"], torch.full((3,), 5.0)) and not (tmp_path / "v00000003").exists()
 
 
+def test_filesync_rewrites_in_place_only_under_a_private_ray(tmp_path, monkeypatch):
+    """A cluster's shared folder may show another node a rename late (NFS caches attributes),
+    so a read that overlapped a rewrite would go unnoticed: fresh files there."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def built(*overrides):
+        cfg = load_config(None, ["engine.name=vllm", *overrides])
+        return FileSync.build(cfg, RunPlan.of(cfg), WeightStore(), tmp_path).recycle
+
+    assert built() and not built("cluster.address=10.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # inside `ray job submit`
+    assert not built()
+
+
 def test_an_actor_whose_folder_was_reused_during_its_read_loads_the_newer_one(
         model_dir, tmp_path):
     sync = FileSync(WeightStore(), tmp_path / "w", keep=1, recycle=True)

@@ -13,6 +13,7 @@ from offpolicy.core.errors import ConfigError
 from offpolicy.core.types import Batch, Trajectory
 from offpolicy.learner.learner import Learner
 from offpolicy.learner.lora import merged_state
+from offpolicy.runtime.validate import load_config
 from offpolicy.tools.cli import main
 from offpolicy.weights.sync import LocalSync
 
@@ -151,7 +152,7 @@ def test_bf16_holds_frozen_weights_in_bf16_and_trains_float32(model_dir, lora):
     assert matrices and all(p.dtype == torch.bfloat16 for p in matrices)
     assert rest and all(p.dtype == torch.float32 for p in rest)  # the norms
     assert all(p.dtype == torch.float32 for p in learner.model.parameters() if p.requires_grad)
-    with learner.autocast, torch.no_grad():
+    with learner.autocast(), torch.no_grad():
         hidden = frozen[0](input_ids=torch.tensor([[3, 4, 5]]), output_hidden_states=True)
     assert all(h.dtype == torch.float32 for h in hidden.hidden_states)
     assert np.isfinite(learner.step()["learner/loss"])
@@ -159,3 +160,55 @@ def test_bf16_holds_frozen_weights_in_bf16_and_trains_float32(model_dir, lora):
         full, half = merged_state(learner.model), merged_state(learner.model, torch.bfloat16)
         assert all(v.dtype == torch.float32 for v in full.values())
         assert all(torch.equal(half[k], v.to(torch.bfloat16)) for k, v in full.items())
+
+
+def test_the_reference_thread_keeps_the_policys_cached_weight_casts():
+    """autocast's cache of cast weights is process-wide and emptied when any thread leaves its
+    outermost autocast: the reference thread never leaves its own, so a reference pass in the
+    middle of the policy's forward leaves the policy's casts (and the way their gradients are
+    summed) as they are. A plain thread doing the same empties the cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from offpolicy.learner.parallel import reference_thread
+
+    cfg = load_config(None, ["learner.precision=bf16"])
+    autocast = lambda: torch.autocast("cpu", torch.bfloat16)  # noqa: E731
+    w, x = torch.nn.Parameter(torch.randn(4, 4)), torch.randn(2, 4)
+
+    def score():
+        with autocast():
+            return torch.nn.functional.linear(x, w.detach())
+
+    def cast_nodes(pool):
+        with autocast():
+            first = torch.nn.functional.linear(x, w)
+            pool.submit(score).result()  # a reference pass between two uses of w
+            second = torch.nn.functional.linear(x, w)
+        return [cast_of(y.grad_fn) for y in (first, second)]
+
+    def cast_of(node):  # the ToCopyBackward node below a linear's output (w cast to bf16)
+        while node.name() != "ToCopyBackward0":
+            node = next(f for f, _ in node.next_functions if f is not None)
+        return node
+
+    held, plain = cast_nodes(reference_thread(cfg.learner, torch.device("cpu"), autocast)), \
+        cast_nodes(ThreadPoolExecutor(1))
+    assert held[0] is held[1]  # one cast of w, reused
+    assert plain[0] is not plain[1]
+    assert reference_thread(cfg.learner, torch.device("meta"), autocast) is None
+
+
+def test_the_reference_thread_changes_no_bit_of_a_bf16_update(model_dir):
+    """The full model's KL reference scored beside the policy's forward, or after it on the
+    same thread: the same loss, KL and weights, step for step."""
+    runs = {}
+    for on in (True, False):
+        cfg = fast_config(model_dir, "loss.kl_coef=0.1", "learner.precision=bf16",
+                          "engine.logprob_check_every=0", f"learner.reference_thread={on}")
+        learner = Learner(cfg, str(model_dir), OneBatch(_batch(40)), LocalSync())
+        assert (learner.beside is not None) == on
+        runs[on] = [(m["learner/loss"], m["kl/ref"]) for m in (learner.step(), learner.step(),
+                                                               learner.step())]
+        runs[on].append([p.detach().clone() for p in learner.model.parameters()])
+    assert runs[True][:3] == runs[False][:3] and runs[True][2][1] > 0
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][3], runs[False][3]))

@@ -284,6 +284,10 @@ class LearnerConfig:
     keys and values, in every scoring pass (exact up to float rounding; the win grows with the
     prompt's share of each row: 1.8x on SmolLM2's chat prompts). `false`: the plain padded
     forward."""
+    reference_thread: bool = True
+    """CPU: score a separate KL reference (`loss.kl_coef` > 0 without LoRA on its base) on a
+    second thread while the policy's forward runs; it takes the core the actor leaves idle
+    between engine calls. Bit-for-bit the same update as without it. `false`: one thread."""
     minibatches: int = 1
     """Optimizer steps per sampled batch, PPO-style, each on a disjoint share of its rows. Above
     1 the batch is first scored with the weights at its start (the proximal policy of

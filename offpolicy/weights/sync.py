@@ -196,8 +196,10 @@ class FileSync(_PullSync):
 
     @classmethod
     def build(cls, cfg: Config, plan: RunPlan, store, folder: Path) -> "FileSync":
-        # Across machines a reader may not see the rename at once (NFS caches attributes).
-        return cls(store, folder, keep=plan.file_versions, recycle=not cfg.cluster.address)
+        # Only with a private Ray (one machine): on a cluster another node may see the rename
+        # late (NFS caches attributes), and a read overlapping the rewrite would go unnoticed.
+        private = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+        return cls(store, folder, keep=plan.file_versions, recycle=private)
 
     def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
         final = self.root / f"v{version:08d}"
