@@ -55,8 +55,7 @@ class Learner:
         self.parallel = make_parallel(cfg.learner, self.device)
         if self.device.type == "cpu" and cfg.resources.keep_freed_memory:
             keep_freed_memory()
-        # learner.precision: bf16 autocast over every scoring pass; trained weights stay
-        # float32, frozen ones (the KL reference, a LoRA base) are held in bf16 (`frozen`)
+        # bf16: autocast in every scoring pass; frozen weights held in bf16, trained ones fp32
         self.bf16 = bf16 = cfg.learner.precision == "bf16"
         frozen = frozen_in_bf16 if bf16 else (lambda m: m)
         self.loss = LOSSES.lookup(cfg.loss.name)
