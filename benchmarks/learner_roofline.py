@@ -108,7 +108,9 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(SETTINGS)
     if importlib.util.find_spec("peft") is None:
         names = [n for n in names if "lora" not in n]
-    base = ["engine.logprob_check_every=0", f"rollout.group_size={args.group_size}"]
+    # one core: the KL reference on the learner's own thread (a run puts it on a second one)
+    base = ["engine.logprob_check_every=0", f"rollout.group_size={args.group_size}",
+            "learner.reference_thread=false"]
     cfg = load_config(CONFIG, base)
     setup_process(args.threads)
     folder = resolve_model_path(cfg, cache_root(cfg))
