@@ -20,6 +20,7 @@ from offpolicy.actors.engine import Completion, SamplingParams, register_engine
 from offpolicy.algorithms.logprobs import cache_argument
 from offpolicy.config.plan import RunPlan
 from offpolicy.models.loading import left_pad, load_policy
+from offpolicy.weights.sync import WEIGHTS_FILE
 
 
 class HFEngine:
@@ -46,7 +47,7 @@ class HFEngine:
         `source` is a state dict or a folder holding `model.safetensors` (`FileSync`).
         """
         if not isinstance(source, dict):
-            source = load_file(str(Path(source) / "model.safetensors"))
+            source = load_file(str(Path(source) / WEIGHTS_FILE))
             if "lm_head.weight" not in source and self.model.config.tie_word_embeddings:
                 source["lm_head.weight"] = source["model.embed_tokens.weight"]  # saved once
         self.model.load_state_dict(source)

@@ -31,8 +31,6 @@ import torch
 from offpolicy.actors.engine import Completion, SamplingParams, register_engine
 from offpolicy.config.plan import RunPlan
 
-WEIGHTS_FILE = "model.safetensors"
-
 
 def vllm_available() -> bool:
     """Whether vLLM is installed (found, not imported: importing it is the engine's job)."""
