@@ -15,8 +15,18 @@ GFLOP per step, achieved GFLOP/s, and the utilisation against the peak of its co
 and against the bf16 peak. Then one line on AdamW's step for the first setting's parameters:
 fused (what the learner uses), foreach and one tensor at a time.
 
+The matmul floor: every matrix product of one step (the products FlopCounterMode counts, with
+their shapes, strides and dtypes, as autocast hands them down) is replayed on warm random
+tensors, each distinct call timed as the median of 5 and weighted by its count. Its sum is
+the step if nothing but the products took time, so FLOPs / floor is the most a step of this
+batch shape could reach with these kernels. The rest of the step (AdamW, casts, norms, the
+vocabulary-wide log-probs, Python) is the step minus the floor; the same recorded step times
+every other op as it runs (CPU ops are synchronous) and names the five that took the longest.
+Both come from a step after the timed ones, its memory faulted in: torch's profiler would
+fault in fresh pages of its own and misplace their cost on the ops.
+
 Run: python benchmarks/learner_roofline.py [--steps 4] [--threads 1] [--only fp32,bf16]
-     (about 3 minutes on 2 cores; converts the GGUF file once if the cache lacks it)
+     (about 5 minutes on 2 cores; converts the GGUF file once if the cache lacks it)
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +81,57 @@ def step_flops(learner: Learner) -> float:
     with FlopCounterMode(display=False) as counter:
         learner.step()
     return float(counter.get_total_flops())
+
+
+class Products(TorchDispatchMode):
+    """Records each matrix product dispatched (after autocast), op and its tensors' layouts,
+    and times every other op (CPU ops run synchronously), summed by op name."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+           torch.ops.aten.baddbmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[tuple, int] = {}
+        self.others: dict[str, list] = {}  # op name -> [calls, seconds]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            key = (func, tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor)
+                               else a for a in args))
+            self.calls[key] = self.calls.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+        t = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        entry = self.others.setdefault(func.overloadpacket.__name__, [0, 0.0])
+        entry[0] += 1
+        entry[1] += time.perf_counter() - t
+        return out
+
+
+def _strided(shape: tuple, stride: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """Random values laid out as `shape` with `stride` (transposed, expanded) in fresh memory."""
+    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+    return torch.empty(size, dtype=dtype).uniform_(-1, 1).as_strided(shape, stride)
+
+
+def matmul_floor(learner: Learner, runs: int = 5) -> tuple[float, int, dict]:
+    """Seconds of one step's matrix products alone, replayed warm; how many products there
+    were; the other ops' calls and seconds by name."""
+    for _ in range(2):  # the second pass's op times: the first faults in the mode's memory
+        with Products() as rec:
+            learner.step()
+    total = 0.0
+    for (func, layout), count in rec.calls.items():
+        args = [_strided(*spec) if isinstance(spec, tuple) else spec for spec in layout]
+        func(*args)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            func(*args)
+            times.append(time.perf_counter() - t)
+        total += count * statistics.median(times)
+    return total, sum(rec.calls.values()), rec.others
 
 
 def adamw_line(model: torch.nn.Module, rounds: int) -> None:
@@ -119,7 +181,7 @@ def main() -> None:
     print(f"CPU: {_cpu()}, {args.threads} torch thread(s), torch {torch.__version__}; batch "
           f"{len(batch)} rows; matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
           f"{peak['bf16'] / 1e9:.0f} GFLOP/s")
-    learners, flops, times = {}, {}, {n: [] for n in names}
+    learners, flops, floors, times = {}, {}, {}, {n: [] for n in names}
     for name in names:
         c = load_config(CONFIG, base + SETTINGS[name])
         learners[name] = Learner(c, str(folder), FixedBatch(batch), LocalSync())
@@ -130,6 +192,8 @@ def main() -> None:
             t = time.perf_counter()
             learners[name].step()
             times[name].append(time.perf_counter() - t)
+    for name in names:  # after the timed steps: their memory is faulted in by then
+        floors[name] = matmul_floor(learners[name])
     adamw_line(learners[names[0]].model, args.steps)
     for name in names:
         s = statistics.median(times[name])
@@ -138,6 +202,18 @@ def main() -> None:
         print(f"{name:>10}: step {s:.2f} s (median of {args.steps}), {flops[name] / 1e9:.0f} "
               f"GFLOP/step, {achieved / 1e9:.0f} GFLOP/s = {achieved / own:.0%} of its "
               f"dtype's peak, {achieved / peak['bf16']:.0%} of the bf16 peak")
+    for name in names:
+        floor, n, others = floors[name]
+        s = statistics.median(times[name])
+        calls = sum(c for c, _ in others.values())
+        top = sorted(others.items(), key=lambda kv: -kv[1][1])[:5]
+        own = peak["bf16" if name.startswith("bf16") else "fp32"]
+        print(f"{name:>10}: matmul floor {floor:.2f} s ({n} products replayed warm) = "
+              f"{flops[name] / floor / own:.0%} of its dtype's peak, "
+              f"{flops[name] / floor / peak['bf16']:.0%} of the bf16 peak if nothing else took "
+              f"time; the rest of the step {s - floor:.2f} s ({(s - floor) / s:.0%}): {calls} "
+              f"other ops, the most time in " + ", ".join(
+                  f"{op} {sec:.2f} s ({c})" for op, (c, sec) in top))
 
 
 if __name__ == "__main__":
